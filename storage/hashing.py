@@ -1,0 +1,49 @@
+"""Content ids, stable buckets and fingerprints: the one place these hashes are computed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+CONTENT_ID_BYTES = 16
+
+
+def content_id(data: bytes) -> str:
+    """A stable image id: the BLAKE2b-128 hex digest of the file's bytes."""
+    return hashlib.blake2b(data, digest_size=CONTENT_ID_BYTES).hexdigest()
+
+
+def stable_unit_interval(key: str, salt: str = "") -> float:
+    """Map ``key`` to [0, 1) by a hash that is the same on every machine and Python run."""
+    digest = hashlib.blake2b(f"{salt}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def stable_bucket(key: str, buckets: int, salt: str = "") -> int:
+    """The bucket of ``key`` among ``buckets``; adding other keys never moves it."""
+    if buckets < 1:
+        raise ValueError(f"buckets must be >= 1, got {buckets}")
+    return int(stable_unit_interval(key, salt) * buckets)
+
+
+def fingerprint(value: Any) -> str:
+    """SHA-256 of the canonical JSON of ``value`` (sorted keys, no whitespace)."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=_jsonable)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot fingerprint {type(value).__name__}")
+
+
+def sha256_stream(chunks: Any) -> str:
+    """SHA-256 hex digest of an iterable of byte chunks."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()

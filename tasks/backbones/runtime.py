@@ -1,0 +1,157 @@
+"""Running a frozen backbone fast: prepared once on the driver, built once per worker process.
+
+The driver builds the Keras model with its weights and converts it for the chosen runtime:
+
+- ``litert`` (default): the TFLite flatbuffer from ``tf.lite.TFLiteConverter``, run by the
+  LiteRT interpreter with XNNPACK; on a 2-core CPU about 2x ``model.predict`` with outputs
+  equal to about 1e-5 relative (checked in ``tests/tasks/test_runtime.py``). Workers then need
+  neither TensorFlow nor Keras, which also makes them start faster and smaller.
+- ``keras``: the ``.keras`` archive, run with ``model.predict_on_batch``.
+
+The bytes are cached under ``<cache>/backbones/`` by a key of everything that changes outputs,
+and shipped to workers through Ray's object store, so remote nodes need no shared disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from storage.errors import SettingsError
+from storage.hashing import fingerprint
+from tasks.backbones import Backbone, ResolvedWeights, build_model, feature_model
+
+RUNTIMES = ("litert", "keras")
+DEFAULT_RUNTIME = "litert"
+_CONVERSION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PreparedBackbone:
+    """Everything a worker needs to compute taps, and the facts a manifest records."""
+
+    key: str
+    backbone: str
+    input_size: tuple[int, int]
+    taps: dict[str, tuple[int, ...]]
+    runtime: str
+    weights: ResolvedWeights
+    model_bytes: bytes
+
+
+def prepare_backbone(
+    backbone: Backbone,
+    weights: ResolvedWeights,
+    input_size: tuple[int, int],
+    taps: tuple[str, ...],
+    runtime: str,
+    cache_dir: str,
+) -> PreparedBackbone:
+    if runtime not in RUNTIMES:
+        raise SettingsError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    unknown = [tap for tap in taps if tap not in backbone.taps]
+    if unknown:
+        raise SettingsError(
+            f"{backbone.name} has no tap {', '.join(unknown)}; its taps: {', '.join(backbone.taps)}"
+        )
+    key = fingerprint(
+        [_CONVERSION_VERSION, backbone.name, list(input_size), weights.sha256, list(taps), runtime]
+    )[:24]
+    folder = os.path.join(cache_dir, "backbones")
+    model_path = os.path.join(folder, f"{backbone.name}-{key}.{_suffix(runtime)}")
+    facts_path = model_path + ".json"
+    if os.path.exists(model_path) and os.path.exists(facts_path):
+        with open(facts_path) as handle:
+            shapes = {tap: tuple(shape) for tap, shape in json.load(handle).items()}
+        with open(model_path, "rb") as handle:
+            data = handle.read()
+    else:
+        model = feature_model(build_model(backbone, input_size, weights), taps)
+        shapes = {tap: tuple(int(d) for d in model.output[tap].shape[1:]) for tap in taps}
+        data = _convert(model, runtime)
+        os.makedirs(folder, exist_ok=True)
+        _write_atomically(model_path, data)
+        _write_atomically(facts_path, json.dumps(shapes).encode())
+    return PreparedBackbone(key, backbone.name, input_size, shapes, runtime, weights, data)
+
+
+def _suffix(runtime: str) -> str:
+    return "tflite" if runtime == "litert" else "keras"
+
+
+def _convert(model: Any, runtime: str) -> bytes:
+    if runtime == "litert":
+        import contextlib
+        import io
+
+        import tensorflow as tf
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its signatures
+            return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "backbone.keras")
+        model.save(path)
+        with open(path, "rb") as handle:
+            return handle.read()
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+    os.replace(temporary, path)
+
+
+class FeatureExtractor:
+    """Computes the taps of a batch of ``uint8`` images; build one per process and reuse it."""
+
+    def __init__(self, prepared: PreparedBackbone, threads: int = 1) -> None:
+        self.prepared = prepared
+        if prepared.runtime == "litert":
+            from ai_edge_litert.interpreter import Interpreter
+
+            self._interpreter = Interpreter(model_content=prepared.model_bytes, num_threads=threads)
+            self._runner = self._interpreter.get_signature_runner()
+            signature = self._interpreter.get_signature_list()["serving_default"]
+            (self._input_name,) = signature["inputs"]
+        else:
+            import keras
+
+            with tempfile.TemporaryDirectory() as folder:
+                path = os.path.join(folder, "backbone.keras")
+                with open(path, "wb") as handle:
+                    handle.write(prepared.model_bytes)
+                self._model = keras.saving.load_model(path, compile=False)
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """``images``: ``(n, h, w, 3)`` uint8. Returns each tap as ``(n, *shape)`` float32."""
+        pixels = images.astype(np.float32)
+        if self.prepared.runtime == "keras":
+            out = self._model.predict_on_batch(pixels)
+            return {tap: np.asarray(out[tap], np.float32) for tap in self.prepared.taps}
+        # XNNPACK is fastest one image at a time here (measured: 141 img/s at batch 1, 60 at
+        # batch 32 on 2 cores), and a fixed shape avoids re-planning the graph.
+        outputs = [
+            self._runner(**{self._input_name: pixels[i : i + 1]}) for i in range(len(pixels))
+        ]
+        return {
+            tap: np.concatenate([out[tap] for out in outputs]).astype(np.float32, copy=False)
+            for tap in self.prepared.taps
+        }
+
+
+_EXTRACTORS: dict[tuple[str, int], FeatureExtractor] = {}
+
+
+def extractor_for(prepared: PreparedBackbone, threads: int = 1) -> FeatureExtractor:
+    """The process's extractor for ``prepared``, built on first use and then reused."""
+    cache_key = (prepared.key, threads)
+    if cache_key not in _EXTRACTORS:
+        _EXTRACTORS.clear()  # one backbone per worker at a time keeps memory flat
+        _EXTRACTORS[cache_key] = FeatureExtractor(prepared, threads)
+    return _EXTRACTORS[cache_key]

@@ -1,0 +1,68 @@
+"""VGG16's convolutional base, the Keras blog's backbone, from ``keras.applications``.
+
+Reference: Simonyan and Zisserman, "Very Deep Convolutional Networks for Large-Scale Image
+Recognition", ICLR 2015.
+
+Input: RGB pixels in [0, 255], 224x224 by default (any size >= 32). Preprocessing, inside the
+model: Caffe style, RGB to BGR and minus the ImageNet channel means (103.939, 116.779, 123.68),
+written as a frozen 1x1 convolution so the saved model needs no custom code.
+
+Weights: ``"imagenet"`` uses Keras's own download and cache (``~/.keras/models``), which needs
+the internet once; a local ``.h5`` file of the no-top weights works offline; ``none`` is random.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+CAFFE_MEANS_BGR = (103.939, 116.779, 123.68)
+NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+def caffe_preprocess_weights() -> list[np.ndarray]:
+    """Kernel and bias of the 1x1 convolution that turns RGB [0,255] into Caffe's input."""
+    kernel = np.zeros((1, 1, 3, 3), np.float32)
+    for rgb, bgr in ((0, 2), (1, 1), (2, 0)):
+        kernel[0, 0, rgb, bgr] = 1.0
+    return [kernel, -np.asarray(CAFFE_MEANS_BGR, np.float32)]
+
+
+def build_vgg16(input_size: tuple[int, int], weights_path: str | None) -> Any:
+    """Outputs ``{"last_block_input": block4_pool, "bottleneck": block5_pool, "pooled": GAP}``."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((*input_size, 3), name="image")
+    preprocess = layers.Conv2D(3, 1, name="preprocess", trainable=False)
+    x = preprocess(inputs)
+    preprocess.set_weights(caffe_preprocess_weights())
+    base = keras.applications.VGG16(include_top=False, weights=None, input_tensor=x)
+    if weights_path is not None:
+        plain = keras.applications.VGG16(
+            include_top=False, weights=weights_path, input_shape=(*input_size, 3)
+        )
+        for layer in plain.layers:
+            if layer.weights:
+                base.get_layer(layer.name).set_weights(layer.get_weights())
+    bottleneck = base.get_layer("block5_pool").output
+    outputs = {
+        "last_block_input": base.get_layer("block4_pool").output,
+        "bottleneck": bottleneck,
+        "pooled": layers.GlobalAveragePooling2D(name="avg_pool")(bottleneck),
+    }
+    return keras.Model(inputs, outputs, name="vgg16")
+
+
+def download_imagenet_weights() -> str:
+    """Keras's cached no-top ImageNet weights, downloading them the first time."""
+    import keras
+    from keras.src.applications import vgg16 as keras_vgg16
+
+    return keras.utils.get_file(
+        NOTOP_FILE,
+        keras_vgg16.WEIGHTS_PATH_NO_TOP,
+        cache_subdir="models",
+        file_hash="6d6bbae143d832006294945121d1f1fc",
+    )

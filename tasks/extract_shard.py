@@ -1,0 +1,191 @@
+"""One shard of extraction: decode, augment and run the backbone over a list of images, and
+write the rows to one Parquet part file atomically.
+
+:func:`extract_shard` is a plain function (tests call it without Ray); :data:`extract_shard_task`
+is its thin ``ray.remote`` wrapper. The backbone is built once per worker process and reused by
+every shard that process runs; images go through it in batches.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from storage.feature_store import feature_schema, rows_to_batch, tap_column, write_shard_atomically
+from storage.hashing import content_id
+from storage.layout import StoreLayout
+from storage.manifest import Reject, TapRecord
+from tasks.augment import AugmentPolicy, augment_image, copy_seed
+from tasks.backbones.runtime import PreparedBackbone, extractor_for
+from tasks.images import ImageRejected, decode_image
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image as planned by the driver: where it is and what it is."""
+
+    path: str
+    relative_path: str
+    image_id: str
+    label: str
+    label_index: int
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    dataset: str
+    split: str
+    shard: int
+    num_shards: int
+    items: tuple[ImageItem, ...]
+    store: str
+    output_path: str
+    classes: tuple[str, ...]
+    augment_copies: int
+    policy: AugmentPolicy
+    seed: int
+    dtype: str
+    batch_size: int
+    max_pixels: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    split: str
+    shard: int
+    images: int
+    rows: int
+    rejects: tuple[Reject, ...]
+    path: str
+    sha256: str
+    size_bytes: int
+    seconds: float
+    worker: str
+
+
+def _decoded(
+    job: ShardJob, size: tuple[int, int], rejects: list[Reject]
+) -> Iterator[tuple[ImageItem, np.ndarray]]:
+    for item in job.items:
+        try:
+            try:
+                with open(item.path, "rb") as handle:
+                    data = handle.read()
+            except OSError as error:
+                raise ImageRejected("unreadable", f"{type(error).__name__}: {error}") from error
+            if data and content_id(data) != item.image_id:
+                raise ImageRejected("changed", "content hash differs from the planned one")
+            yield item, decode_image(data, size, job.max_pixels)
+        except ImageRejected as rejected:
+            rejects.append(Reject(item.relative_path, job.split, rejected.reason, rejected.detail))
+
+
+def _batches(
+    job: ShardJob,
+    prepared: PreparedBackbone,
+    schema: pa.Schema,
+    rejects: list[Reject],
+    progress: ProgressCallback | None,
+) -> Iterator[pa.RecordBatch]:
+    extractor = extractor_for(prepared, job.threads)
+    copies = 1 + (job.augment_copies if job.split == "train" else 0)
+    pending: list[tuple[ImageItem, int, np.ndarray]] = []
+    reported_rejects = 0
+
+    def flush() -> pa.RecordBatch:
+        nonlocal reported_rejects
+        features = extractor(np.stack([pixels for _, _, pixels in pending]))
+        columns: dict[str, Any] = {
+            "image_id": [item.image_id for item, _, _ in pending],
+            "path": [item.relative_path for item, _, _ in pending],
+            "label": [item.label for item, _, _ in pending],
+            "label_index": [item.label_index for item, _, _ in pending],
+            "split": [job.split] * len(pending),
+            "copy": [copy for _, copy, _ in pending],
+        }
+        for tap, values in features.items():
+            columns[tap_column(tap)] = values
+        batch = rows_to_batch(schema, columns)
+        if progress is not None:
+            images = sum(1 for _, copy, _ in pending if copy == 0)
+            progress(images, len(rejects) - reported_rejects)
+            reported_rejects = len(rejects)
+        pending.clear()
+        return batch
+
+    for item, pixels in _decoded(job, prepared.input_size, rejects):
+        pending.append((item, 0, pixels))
+        for copy in range(1, copies):
+            seed = copy_seed(item.image_id, copy, job.seed)
+            pending.append((item, copy, augment_image(pixels, job.policy, seed)))
+        if len(pending) >= job.batch_size:
+            yield flush()
+    if pending:
+        yield flush()
+    if progress is not None and len(rejects) > reported_rejects:
+        progress(0, len(rejects) - reported_rejects)
+
+
+def extract_shard(
+    job: ShardJob, prepared: PreparedBackbone, progress: ProgressCallback | None = None
+) -> ShardResult:
+    """Extract ``job`` and write its part file; bad images become rejects, never failures."""
+    started = time.perf_counter()
+    taps = {tap: TapRecord(shape, job.dtype) for tap, shape in prepared.taps.items()}
+    schema = feature_schema(taps, job.classes)
+    rejects: list[Reject] = []
+    layout = StoreLayout.at(job.store)
+    written = write_shard_atomically(
+        layout, job.output_path, schema, _batches(job, prepared, schema, rejects, progress)
+    )
+    return ShardResult(
+        split=job.split,
+        shard=job.shard,
+        images=len(job.items) - len(rejects),
+        rows=written.rows,
+        rejects=tuple(rejects),
+        path=written.path,
+        sha256=written.sha256,
+        size_bytes=written.size_bytes,
+        seconds=time.perf_counter() - started,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+    )
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    """Counts images and rejects as shards report them; the driver polls :meth:`totals`."""
+
+    def __init__(self) -> None:
+        self._totals: dict[str, list[int]] = {}
+
+    def add(self, dataset: str, images: int, rejects: int) -> None:
+        totals = self._totals.setdefault(dataset, [0, 0])
+        totals[0] += images
+        totals[1] += rejects
+
+    def totals(self) -> dict[str, list[int]]:
+        return self._totals
+
+
+def _extract_shard_on_worker(
+    job: ShardJob, prepared: PreparedBackbone, counter: Any | None
+) -> ShardResult:
+    def report(images: int, rejects: int) -> None:
+        counter.add.remote(job.dataset, images, rejects)
+
+    return extract_shard(job, prepared, report if counter is not None else None)
+
+
+extract_shard_task = ray.remote(max_retries=1)(_extract_shard_on_worker)

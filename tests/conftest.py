@@ -1,0 +1,44 @@
+"""Shared fixtures: generated image datasets, a converted-backbone cache, a local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    """``../shared/datasets``; tests that need it skip where it is absent."""
+    if not (SHARED_DATASETS / "cats_vs_dogs").is_dir():
+        pytest.skip("../shared/datasets is not here")
+    return SHARED_DATASETS
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One backbone cache for the whole run, so each conversion happens once."""
+    return str(tmp_path_factory.mktemp("wf-cache"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster shared by the tests that run pipelines in-process."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def make_dataset(root: Path, classes: tuple[str, ...] = ("circles", "squares"), per_class: int = 12,
+                 size: int = 48, seed: int = 0) -> Path:  # fmt: skip
+    from workflows.demo import generate_shapes_dataset
+
+    generate_shapes_dataset(str(root), per_class, size=size, seed=seed, classes=classes)
+    return root

@@ -1,0 +1,43 @@
+"""Connecting to Ray: a local cluster by default, or the cluster at an address."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+
+import storage
+import tasks
+from workflows.settings import ClusterSettings
+
+
+@contextmanager
+def ray_cluster(settings: ClusterSettings) -> Iterator[None]:
+    """Run the body with Ray initialised; shut down only a cluster this call started.
+
+    On a remote cluster the ``tasks`` and ``storage`` packages are shipped to the workers
+    through the runtime environment, so nodes need only wf's dependencies installed.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    if settings.address:
+        ray.init(
+            address=settings.address,
+            runtime_env={"py_modules": [tasks, storage]},
+            logging_level=logging.WARNING,
+        )
+    else:
+        ray.init(
+            address="local",
+            num_cpus=settings.num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,  # worker errors still arrive as exceptions from ray.get
+            logging_level=logging.WARNING,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,142 @@
+"""Settings, built once from CLI options or a TOML config file and passed down, frozen.
+
+No other module reads the environment or global configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from storage.errors import SettingsError
+from storage.feature_store import FEATURE_DTYPES
+from tasks.augment import AugmentPolicy
+from tasks.backbones import BACKBONES, DEFAULT_BACKBONE
+from tasks.backbones.runtime import DEFAULT_RUNTIME, RUNTIMES
+from tasks.images import DEFAULT_MAX_PIXELS
+
+
+def default_cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "wf")
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """``address=None`` starts a local Ray cluster with ``num_cpus`` (all cores when None)."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A dataset folder, with an optional name and validation fraction of its own."""
+
+    path: str
+    name: str | None = None
+    validation_fraction: float | None = None
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    datasets: tuple[DatasetSource, ...]
+    store: str = "store"
+    shards: int = 8
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "imagenet"
+    input_size: int | None = None
+    taps: tuple[str, ...] | None = None
+    dtype: str = "float16"
+    augment: int = 2
+    policy: AugmentPolicy = field(default_factory=AugmentPolicy)
+    seed: int = 0
+    validation_fraction: float = 0.2
+    runtime: str = DEFAULT_RUNTIME
+    batch_size: int = 32
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    threads_per_task: int = 1
+    cache_dir: str = field(default_factory=default_cache_dir)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise SettingsError("no dataset given: pass DATA_ROOT... or --config FILE")
+        if not 1 <= self.shards <= 99_999:
+            raise SettingsError(f"--shards must be between 1 and 99999, got {self.shards}")
+        if self.backbone not in BACKBONES:
+            raise SettingsError(
+                f"unknown backbone {self.backbone!r}; choose one of {', '.join(sorted(BACKBONES))}"
+            )
+        if self.dtype not in FEATURE_DTYPES:
+            raise SettingsError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)}: {self.dtype}")
+        if self.runtime not in RUNTIMES:
+            raise SettingsError(f"--runtime must be one of {', '.join(RUNTIMES)}: {self.runtime}")
+        if self.augment < 0:
+            raise SettingsError(f"--augment must be >= 0, got {self.augment}")
+        if not 0 <= self.validation_fraction < 1:
+            raise SettingsError("--validation-fraction must be in [0, 1)")
+        for source in self.datasets:
+            fraction = source.validation_fraction
+            if fraction is not None and not 0 <= fraction < 1:
+                raise SettingsError(f"validation_fraction of {source.path} must be in [0, 1)")
+        if self.batch_size < 1 or self.threads_per_task < 1 or self.max_pixels < 1:
+            raise SettingsError("--batch-size, --threads and --max-pixels must be >= 1")
+        if self.input_size is not None and self.input_size < 32:
+            raise SettingsError(f"--image-size must be at least 32, got {self.input_size}")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = self.input_size or BACKBONES[self.backbone].default_input_size
+        return (size, size)
+
+    @property
+    def selected_taps(self) -> tuple[str, ...]:
+        return self.taps or BACKBONES[self.backbone].default_taps
+
+
+_TOP_LEVEL_KEYS = {f.name for f in fields(ExtractSettings)} - {"datasets", "policy", "cluster"}
+
+
+def load_config(path: str) -> dict[str, Any]:
+    """Read a TOML config: top-level extract settings, ``[augment_policy]`` and ``[[datasets]]``.
+
+    Returns keyword arguments for :class:`ExtractSettings`; relative dataset paths are taken
+    relative to the config file.
+    """
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError(f"config file {path} is not valid TOML: {error}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    unknown = set(raw) - _TOP_LEVEL_KEYS - {"datasets", "augment_policy"}
+    if unknown:
+        raise SettingsError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
+    settings: dict[str, Any] = {key: raw[key] for key in _TOP_LEVEL_KEYS if key in raw}
+    if "taps" in settings:
+        settings["taps"] = tuple(settings["taps"])
+    datasets = []
+    for entry in raw.get("datasets", []):
+        if "path" not in entry or set(entry) - {"path", "name", "validation_fraction"}:
+            raise SettingsError(
+                f"each [[datasets]] in {path} needs 'path', "
+                "and may have 'name' and 'validation_fraction'"
+            )
+        datasets.append(
+            DatasetSource(
+                os.path.join(base, os.path.expanduser(entry["path"])),
+                entry.get("name"),
+                entry.get("validation_fraction"),
+            )
+        )
+    settings["datasets"] = tuple(datasets)
+    if "augment_policy" in raw:
+        try:
+            settings["policy"] = AugmentPolicy(**raw["augment_policy"])
+        except (TypeError, ValueError) as error:
+            raise SettingsError(f"[augment_policy] in {path}: {error}") from None
+    return settings
