@@ -209,6 +209,9 @@ def demo(
     images_per_class: Annotated[int, typer.Option(help="Generated images per class.")] = 40,
     shards: Annotated[int, typer.Option(help="Shards per split.")] = 4,
     weights: Annotated[str, typer.Option(help="imagenet or none.")] = "imagenet",
+    cache_dir: Annotated[
+        str | None, typer.Option(help="Converted backbones cache. [default: ~/.cache/wf]")
+    ] = None,
     address: AddressOption = None,
     num_cpus: NumCpusOption = None,
 ) -> None:
@@ -221,7 +224,9 @@ def demo(
 
     data = generate_shapes_dataset(os.path.join(folder, "data", "shapes"), images_per_class)
     console.print(f"generated {images_per_class} images per class under {data}")
+    extra = {"cache_dir": cache_dir} if cache_dir else {}
     settings = ExtractSettings(
+        **extra,
         datasets=(DatasetSource(data),),
         store=os.path.join(folder, "store"),
         shards=shards,

@@ -1,0 +1,76 @@
+import pytest
+
+from storage.errors import DatasetError, SettingsError
+from tests.conftest import make_dataset
+from workflows.datasets import discover_dataset, expand_dataset_paths
+from workflows.settings import ExtractSettings, load_config
+
+
+def test_split_folders_and_class_indices(tmp_path):
+    make_dataset(tmp_path / "ds" / "train", ("cats", "dogs"), 4)
+    make_dataset(tmp_path / "ds" / "val", ("cats", "dogs"), 2, seed=1)
+    (tmp_path / "ds" / "train" / "cats" / ".DS_Store").write_bytes(b"junk")
+    (tmp_path / "ds" / "train" / "Thumbs.db").write_bytes(b"junk")
+    spec = discover_dataset(str(tmp_path / "ds"), 0.2)
+    assert spec.classes == ("cats", "dogs") and spec.split_folders
+    assert {s: len(items) for s, items in spec.images.items()} == {"train": 8, "validation": 4}
+    assert {i.label_index for i in spec.images["train"] if i.label == "dogs"} == {1}
+    assert all(".DS_Store" not in i.relative_path for i in spec.images["train"])
+    assert spec.warnings == ()
+
+
+def test_hash_split_is_deterministic_and_near_the_fraction(tmp_path):
+    make_dataset(tmp_path / "ds", ("a", "b"), 60, size=16)
+    first = discover_dataset(str(tmp_path / "ds"), 0.25)
+    again = discover_dataset(str(tmp_path / "ds"), 0.25)
+    assert first.images == again.images and first.fingerprint == again.fingerprint
+    assert 15 <= len(first.images["validation"]) <= 45
+    # Adding images never moves existing ones between splits.
+    make_dataset(tmp_path / "ds", ("a", "b"), 80, size=16)
+    more = discover_dataset(str(tmp_path / "ds"), 0.25)
+    old_validation = {i.relative_path for i in first.images["validation"]}
+    assert old_validation <= {i.relative_path for i in more.images["validation"]}
+
+
+def test_dataset_mistakes_are_clear(tmp_path):
+    make_dataset(tmp_path / "one", ("only",), 3)
+    with pytest.raises(DatasetError, match="at least two class folders"):
+        discover_dataset(str(tmp_path / "one"), 0.2)
+    make_dataset(tmp_path / "empty", ("a", "b"), 3)
+    (tmp_path / "empty" / "c").mkdir()
+    with pytest.raises(DatasetError, match="'c' has no training images"):
+        discover_dataset(str(tmp_path / "empty"), 0.2)
+    make_dataset(tmp_path / "gap" / "train", ("a", "b"), 3)
+    make_dataset(tmp_path / "gap" / "validation", ("a",), 3)
+    spec = discover_dataset(str(tmp_path / "gap"), 0.2)
+    assert any("'b' has no validation images" in w for w in spec.warnings)
+    with pytest.raises(DatasetError, match="not a folder"):
+        expand_dataset_paths([str(tmp_path / "missing")])
+    with pytest.raises(DatasetError, match="name"):
+        discover_dataset(str(tmp_path / "gap"), 0.2, name="bad/name")
+
+
+def test_folder_of_datasets_expands(tmp_path):
+    make_dataset(tmp_path / "all" / "shapes", ("a", "b"), 2)
+    make_dataset(tmp_path / "all" / "split" / "train", ("a", "b"), 2)
+    found = expand_dataset_paths([str(tmp_path / "all")])
+    assert [p.split("/")[-1] for p in found] == ["shapes", "split"]
+
+
+def test_toml_config(tmp_path):
+    config = tmp_path / "wf.toml"
+    config.write_text(
+        'shards = 3\naugment = 1\nbackbone = "vgg16"\n'
+        "[augment_policy]\nrotation_degrees = 10\n"
+        '[[datasets]]\npath = "data/a"\nname = "alpha"\nvalidation_fraction = 0.1\n'
+    )
+    values = load_config(str(config))
+    settings = ExtractSettings(**values)
+    assert settings.shards == 3 and settings.policy.rotation_degrees == 10
+    assert settings.datasets[0].path == str(tmp_path / "data" / "a")
+    assert settings.datasets[0].name == "alpha"
+    config.write_text("shard = 3\n")
+    with pytest.raises(SettingsError, match="unknown keys"):
+        load_config(str(config))
+    with pytest.raises(SettingsError, match="shards"):
+        ExtractSettings(datasets=values["datasets"], shards=0)
