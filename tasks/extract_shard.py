@@ -9,6 +9,7 @@ every shard that process runs; images go through it in batches.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -72,6 +73,7 @@ class ShardResult:
     size_bytes: int
     seconds: float
     worker: str
+    peak_rss_mib: float
 
 
 def _decoded(
@@ -160,6 +162,7 @@ def extract_shard(
         size_bytes=written.size_bytes,
         seconds=time.perf_counter() - started,
         worker=f"{socket.gethostname()}:{os.getpid()}",
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
 
 

@@ -64,6 +64,7 @@ class DatasetReport:
     shards_failed: int
     seconds: float
     store_bytes: int
+    peak_worker_rss_mib: float
     manifest_path: str
     warnings: tuple[str, ...]
     failures: tuple[str, ...]
@@ -257,6 +258,7 @@ def run_extract(
     started = time.perf_counter()  # reset once the cluster is up: rates count extraction only
     done_counts = {name: 0 for name in plans}
     done_images = {name: 0 for name in plans}
+    peak_rss = {name: 0.0 for name in plans}
     failures: dict[str, list[str]] = {name: [] for name in plans}
     finished_at: dict[str, float] = {}
 
@@ -288,6 +290,7 @@ def run_extract(
                     _record_shard(layout, plan, result)
                     done_counts[job.dataset] += 1
                     done_images[job.dataset] += result.images
+                    peak_rss[job.dataset] = max(peak_rss[job.dataset], result.peak_rss_mib)
                     if not any(j.dataset == job.dataset for j in pending.values()):
                         finished_at[job.dataset] = time.perf_counter()
                 if on_progress is not None:
@@ -319,6 +322,7 @@ def run_extract(
                 shards_failed=len(failures[name]),
                 seconds=seconds,
                 store_bytes=sum(r.size_bytes for r in records),
+                peak_worker_rss_mib=round(peak_rss[name], 1),
                 manifest_path=layout.manifest_path(name, prepared.backbone),
                 warnings=plan.spec.warnings,
                 failures=tuple(failures[name]),

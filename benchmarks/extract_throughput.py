@@ -1,0 +1,189 @@
+"""Images per second of `wf extract` against two baselines, measured in the same run.
+
+Same images (../shared/datasets/cats_vs_dogs/train, 2000 photos), backbone (EfficientNet-Lite0,
+ImageNet weights), input size (224) and taps (bottleneck + last_block_input) for all three:
+
+- keras: the single-process Keras way, `keras.utils.image_dataset_from_directory` +
+  `model.predict`, outputs kept in memory (no writing);
+- ray_data: Ray Data's documented batch-inference pattern, `ray.data.read_images` ->
+  `map_batches` with a callable class on an actor pool of one (a pool of two takes both CPUs
+  and starves the read tasks on a 2-core machine) -> `write_parquet`;
+- wf: `run_extract` with --shards 8 --augment 0 into a new store, end to end (discovery and
+  content hashing, Ray start-up, extraction, manifest), after one warm-up run that fills the
+  converted-backbone cache. "extract only" counts from the first task submitted.
+
+Each method runs in a fresh subprocess, so peak memory (max RSS) is its own.
+Usage: python benchmarks/extract_throughput.py [--images DIR] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_IMAGES = HERE.parent.parent / "shared" / "datasets" / "cats_vs_dogs" / "train"
+SIZE = (224, 224)
+TAPS = ("bottleneck", "last_block_input")
+
+
+def _model():
+    from tasks.backbones import build_model, feature_model, get_backbone, resolve_weights
+
+    backbone = get_backbone("efficientnet_lite0")
+    return feature_model(build_model(backbone, SIZE, resolve_weights(backbone, "imagenet")), TAPS)
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_keras(images: str, _work: str) -> dict:
+    import keras
+
+    started = time.perf_counter()
+    model = _model()
+    dataset = keras.utils.image_dataset_from_directory(
+        images, labels="inferred", image_size=SIZE, batch_size=32, shuffle=False, verbose=False
+    )
+    count = 0
+    for batch, _ in dataset:
+        out = model.predict_on_batch(batch)
+        count += len(out["bottleneck"])
+    seconds = time.perf_counter() - started
+    return {"images": count, "seconds": seconds, "peak_rss_mib": _rss_mib()}
+
+
+def run_ray_data(images: str, work: str) -> dict:
+    import numpy as np
+    import ray
+
+    class Extract:
+        def __init__(self) -> None:
+            self.model = _model()
+
+        def __call__(self, batch: dict) -> dict:
+            out = self.model.predict_on_batch(batch["image"].astype("float32"))
+            return {
+                "bottleneck": list(np.asarray(out["bottleneck"], np.float16)),
+                "last_block_input": list(
+                    np.asarray(out["last_block_input"], np.float16).reshape(len(batch["image"]), -1)
+                ),
+                "rss": [_rss_mib()] * len(batch["image"]),
+            }
+
+    started = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    dataset = ray.data.read_images(images, size=SIZE, mode="RGB", include_paths=False)
+    dataset = dataset.map_batches(
+        Extract, batch_size=32, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=1,
+    )  # fmt: skip
+    dataset.write_parquet(os.path.join(work, "ray_data"))
+    seconds = time.perf_counter() - started
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(os.path.join(work, "ray_data"), columns=["rss"])
+    ray.shutdown()
+    return {
+        "images": table.num_rows,
+        "seconds": seconds,
+        "peak_rss_mib": max(table["rss"].to_pylist()),
+    }
+
+
+def run_wf(images: str, work: str) -> dict:
+    from workflows.extract import run_extract
+    from workflows.settings import ClusterSettings, DatasetSource, ExtractSettings
+
+    def settings(store: str) -> ExtractSettings:
+        return ExtractSettings(
+            datasets=(DatasetSource(images, name="cats_vs_dogs_train"),),
+            store=store,
+            shards=8,
+            augment=0,
+            validation_fraction=0.0,
+            cache_dir=os.path.join(work, "cache"),
+            cluster=ClusterSettings(num_cpus=2),
+        )
+
+    run_extract(settings(os.path.join(work, "warmup")))  # fills the converted-backbone cache
+    started = time.perf_counter()
+    (report,) = run_extract(settings(os.path.join(work, "store")))
+    seconds = time.perf_counter() - started
+    return {
+        "images": report.images,
+        "seconds": seconds,
+        "extract_seconds": report.seconds,
+        "peak_rss_mib": report.peak_worker_rss_mib,
+        "rejects": report.rejects,
+    }
+
+
+METHODS = {"keras": run_keras, "ray_data": run_ray_data, "wf": run_wf}
+
+
+def print_table(results: dict) -> None:
+    baseline = results.get("keras", {})
+    base_rate = baseline["images"] / baseline["seconds"] if "seconds" in baseline else float("nan")
+    header = ("method", "images", "seconds", "img/s", "vs keras", "peak RSS/worker")
+    print("\n{:<16} {:>7} {:>8} {:>7} {:>9} {:>16}".format(*header))
+    for method, r in results.items():
+        if "error" in r:
+            print(f"{method:<16} failed: {r['error']}")
+            continue
+        rate = r["images"] / r["seconds"]
+        print(
+            f"{method:<16} {r['images']:>7} {r['seconds']:>8.1f} {rate:>7.1f} "
+            f"{rate / base_rate:>8.2f}x {r['peak_rss_mib']:>12.0f} MiB"
+        )
+        if "extract_seconds" in r:
+            rate = r["images"] / r["extract_seconds"]
+            print(
+                f"{'  extract only':<16} {r['images']:>7} {r['extract_seconds']:>8.1f} "
+                f"{rate:>7.1f} {rate / base_rate:>8.2f}x"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", default=str(DEFAULT_IMAGES))
+    parser.add_argument("--methods", default="keras,ray_data,wf")
+    parser.add_argument("--out", default=str(HERE / "results" / "extract_throughput.json"))
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        with tempfile.TemporaryDirectory() as work:
+            print(json.dumps(METHODS[args.one](args.images, work)))
+        return
+    if not os.path.isdir(args.images):
+        sys.exit(f"no images at {args.images}: pass --images DIR (one folder per class)")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(HERE.parent)}
+    results = {}
+    for method in args.methods.split(","):
+        print(f"running {method} ...", file=sys.stderr, flush=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--one", method, "--images", args.images],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            results[method] = {"error": done.stderr.strip().splitlines()[-1]}
+            continue
+        results[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    print_table(results)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(f"\nwritten to {args.out}; target: wf >= 2x keras")
+
+
+if __name__ == "__main__":
+    main()
