@@ -86,15 +86,30 @@ def _run_extract_with_progress(settings: Any) -> list[Any]:
 
         reports = run_extract(settings, on_progress=update)
     table = Table(title=f"wf extract: {settings.backbone} -> {settings.store}")
-    for column in ("dataset", "images", "rejects", "rows", "shards done", "skipped", "failed",
-                   "img/s", "store size"):  # fmt: skip
+    for column in (
+        "dataset",
+        "images",
+        "rejects",
+        "rows",
+        "shards done",
+        "skipped",
+        "failed",
+        "img/s",
+        "store size",
+    ):
         table.add_column(column, justify="left" if column == "dataset" else "right")
     for r in reports:
         table.add_row(
-            r.dataset, str(r.images), str(r.rejects), str(r.rows), str(r.shards_done),
-            str(r.shards_skipped), str(r.shards_failed),
-            f"{r.images_per_second:.1f}" if r.shards_done else "-", _human_bytes(r.store_bytes),
-        )  # fmt: skip
+            r.dataset,
+            str(r.images),
+            str(r.rejects),
+            str(r.rows),
+            str(r.shards_done),
+            str(r.shards_skipped),
+            str(r.shards_failed),
+            f"{r.images_per_second:.1f}" if r.shards_done else "-",
+            _human_bytes(r.store_bytes),
+        )
     out.print(table)
     for r in reports:
         for warning in r.warnings:
@@ -187,12 +202,22 @@ def extract(
     if data_roots:
         values["datasets"] = tuple(DatasetSource(path) for path in data_roots)
     options = {
-        "store": store, "shards": shards, "backbone": backbone, "weights": weights,
-        "input_size": image_size, "dtype": dtype, "augment": augment, "seed": seed,
-        "validation_fraction": validation_fraction, "runtime": runtime, "batch_size": batch_size,
-        "threads_per_task": threads, "max_pixels": max_pixels, "cache_dir": cache_dir,
+        "store": store,
+        "shards": shards,
+        "backbone": backbone,
+        "weights": weights,
+        "input_size": image_size,
+        "dtype": dtype,
+        "augment": augment,
+        "seed": seed,
+        "validation_fraction": validation_fraction,
+        "runtime": runtime,
+        "batch_size": batch_size,
+        "threads_per_task": threads,
+        "max_pixels": max_pixels,
+        "cache_dir": cache_dir,
         "taps": tuple(t.strip() for t in taps.split(",") if t.strip()) if taps else None,
-    }  # fmt: skip
+    }
     values.update({k: v for k, v in options.items() if v is not None})
     values.setdefault("datasets", ())
     values["cluster"] = ClusterSettings(address=address, num_cpus=num_cpus)
@@ -236,6 +261,197 @@ def demo(
     _run_extract_with_progress(settings)
 
 
+def _train_all_with_progress(settings: Any) -> list[Any]:
+    from rich.live import Live
+
+    from workflows.train import run_train_all, summary_rows
+
+    def render(status: dict[str, dict]) -> Table:
+        table = Table(title="wf train-all: jobs")
+        for column in ("job", "state", "epoch"):
+            table.add_column(column)
+        colours = {"running": "cyan", "done": "green", "failed": "red", "skipped": "yellow"}
+        for key, facts in status.items():
+            colour = colours.get(facts["state"], "white")
+            table.add_row(
+                key, f"[{colour}]{facts['state']}[/]", f"{facts['epoch']}/{facts['epochs']}"
+            )
+        return table
+
+    with Live(Table(title="wf train-all: starting"), console=console, refresh_per_second=2) as live:
+        results = run_train_all(settings, on_progress=lambda status: live.update(render(status)))
+    rows = summary_rows(results)
+    table = Table(title=f"wf train-all: {settings.runs}")
+    for column in rows[0] if rows else []:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row.values())
+    out.print(table)
+    out.print(f"summary: {os.path.join(settings.runs, 'summary.md')} and summary.html")
+    return results
+
+
+@app.command("train-all")
+def train_all(
+    store: Annotated[
+        str, typer.Option(help="Feature store root written by `wf extract`.")
+    ] = "store",
+    runs: Annotated[str, typer.Option(help="Where models, metrics and plots go.")] = "runs",
+    datasets: Annotated[
+        str | None, typer.Option(help="Comma-separated datasets. [default: all in the store]")
+    ] = None,
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated: bottleneck, finetune, scratch.")
+    ] = "bottleneck,finetune,scratch",
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            help="Which backbone's store to train on. [default: efficientnet_lite0 if present]"
+        ),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(help="Ray Train workers per job (>= 2 trains in sync).")
+    ] = 1,
+    threads: Annotated[int, typer.Option(help="CPUs (and TensorFlow threads) per worker.")] = 1,
+    gpu: Annotated[bool, typer.Option("--gpu", help="One GPU per worker.")] = False,
+    epochs: Annotated[
+        int | None, typer.Option(help="Epochs for every method. [default: 50, the blog's]")
+    ] = None,
+    bottleneck_epochs: Annotated[
+        int | None, typer.Option(help="Epochs of the bottleneck top.")
+    ] = None,
+    finetune_epochs: Annotated[int | None, typer.Option(help="Epochs of fine-tuning.")] = None,
+    scratch_epochs: Annotated[int | None, typer.Option(help="Epochs of the small convnet.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size per worker (the blog's: 16).")] = 16,
+    finetune_learning_rate: Annotated[
+        float, typer.Option(help="SGD learning rate of fine-tuning.")
+    ] = 1e-4,
+    early_stopping: Annotated[
+        int | None, typer.Option(help="Stop after N epochs without a better validation loss.")
+    ] = None,
+    keep_best: Annotated[
+        bool, typer.Option("--keep-best", help="Keep the epoch with the best validation loss.")
+    ] = False,
+    scratch_image_size: Annotated[
+        int, typer.Option(help="Input size of the small convnet (the blog's: 150).")
+    ] = 150,
+    max_concurrent: Annotated[
+        int | None, typer.Option(help="Jobs at once. [default: CPUs / (workers x threads)]")
+    ] = None,
+    max_failures: Annotated[
+        int, typer.Option(help="Ray Train retries per job, resuming from the last checkpoint.")
+    ] = 0,
+    force: Annotated[
+        bool, typer.Option("--force", help="Retrain jobs that already have artifacts.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of initial weights and shuffling.")] = 0,
+    address: AddressOption = None,
+    num_cpus: NumCpusOption = None,
+) -> None:
+    """Train the Keras blog's three methods for every dataset in a feature store, on Ray Train.
+
+    Example: wf train-all --store store --runs runs --methods bottleneck,finetune --epochs 20
+    """
+    from workflows.settings import ClusterSettings, MethodSettings, TrainSettings
+
+    def method(name: str, specific: int | None, **extra: Any) -> MethodSettings:
+        return MethodSettings(epochs=specific or epochs or 50, batch_size=batch_size, **extra)
+
+    settings = TrainSettings(
+        store=store,
+        runs=runs,
+        datasets=tuple(d.strip() for d in datasets.split(",") if d.strip()) if datasets else None,
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        backbone=backbone,
+        method_settings={
+            "bottleneck": method("bottleneck", bottleneck_epochs),
+            "finetune": method(
+                "finetune",
+                finetune_epochs,
+                optimizer="sgd",
+                learning_rate=finetune_learning_rate,
+                momentum=0.9,
+            ),
+            "scratch": method("scratch", scratch_epochs),
+        },
+        workers=workers,
+        threads_per_worker=threads,
+        use_gpu=gpu,
+        early_stopping_patience=early_stopping,
+        keep_best=keep_best,
+        seed=seed,
+        scratch_image_size=scratch_image_size,
+        max_concurrent_jobs=max_concurrent,
+        max_failures=max_failures,
+        force=force,
+        cluster=ClusterSettings(address=address, num_cpus=num_cpus),
+    )
+    results = _train_all_with_progress(settings)
+    for result in results:
+        if result.status == "failed":
+            console.print(f"[red]failed:[/] {result.dataset}/{result.method}: {result.error}")
+    if any(r.status == "failed" for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Argument(help="A model.keras written by `wf train-all`.")],
+    paths: Annotated[list[str], typer.Argument(help="Image files or folders.")],
+    output: Annotated[
+        str | None, typer.Option(help="Write here (.csv or .json). [default: CSV to stdout]")
+    ] = None,
+    output_format: Annotated[
+        str | None, typer.Option("--format", help="csv or json. [default: from --output]")
+    ] = None,
+) -> None:
+    """Classify image files or folders with a trained model; bad files are reported, not fatal.
+
+    Example: wf predict runs/cats_vs_dogs/finetune/model.keras photos/ --output predictions.csv
+    """
+    from workflows.predict import predict_paths, write_predictions
+
+    predictions = predict_paths(model, paths)
+    text = write_predictions(predictions, output, output_format)
+    if output is None:
+        out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+    bad = [p for p in predictions if p.error]
+    if bad:
+        console.print(f"{len(bad)} files could not be classified (see the error column)")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="A model.keras written by `wf train-all`.")],
+    dataset_split: Annotated[
+        str, typer.Argument(help="A labelled folder: one sub-folder per class.")
+    ],
+    output: Annotated[str | None, typer.Option(help="Write the metrics here as JSON.")] = None,
+) -> None:
+    """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix on a labelled folder.
+
+    Example: wf evaluate runs/cats_vs_dogs/finetune/model.keras data/cats_vs_dogs/test
+    """
+    import json
+
+    from workflows.predict import evaluate_folder
+
+    metrics = evaluate_folder(model, dataset_split)
+    table = Table(title=f"wf evaluate: {dataset_split}")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column)
+    for name, values in metrics["per_class"].items():
+        table.add_row(name, *(str(values[k]) for k in ("precision", "recall", "f1", "support")))
+    out.print(table)
+    out.print(
+        f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  "
+        f"examples {metrics['examples']}  rejected {len(metrics['rejects'])}"
+    )
+    if output:
+        with open(output, "w") as handle:
+            json.dump(metrics, handle, indent=2)
+
+
 @app.command()
 def backbones() -> None:
     """List the registered backbones, their input sizes and taps.
@@ -250,9 +466,12 @@ def backbones() -> None:
     for b in BACKBONES.values():
         name = f"{b.name} (default)" if b.name == DEFAULT_BACKBONE else b.name
         table.add_row(
-            name, f"{b.default_input_size}px", ", ".join(b.taps),
-            "yes" if b.offline_imagenet else "no", b.summary,
-        )  # fmt: skip
+            name,
+            f"{b.default_input_size}px",
+            ", ".join(b.taps),
+            "yes" if b.offline_imagenet else "no",
+            b.summary,
+        )
     out.print(table)
     for tap, text in TAP_DESCRIPTIONS.items():
         out.print(f"  {tap}: {text}")

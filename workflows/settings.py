@@ -140,3 +140,66 @@ def load_config(path: str) -> dict[str, Any]:
         except (TypeError, ValueError) as error:
             raise SettingsError(f"[augment_policy] in {path}: {error}") from None
     return settings
+
+
+# The Keras blog's defaults: 50 epochs, batch 16; RMSprop for the top and the small convnet,
+# SGD 1e-4 with momentum 0.9 for fine-tuning.
+BLOG_EPOCHS = 50
+BLOG_BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    epochs: int = BLOG_EPOCHS
+    batch_size: int = BLOG_BATCH_SIZE
+    optimizer: str = "rmsprop"
+    learning_rate: float = 1e-3
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise SettingsError("epochs, batch size and learning rate must be positive")
+        if self.optimizer not in ("rmsprop", "sgd", "adam"):
+            raise SettingsError(f"optimizer must be rmsprop, sgd or adam: {self.optimizer}")
+
+
+def default_methods() -> dict[str, MethodSettings]:
+    return {
+        "bottleneck": MethodSettings(),
+        "finetune": MethodSettings(optimizer="sgd", learning_rate=1e-4, momentum=0.9),
+        "scratch": MethodSettings(),
+    }
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    store: str = "store"
+    runs: str = "runs"
+    datasets: tuple[str, ...] | None = None
+    methods: tuple[str, ...] = ("bottleneck", "finetune", "scratch")
+    backbone: str | None = None
+    method_settings: dict[str, MethodSettings] = field(default_factory=default_methods)
+    workers: int = 1
+    threads_per_worker: int = 1
+    use_gpu: bool = False
+    early_stopping_patience: int | None = None
+    keep_best: bool = False
+    seed: int = 0
+    scratch_image_size: int = 150
+    max_concurrent_jobs: int | None = None
+    max_failures: int = 0
+    force: bool = False
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.methods) - {"bottleneck", "finetune", "scratch"}
+        if unknown or not self.methods:
+            raise SettingsError(
+                f"--methods must name bottleneck, finetune or scratch: {', '.join(sorted(unknown))}"
+            )
+        if self.workers < 1 or self.threads_per_worker < 1:
+            raise SettingsError("--workers and --threads must be >= 1")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise SettingsError("--early-stopping must be >= 1 epochs")
+        if self.scratch_image_size < 32:
+            raise SettingsError("--scratch-image-size must be at least 32")

@@ -46,10 +46,9 @@ def _conv_bn(
     return layers.ReLU(6.0, name=f"{name}_relu")(x) if act else x
 
 
-def block(x: Any, index: int) -> Any:
-    """Inverted-residual block ``index`` (MBConv without squeeze-and-excitation)."""
-    from keras import layers
-
+def block(x: Any, index: int, layers: Any) -> Any:
+    """Inverted-residual block ``index`` (MBConv without squeeze-and-excitation), built with
+    ``layers`` (Keras 3's, or tf-keras's for multi-worker training)."""
     kernel, stride, expand, channels_in, channels_out = LITE0_BLOCKS[index]
     shortcut = x
     name = f"block{index}"
@@ -66,10 +65,8 @@ def block(x: Any, index: int) -> Any:
     return x
 
 
-def head(x: Any) -> tuple[Any, Any]:
+def head(x: Any, layers: Any) -> tuple[Any, Any]:
     """The 1x1 head convolution, and its global average pool: (features, pooled)."""
-    from keras import layers
-
     features = _conv_bn(layers, x, HEAD_CHANNELS, 1, 1, "head", act=True)
     return features, layers.GlobalAveragePooling2D(name="avg_pool")(features)
 
@@ -84,15 +81,23 @@ def build_lite0(input_size: tuple[int, int], include_top: bool = False) -> Any:
     x = layers.Rescaling(1 / 128, offset=-127 / 128, name="preprocess")(inputs)
     x = _conv_bn(layers, x, 32, 3, 2, "stem", act=True)
     for index in range(LAST_BLOCK):
-        x = block(x, index)
+        x = block(x, index, layers)
     last_block_input = x
-    features, pooled = head(block(x, LAST_BLOCK))
+    features, pooled = head(block(x, LAST_BLOCK, layers), layers)
     outputs = {"last_block_input": last_block_input, "features": features, "bottleneck": pooled}
     if include_top:
         outputs["predictions"] = layers.Dense(
             NUM_IMAGENET_CLASSES, activation="softmax", name="predictions"
         )(pooled)
     return keras.Model(inputs, outputs, name="efficientnet_lite0")
+
+
+def build_lite0_tail(keras_module: Any, input_shape: tuple[int, ...]) -> Any:
+    """The last block and the head, from ``last_block_input`` to ``bottleneck``, with the same
+    layer names as :func:`build_lite0`, so weights move between the two by name."""
+    inputs = keras_module.Input(input_shape, name="last_block_input")
+    _, pooled = head(block(inputs, LAST_BLOCK, keras_module.layers), keras_module.layers)
+    return keras_module.Model(inputs, pooled, name="efficientnet_lite0_tail")
 
 
 def keras_weights_from_torch(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:

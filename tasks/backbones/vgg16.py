@@ -55,6 +55,17 @@ def build_vgg16(input_size: tuple[int, int], weights_path: str | None) -> Any:
     return keras.Model(inputs, outputs, name="vgg16")
 
 
+def build_vgg16_tail(keras_module: Any, input_shape: tuple[int, ...]) -> Any:
+    """Block 5, from ``block4_pool`` to ``block5_pool``, with Keras's layer names."""
+    layers = keras_module.layers
+    inputs = keras_module.Input(input_shape, name="last_block_input")
+    x = inputs
+    for index in (1, 2, 3):
+        x = layers.Conv2D(512, 3, activation="relu", padding="same", name=f"block5_conv{index}")(x)
+    x = layers.MaxPooling2D(2, strides=2, name="block5_pool")(x)
+    return keras_module.Model(inputs, x, name="vgg16_tail")
+
+
 def download_imagenet_weights() -> str:
     """Keras's cached no-top ImageNet weights, downloading them the first time."""
     import keras

@@ -1,0 +1,87 @@
+"""Classification metrics and plots, from labels and class probabilities."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def classification_metrics(
+    labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...] | list[str]
+) -> dict[str, Any]:
+    """Accuracy, log loss, per-class precision/recall/F1 and the confusion matrix
+    (rows: true class, columns: predicted class)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    predicted = probs.argmax(axis=1)
+    count = len(classes)
+    confusion = np.zeros((count, count), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = {}
+    for index, name in enumerate(classes):
+        true_positive = confusion[index, index]
+        precision = true_positive / max(confusion[:, index].sum(), 1)
+        recall = true_positive / max(confusion[index, :].sum(), 1)
+        f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+        per_class[name] = {
+            "precision": round(float(precision), 6),
+            "recall": round(float(recall), 6),
+            "f1": round(float(f1), 6),
+            "support": int(confusion[index, :].sum()),
+        }
+    chosen = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
+    return {
+        "accuracy": round(float((predicted == labels).mean()) if len(labels) else 0.0, 6),
+        "loss": round(float(-np.log(chosen).mean()) if len(labels) else 0.0, 6),
+        "examples": len(labels),
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "classes": list(classes),
+    }
+
+
+def plot_learning_curves(history: dict[str, list[float]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
+            if history.get(key):
+                epochs = range(1, len(history[key]) + 1)
+                axis.plot(epochs, history[key], style, label=key)
+        axis.set_xlabel("epoch")
+        axis.set_title(metric)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def plot_confusion_matrix(metrics: dict[str, Any], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(metrics["confusion_matrix"])
+    classes = metrics["classes"]
+    size = 2 + 0.6 * len(classes)
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    image = axis.imshow(matrix, cmap="Blues")
+    axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    axis.set_yticks(range(len(classes)), classes)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    for (row, column), value in np.ndenumerate(matrix):
+        colour = "white" if value > matrix.max() / 2 else "black"
+        axis.text(column, row, str(value), ha="center", va="center", color=colour)
+    figure.colorbar(image)
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
