@@ -42,3 +42,18 @@ def make_dataset(root: Path, classes: tuple[str, ...] = ("circles", "squares"), 
 
     generate_shapes_dataset(str(root), per_class, size=size, seed=seed, classes=classes)
     return root
+
+
+def make_colour_dataset(root: Path, per_class: int = 24, size: int = 64, seed: int = 0) -> Path:
+    """Two classes told apart by colour: a task even a small convnet learns from a few images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label, base in (("blue", (40, 60, 200)), ("red", (200, 50, 40))):
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            pixels = np.clip(np.array(base) + rng.normal(0, 40, (size, size, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{label}_{index:03d}.jpg")
+    return root

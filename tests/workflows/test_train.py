@@ -1,0 +1,250 @@
+"""Training on a real local Ray cluster: the three methods, several datasets in one run, a failed
+job, fine-tuned models on images against stored taps, two workers in sync, resume, predict."""
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage.artifacts import JobFiles, load_named_weights
+from storage.feature_store import FeatureStore
+from tasks.images import decode_image
+from tasks.training import build_trainable, job_context, set_named_weights
+from tests.conftest import make_colour_dataset, make_dataset
+from workflows.extract import run_extract
+from workflows.settings import DatasetSource, ExtractSettings, MethodSettings, TrainSettings
+from workflows.train import run_train_all
+
+pytestmark = pytest.mark.slow
+SHAPES = ("circles", "squares", "triangles")
+
+
+def _methods(epochs: int = 4, scratch: int = 12) -> dict[str, MethodSettings]:
+    return {
+        "bottleneck": MethodSettings(epochs=epochs),
+        "finetune": MethodSettings(epochs=2, optimizer="sgd", learning_rate=1e-4, momentum=0.9),
+        "scratch": MethodSettings(epochs=scratch, batch_size=8),
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir, ray_local):
+    """Three datasets extracted, one of them then broken, and one train-all over all of them."""
+    root = tmp_path_factory.mktemp("train")
+    make_dataset(root / "data" / "shapes", SHAPES, 30, size=64)
+    make_colour_dataset(root / "data" / "pairs", 24, size=64, seed=3)
+    make_dataset(root / "data" / "broken", ("circles", "squares"), 8, size=64, seed=5)
+    store = str(root / "store")
+    run_extract(
+        ExtractSettings(
+            datasets=(DatasetSource(str(root / "data")),),
+            store=store,
+            shards=2,
+            input_size=64,
+            augment=1,
+            validation_fraction=0.3,
+            cache_dir=cache_dir,
+        )
+    )
+    broken = FeatureStore.open(store, "broken", "efficientnet_lite0")
+    for path in broken.files("train"):
+        os.remove(path)
+    settings = TrainSettings(
+        store=store,
+        runs=str(root / "runs"),
+        method_settings=_methods(),
+        scratch_image_size=64,
+        seed=1,
+    )
+    results = {f"{r.dataset}/{r.method}": r for r in run_train_all(settings)}
+    return root, settings, results
+
+
+def test_every_method_learns_well_above_chance(trained):
+    _, _, results = trained
+    # Chance is 1/3 on shapes and 1/2 on pairs; the small convnet from scratch gets the easy one.
+    for key, floor in (
+        ("shapes/bottleneck", 0.9),
+        ("shapes/finetune", 0.9),
+        ("pairs/bottleneck", 0.9),
+        ("pairs/finetune", 0.9),
+        ("pairs/scratch", 0.8),
+    ):
+        result = results[key]
+        assert result.status == "done", result.error
+        assert result.accuracy >= floor, (key, result.accuracy)
+    assert results["shapes/scratch"].status == "done"
+
+
+def test_a_failed_job_does_not_stop_the_others(trained):
+    root, _, results = trained
+    assert results["broken/bottleneck"].status == "failed"
+    assert "FileNotFoundError" in results["broken/bottleneck"].error
+    assert results["broken/finetune"].status == "skipped"
+    assert results["shapes/finetune"].status == "done"
+    summary = (root / "runs" / "summary.md").read_text()
+    assert (
+        "| broken | bottleneck | failed |" in summary and "| shapes | finetune | done |" in summary
+    )
+    assert (root / "runs" / "summary.html").exists()
+
+
+def test_artifacts_and_plain_keras_loading(trained):
+    import keras
+
+    root, _, _ = trained
+    files = JobFiles(str(root / "runs"), "pairs", "bottleneck")
+    for name in (
+        "model.keras",
+        "classes.json",
+        "metrics.json",
+        "history.csv",
+        "settings.json",
+        "learning_curves.png",
+        "confusion_matrix.png",
+    ):
+        assert os.path.exists(files.path(name)), name
+    metrics = json.loads(Path(files.path("metrics.json")).read_text())
+    assert set(metrics["per_class"]) == {"blue", "red"}
+    assert np.array(metrics["confusion_matrix"]).sum() == metrics["examples"]
+    assert metrics["manifest_id"]
+    with open(files.path("history.csv")) as handle:
+        assert len(list(csv.DictReader(handle))) == metrics["epochs"] == 4
+    model = keras.saving.load_model(files.model)
+    out = model.predict(np.zeros((1, 64, 64, 3), np.float32), verbose=0)
+    assert out.shape == (1, 1) and 0 <= float(out[0, 0]) <= 1
+
+
+def test_finetuned_model_on_images_matches_the_finetune_on_stored_taps(trained):
+    import keras
+
+    root, settings, results = trained
+    spec_files = JobFiles(settings.runs, "shapes", "finetune")
+    store = FeatureStore.open(settings.store, "shapes", "efficientnet_lite0")
+    table = store.read_table("validation", ["path", "copy"])
+    taps, _ = store.read_numpy("validation", "last_block_input", copies=False)
+    context = job_context(_spec(settings, "shapes", "finetune"))
+    head = build_trainable(keras, _spec(settings, "shapes", "finetune"), context)
+    set_named_weights(head, load_named_weights(spec_files.weights))
+    on_taps = head.predict(taps.astype(np.float32), verbose=0)
+    model = keras.saving.load_model(spec_files.model)
+    images = np.stack(
+        [
+            decode_image((Path(context["dataset_root"]) / p).read_bytes(), (64, 64))
+            for p in table["path"].to_pylist()
+        ]
+    ).astype(np.float32)
+    on_images = model.predict(images, verbose=0)
+    assert (on_taps.argmax(1) == on_images.argmax(1)).all()
+    np.testing.assert_allclose(on_images, on_taps, atol=0.02)
+
+
+def _spec(settings, dataset, method):
+    from workflows.train import plan_jobs
+
+    return next(j.spec for j in plan_jobs(settings) if j.spec.key == f"{dataset}/{method}")
+
+
+def test_two_workers_train_one_model_in_sync(trained):
+    root, settings, _ = trained
+    from dataclasses import replace
+
+    two = replace(
+        settings,
+        runs=str(root / "runs-2w"),
+        datasets=("pairs",),
+        methods=("bottleneck",),
+        workers=2,
+    )
+    (result,) = run_train_all(two)
+    assert result.status == "done", result.error
+    assert result.workers_in_sync is True and result.accuracy >= 0.9
+    metrics = json.loads(
+        Path(JobFiles(two.runs, "pairs", "bottleneck").path("metrics.json")).read_text()
+    )
+    assert metrics["workers"] == 2 and metrics["workers_in_sync"] is True
+
+
+def _wf(*args):
+    env = {**os.environ, "COLUMNS": "200", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "workflows.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_predict_agrees_with_evaluate(trained, tmp_path):
+    root, settings, _ = trained
+    model = JobFiles(settings.runs, "shapes", "bottleneck").model
+    folder = tmp_path / "unseen"
+    make_dataset(folder, SHAPES, 5, size=80, seed=11)
+    (folder / "circles" / "bad.jpg").write_text("not an image")
+    predicted = _wf("predict", model, str(folder), "--format", "csv")
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    rows = list(csv.DictReader(io.StringIO(predicted.stdout)))
+    assert len(rows) == 16 and sum(1 for r in rows if r["error"]) == 1
+    scored = [r for r in rows if not r["error"]]
+    accuracy = np.mean([Path(r["path"]).parent.name == r["label"] for r in scored])
+    evaluated = _wf("evaluate", model, str(folder), "--output", str(tmp_path / "m.json"))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["examples"] == 15 and len(metrics["rejects"]) == 1
+    assert metrics["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(trained, tmp_path):
+    root, settings, _ = trained
+    runs = tmp_path / "runs"
+    args = [
+        "train-all",
+        "--store",
+        settings.store,
+        "--runs",
+        str(runs),
+        "--datasets",
+        "pairs",
+        "--methods",
+        "bottleneck",
+        "--bottleneck-epochs",
+        "60",
+        "--num-cpus",
+        "2",
+    ]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workflows.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    checkpoints = runs / "_ray" / "pairs-bottleneck"
+    try:
+        deadline = time.time() + 300
+        while len(list(checkpoints.glob("checkpoint_*"))) < 2:
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
+    assert not (runs / "pairs" / "bottleneck" / "metrics.json").exists()
+    again = _wf(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads((runs / "pairs" / "bottleneck" / "metrics.json").read_text())
+    assert 1 <= metrics["resumed_from_epoch"] < 12 and metrics["epochs"] == 12
+    shutil.rmtree(runs, ignore_errors=True)
