@@ -127,7 +127,7 @@ def test_artifacts_and_plain_keras_loading(trained):
 def test_finetuned_model_on_images_matches_the_finetune_on_stored_taps(trained):
     import keras
 
-    root, settings, results = trained
+    _, settings, _ = trained
     spec_files = JobFiles(settings.runs, "shapes", "finetune")
     store = FeatureStore.open(settings.store, "shapes", "efficientnet_lite0")
     table = store.read_table("validation", ["path", "copy"])
@@ -187,7 +187,7 @@ def _wf(*args):
 
 
 def test_predict_agrees_with_evaluate(trained, tmp_path):
-    root, settings, _ = trained
+    _, settings, _ = trained
     model = JobFiles(settings.runs, "shapes", "bottleneck").model
     folder = tmp_path / "unseen"
     make_dataset(folder, SHAPES, 5, size=80, seed=11)
@@ -206,7 +206,7 @@ def test_predict_agrees_with_evaluate(trained, tmp_path):
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(trained, tmp_path):
-    root, settings, _ = trained
+    _, settings, _ = trained
     runs = tmp_path / "runs"
     args = [
         "train-all",
@@ -219,7 +219,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(trained, tmp_path):
         "--methods",
         "bottleneck",
         "--bottleneck-epochs",
-        "60",
+        "12",
         "--num-cpus",
         "2",
     ]
