@@ -234,31 +234,60 @@ def demo(
     images_per_class: Annotated[int, typer.Option(help="Generated images per class.")] = 40,
     shards: Annotated[int, typer.Option(help="Shards per split.")] = 4,
     weights: Annotated[str, typer.Option(help="imagenet or none.")] = "imagenet",
+    epochs: Annotated[
+        int, typer.Option(help="Epochs of the top and the convnet (fine-tuning: half).")
+    ] = 10,
     cache_dir: Annotated[
         str | None, typer.Option(help="Converted backbones cache. [default: ~/.cache/wf]")
     ] = None,
     address: AddressOption = None,
     num_cpus: NumCpusOption = None,
 ) -> None:
-    """Generate a small shapes dataset and run the workflow on it, with no data of yours.
+    """Generate a small shapes dataset and run the whole workflow on it, with no data of yours:
+    extract, train-all (the three methods, few epochs), summary.
 
     Example: wf demo --dir wf-demo
     """
+    from workflows.cluster import ray_cluster
     from workflows.demo import generate_shapes_dataset
-    from workflows.settings import ClusterSettings, DatasetSource, ExtractSettings
+    from workflows.settings import (
+        ClusterSettings,
+        DatasetSource,
+        ExtractSettings,
+        MethodSettings,
+        TrainSettings,
+    )
 
     data = generate_shapes_dataset(os.path.join(folder, "data", "shapes"), images_per_class)
     console.print(f"generated {images_per_class} images per class under {data}")
+    cluster = ClusterSettings(address=address, num_cpus=num_cpus)
     extra = {"cache_dir": cache_dir} if cache_dir else {}
-    settings = ExtractSettings(
+    extract_settings = ExtractSettings(
         **extra,
         datasets=(DatasetSource(data),),
         store=os.path.join(folder, "store"),
         shards=shards,
         weights=weights,
-        cluster=ClusterSettings(address=address, num_cpus=num_cpus),
+        cluster=cluster,
     )
-    _run_extract_with_progress(settings)
+    train_settings = TrainSettings(
+        store=extract_settings.store,
+        runs=os.path.join(folder, "runs"),
+        method_settings={
+            "bottleneck": MethodSettings(epochs=epochs),
+            "finetune": MethodSettings(
+                epochs=max(1, epochs // 2), optimizer="sgd", learning_rate=1e-4, momentum=0.9
+            ),
+            "scratch": MethodSettings(epochs=epochs),
+        },
+        scratch_image_size=96,
+        cluster=cluster,
+    )
+    with ray_cluster(cluster):  # one cluster for both halves
+        _run_extract_with_progress(extract_settings)
+        results = _train_all_with_progress(train_settings)
+    if any(r.status == "failed" for r in results):
+        raise typer.Exit(1)
 
 
 def _train_all_with_progress(settings: Any) -> list[Any]:

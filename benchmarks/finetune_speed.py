@@ -1,0 +1,178 @@
+"""Fine-tuning time per epoch on stored taps against the Keras blog's way, in the same run.
+
+- wf: the `finetune` job of `wf train-all` (one Ray Train worker with 2 CPUs): Lite0's last
+  block and the bottleneck top trained on the stored `last_block_input` tap of every stored
+  copy (original + 2 augmented per training image), so the frozen layers never run.
+- blog: the same network, initial top and optimiser (SGD 1e-4, momentum 0.9, batch 16) in one
+  Keras 3 process with 2 threads, fed the 2000 training images with real-time augmentation
+  (the same policy), running the whole network forward every epoch.
+
+Both start from the bottleneck top that `benchmarks/train_accuracy.py` trained, and report
+validation accuracy on the same 800 images after the same number of epochs.
+Usage: python benchmarks/finetune_speed.py [--work DIR] [--epochs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "datasets" / "cats_vs_dogs"
+
+
+def run_wf(work: str, epochs: int) -> dict:
+    from workflows.settings import ClusterSettings, MethodSettings, TrainSettings
+    from workflows.train import run_train_all
+
+    runs = os.path.join(work, "speed-runs")
+    shutil.rmtree(runs, ignore_errors=True)
+    shutil.copytree(
+        os.path.join(work, "runs", "cats_vs_dogs", "bottleneck"),
+        os.path.join(runs, "cats_vs_dogs", "bottleneck"),
+    )
+    settings = TrainSettings(
+        store=os.path.join(work, "store"),
+        runs=runs,
+        datasets=("cats_vs_dogs",),
+        methods=("finetune",),
+        threads_per_worker=2,
+        cluster=ClusterSettings(num_cpus=2),
+        method_settings={
+            "bottleneck": MethodSettings(),
+            "scratch": MethodSettings(),
+            "finetune": MethodSettings(
+                epochs=epochs, optimizer="sgd", learning_rate=1e-4, momentum=0.9
+            ),
+        },
+    )
+    (result,) = run_train_all(settings)
+    metrics = json.loads(Path(runs, "cats_vs_dogs", "finetune", "metrics.json").read_text())
+    import csv
+
+    with open(os.path.join(runs, "cats_vs_dogs", "finetune", "history.csv")) as handle:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(handle)]
+    from storage.feature_store import FeatureStore
+
+    rows = (
+        FeatureStore.open(settings.store, "cats_vs_dogs", "efficientnet_lite0")
+        .read_table("train", ["copy"])
+        .num_rows
+    )
+    return {
+        "status": result.status,
+        "accuracy": metrics["accuracy"],
+        "epoch_seconds": seconds,
+        "rows_per_epoch": rows,
+    }
+
+
+def run_blog(work: str, epochs: int) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from storage.artifacts import load_named_weights
+    from tasks.augment import AugmentPolicy, augment_image
+    from tasks.backbones import build_model, get_backbone, resolve_weights
+    from tasks.heads import build_top
+    from tasks.images import decode_image
+    from tasks.training import set_named_weights
+
+    tf.config.threading.set_intra_op_parallelism_threads(2)
+    backbone = get_backbone("efficientnet_lite0")
+    base = build_model(backbone, (224, 224), resolve_weights(backbone, "imagenet"))
+    for layer in base.layers:
+        tail = layer.name.startswith(("block15_", "head_"))
+        layer.trainable = tail and not isinstance(layer, keras.layers.BatchNormalization)
+    top = build_top(keras, (1280,), 2)
+    set_named_weights(
+        top,
+        load_named_weights(
+            os.path.join(work, "runs", "cats_vs_dogs", "bottleneck", "trained_weights.npz")
+        ),
+    )
+    model = keras.Model(base.input, top(base.output["bottleneck"]))
+    model.compile(keras.optimizers.SGD(1e-4, momentum=0.9), "binary_crossentropy", ["accuracy"])
+
+    def load(split: str) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = [], []
+        for index, name in enumerate(("cats", "dogs")):
+            for path in sorted((SHARED / split / name).iterdir()):
+                images.append(decode_image(path.read_bytes(), (224, 224)))
+                labels.append(index)
+        return np.stack(images), np.array(labels, np.float32)
+
+    x_train, y_train = load("train")
+    x_val, y_val = load("validation")
+    rng = np.random.default_rng(0)
+    policy = AugmentPolicy()
+
+    def augment(batch: np.ndarray) -> np.ndarray:
+        return np.stack([augment_image(i, policy, int(rng.integers(2**62))) for i in batch])
+
+    train = (
+        tf.data.Dataset.from_tensor_slices((x_train, y_train))
+        .shuffle(len(x_train), seed=0)
+        .batch(16)
+        .map(
+            lambda x, y: (
+                tf.ensure_shape(
+                    tf.cast(tf.numpy_function(augment, [x], tf.uint8), tf.float32),
+                    [None, 224, 224, 3],
+                ),
+                y,
+            )
+        )
+        .prefetch(2)
+    )
+    seconds = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds.append(time.perf_counter() - self.started)
+
+    model.fit(
+        train,
+        epochs=epochs,
+        validation_data=(x_val.astype(np.float32), y_val),
+        batch_size=16,
+        callbacks=[Timer()],
+        verbose=0,
+    )
+    predictions = model.predict(x_val.astype(np.float32), batch_size=32, verbose=0).reshape(-1)
+    accuracy = float(((predictions > 0.5) == (y_val > 0.5)).mean())
+    return {"accuracy": accuracy, "epoch_seconds": seconds, "rows_per_epoch": len(x_train)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default=str(HERE / "results" / "train"))
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    if not Path(args.work, "runs", "cats_vs_dogs", "bottleneck", "trained_weights.npz").exists():
+        raise SystemExit("run benchmarks/train_accuracy.py first (it trains the bottleneck top)")
+    wf = run_wf(args.work, args.epochs)
+    blog = run_blog(args.work, args.epochs)
+    print(f"\n{'method':<6} {'rows/epoch':>10} {'s/epoch':>8} {'val acc':>8}")
+    for name, r in (("wf", wf), ("blog", blog)):
+        per_epoch = np.mean(r["epoch_seconds"])
+        print(f"{name:<6} {r['rows_per_epoch']:>10} {per_epoch:>8.1f} {r['accuracy']:>8.4f}")
+    speedup = np.mean(blog["epoch_seconds"]) / np.mean(wf["epoch_seconds"])
+    print(f"\nwf is {speedup:.1f}x faster per epoch (target >= 10x at equal or better accuracy)")
+    with open(os.path.join(args.work, "finetune_speed.json"), "w") as handle:
+        json.dump(
+            {"wf": wf, "blog": blog, "speedup": speedup, "epochs": args.epochs}, handle, indent=2
+        )
+
+
+if __name__ == "__main__":
+    main()
