@@ -3,7 +3,6 @@ and weights, resolved in one place (``"imagenet"``, ``"none"`` or a local file).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -68,11 +67,11 @@ class ResolvedWeights:
 
 
 def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    import pyarrow.fs as pafs
+
+    from storage.layout import file_sha256 as sha256_on
+
+    return sha256_on(pafs.LocalFileSystem(), path)
 
 
 def resolve_weights(backbone: Backbone, weights: str) -> ResolvedWeights:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from storage.artifacts import write_bytes
 from storage.errors import SettingsError
 from storage.hashing import fingerprint
 from tasks.backbones import Backbone, ResolvedWeights, build_model, feature_model
@@ -75,8 +76,8 @@ def prepare_backbone(
         shapes = {tap: tuple(int(d) for d in model.output[tap].shape[1:]) for tap in taps}
         data = _convert(model, runtime)
         os.makedirs(folder, exist_ok=True)
-        _write_atomically(model_path, data)
-        _write_atomically(facts_path, json.dumps(shapes).encode())
+        write_bytes(model_path, data)
+        write_bytes(facts_path, json.dumps(shapes).encode())
     return PreparedBackbone(key, backbone.name, input_size, shapes, runtime, weights, data)
 
 
@@ -98,13 +99,6 @@ def _convert(model: Any, runtime: str) -> bytes:
         model.save(path)
         with open(path, "rb") as handle:
             return handle.read()
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-    os.replace(temporary, path)
 
 
 class FeatureExtractor:
