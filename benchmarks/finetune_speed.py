@@ -98,7 +98,9 @@ def run_blog(work: str, epochs: int) -> dict:
         ),
     )
     model = keras.Model(base.input, top(base.output["bottleneck"]))
-    model.compile(keras.optimizers.SGD(1e-4, momentum=0.9), "binary_crossentropy", ["accuracy"])
+    model.compile(
+        keras.optimizers.SGD(1e-4, momentum=0.9), "binary_crossentropy", metrics=["accuracy"]
+    )
 
     def load(split: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = [], []

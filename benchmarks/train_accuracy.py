@@ -29,9 +29,11 @@ def main() -> None:
     parser.add_argument("--methods", default="bottleneck,finetune,scratch")
     parser.add_argument("--bottleneck-epochs", type=int, default=30)
     parser.add_argument("--finetune-epochs", type=int, default=8)
+    parser.add_argument("--finetune-lr", type=float, default=1e-4, help="SGD, momentum 0.9")
     parser.add_argument("--scratch-epochs", type=int, default=20)
     parser.add_argument("--augment", type=int, default=2)
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--keep-best", action="store_true", help="keep each job's best epoch")
     args = parser.parse_args()
 
     from workflows.cluster import ray_cluster
@@ -81,12 +83,13 @@ def main() -> None:
                     "finetune": MethodSettings(
                         epochs=args.finetune_epochs,
                         optimizer="sgd",
-                        learning_rate=1e-4,
+                        learning_rate=args.finetune_lr,
                         momentum=0.9,
                     ),
                     "scratch": MethodSettings(epochs=args.scratch_epochs),
                 },
                 force=args.force,
+                keep_best=args.keep_best,
                 cluster=cluster,
             )
         )
