@@ -45,7 +45,6 @@ from tasks.backbones import (
     ResolvedWeights,
     build_model,
     build_tail,
-    copy_weights_by_name,
     get_backbone,
 )
 from tasks.evaluation import classification_metrics, plot_confusion_matrix, plot_learning_curves
@@ -435,7 +434,7 @@ def run_job(spec: JobSpec, board: Any, weights: ResolvedWeights | None) -> JobRe
             raise RuntimeError(f"finetune needs the bottleneck top of {spec.dataset}: {top_path}")
         base = build_model(get_backbone(spec.backbone), tuple(context["input_size"]), weights)
         tail = build_tail(keras, get_backbone(spec.backbone), tuple(context["tap_shape"]))
-        copy_weights_by_name(base, tail)
+        set_named_weights(tail, named_weights(base))
         initial = ray.put({**named_weights(tail), **load_named_weights(top_path)})
     trainer = TensorflowTrainer(
         train_loop_per_worker,

@@ -141,7 +141,8 @@ def build_model(
 def build_tail(keras_module: Any, backbone: Backbone, input_shape: tuple[int, ...]) -> Any:
     """The backbone's last block, from the ``last_block_input`` tap to the ``bottleneck`` tap,
     built with ``keras_module`` (``keras`` or ``tf_keras``). Layer names match :func:`build_model`,
-    so :func:`copy_weights_by_name` moves weights between them."""
+    so weights move between them by name
+    (``tasks.training.set_named_weights``)."""
     if backbone.name == "efficientnet_lite0":
         from tasks.backbones.efficientnet_lite import build_lite0_tail
 
@@ -149,18 +150,6 @@ def build_tail(keras_module: Any, backbone: Backbone, input_shape: tuple[int, ..
     from tasks.backbones.vgg16 import build_vgg16_tail
 
     return build_vgg16_tail(keras_module, input_shape)
-
-
-def copy_weights_by_name(source: Any, target: Any) -> int:
-    """Set each weighted layer of ``target`` from the same-named layer of ``source``; returns
-    how many layers were copied. Works across Keras 3 and tf-keras (weights go as numpy)."""
-    names = {layer.name for layer in source.layers if layer.weights}
-    copied = 0
-    for layer in target.layers:
-        if layer.weights and layer.name in names:
-            layer.set_weights(source.get_layer(layer.name).get_weights())
-            copied += 1
-    return copied
 
 
 def feature_model(model: Any, taps: tuple[str, ...]) -> Any:
