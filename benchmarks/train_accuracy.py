@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -30,8 +31,14 @@ def main() -> None:
     parser.add_argument("--bottleneck-epochs", type=int, default=30)
     parser.add_argument("--finetune-epochs", type=int, default=8)
     parser.add_argument("--finetune-lr", type=float, default=1e-4, help="SGD, momentum 0.9")
+    parser.add_argument(
+        "--epoch-copies", choices=("all", "one"), default="all", help="see wf train-all --help"
+    )
     parser.add_argument("--scratch-epochs", type=int, default=20)
     parser.add_argument("--augment", type=int, default=2)
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="backbone input size [default: 224]"
+    )
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--keep-best", action="store_true", help="keep each job's best epoch")
     args = parser.parse_args()
@@ -42,8 +49,8 @@ def main() -> None:
         ClusterSettings,
         DatasetSource,
         ExtractSettings,
-        MethodSettings,
         TrainSettings,
+        default_methods,
     )
     from workflows.train import BLOG_REFERENCE, run_train_all
 
@@ -52,6 +59,11 @@ def main() -> None:
         if not (SHARED / name).is_dir():
             raise SystemExit(f"{SHARED / name} is missing")
     cluster = ClusterSettings(num_cpus=2)
+    methods = default_methods(
+        bottleneck=args.bottleneck_epochs,
+        finetune=args.finetune_epochs,
+        scratch=args.scratch_epochs,
+    )
     store = os.path.join(args.work, "store")
     timings = {}
     with ray_cluster(cluster):
@@ -62,6 +74,7 @@ def main() -> None:
                 store=store,
                 shards=8,
                 augment=args.augment,
+                input_size=args.image_size,
                 cluster=cluster,
             )
         )
@@ -79,17 +92,12 @@ def main() -> None:
                 datasets=tuple(names),
                 methods=tuple(args.methods.split(",")),
                 method_settings={
-                    "bottleneck": MethodSettings(epochs=args.bottleneck_epochs),
-                    "finetune": MethodSettings(
-                        epochs=args.finetune_epochs,
-                        optimizer="sgd",
-                        learning_rate=args.finetune_lr,
-                        momentum=0.9,
-                    ),
-                    "scratch": MethodSettings(epochs=args.scratch_epochs),
+                    **methods,
+                    "finetune": replace(methods["finetune"], learning_rate=args.finetune_lr),
                 },
                 force=args.force,
                 keep_best=args.keep_best,
+                epoch_copies=args.epoch_copies,
                 cluster=cluster,
             )
         )

@@ -73,6 +73,7 @@ class JobSpec:
     use_gpu: bool = False
     early_stopping_patience: int | None = None
     keep_best: bool = False
+    epoch_copies: str = "all"  # or "one": each training image once per epoch, copies in turn
     seed: int = 0
     scratch_image_size: int = 150
     policy: AugmentPolicy = field(default_factory=AugmentPolicy)
@@ -112,11 +113,15 @@ def _stack(column: np.ndarray, shape: tuple[int, ...], dtype: str = "float32") -
     return column.reshape((len(column), *shape)).astype(dtype, copy=False)
 
 
-def load_shard(shard: Any, spec: JobSpec, context: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """This worker's rows as ``(inputs, labels)``: stored taps, or decoded images for scratch."""
-    inputs, labels = [], []
+def load_shard(
+    shard: Any, spec: JobSpec, context: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This worker's rows as ``(inputs, labels, copies)``: stored taps, or decoded images for
+    scratch (whose rows are all copy 0)."""
+    inputs, labels, copies = [], [], []
     for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
         labels.append(batch["label_index"].astype(np.int64))
+        copies.append(batch["copy"].astype(np.int64))
         if spec.method == "scratch":
             size = (spec.scratch_image_size, spec.scratch_image_size)
             images = []
@@ -129,7 +134,21 @@ def load_shard(shard: Any, spec: JobSpec, context: dict[str, Any]) -> tuple[np.n
             inputs.append(_stack(batch[tap_column(tap)], tuple(context["tap_shape"])))
     if not labels:
         raise RuntimeError(f"worker got no rows of {spec.key}")
-    return np.concatenate(inputs), np.concatenate(labels)
+    return np.concatenate(inputs), np.concatenate(labels), np.concatenate(copies)
+
+
+def epoch_order(
+    copies: np.ndarray, first_epoch: int, epochs: int, seed: int
+) -> tuple[np.ndarray, int]:
+    """Row order for ``epoch_copies="one"``: epoch ``e`` reads every row of copy ``e mod n``
+    (n stored copies per image), shuffled, so each epoch shows each image once, as the blog's
+    real-time augmentation does. Returns ``(order, rows per epoch)``."""
+    groups = [np.flatnonzero(copies == c) for c in np.unique(copies)]
+    order = [
+        np.random.default_rng([seed, epoch]).permutation(groups[epoch % len(groups)])
+        for epoch in range(first_epoch, max(epochs, first_epoch + 1))
+    ]
+    return np.concatenate(order), len(groups[0])
 
 
 def build_trainable(keras_module: Any, spec: JobSpec, context: dict[str, Any]) -> Any:
@@ -202,9 +221,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     strategy = (
         tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
     )
-    x_train, y_train = load_shard(ray.train.get_dataset_shard("train"), spec, context)
+    x_train, y_train, copies = load_shard(ray.train.get_dataset_shard("train"), spec, context)
     validation = ray.train.get_dataset_shard("validation") if context["has_validation"] else None
-    x_val, y_val = load_shard(validation, spec, context) if validation is not None else (None, None)
+    x_val, y_val = load_shard(validation, spec, context)[:2] if validation else (None, None)
     tf_keras.utils.set_random_seed(spec.seed)  # same initial weights on every worker
     with strategy.scope():
         model = build_trainable(tf_keras, spec, context)
@@ -230,7 +249,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     per_worker_batch = spec.batch_size
     global_batch = per_worker_batch * world
-    steps = max(1, -(-len(x_train) // per_worker_batch))
+    rows_per_epoch = len(x_train)
+    one_copy = spec.epoch_copies == "one" and spec.method != "scratch"  # scratch augments live
+    if one_copy:
+        order, rows_per_epoch = epoch_order(copies, resumed_from, spec.epochs, spec.seed + rank)
+    steps = max(1, -(-rows_per_epoch // per_worker_batch))
     rng = np.random.default_rng([spec.seed, rank, resumed_from])
 
     def augment_batch(images: np.ndarray) -> np.ndarray:
@@ -241,27 +264,44 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    train_ds = (
-        tf.data.Dataset.from_tensor_slices((x_train, y_train))
-        .shuffle(len(x_train), seed=spec.seed + rank, reshuffle_each_iteration=True)
-        .repeat()
-    )
-    if spec.method == "scratch":
+    if one_copy:
+
+        def gather(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return x_train[rows], y_train[rows]
+
         train_ds = (
-            train_ds.batch(per_worker_batch)
-            .map(lambda x, y: (tf.numpy_function(augment_batch, [x], tf.uint8), y))
-            .unbatch()
-        )
-    train_ds = train_ds.batch(global_batch).with_options(options).prefetch(2)
-    val_ds, val_steps = None, None
-    if x_val is not None and len(x_val):
-        val_steps = max(1, -(-len(x_val) // per_worker_batch))
-        val_ds = (
-            tf.data.Dataset.from_tensor_slices((x_val, y_val))
+            tf.data.Dataset.from_tensor_slices(order)
             .repeat()
             .batch(global_batch)
-            .with_options(options)
+            .map(lambda rows: tf.numpy_function(gather, [rows], (x_train.dtype, y_train.dtype)))
+            .map(
+                lambda x, y: (
+                    tf.ensure_shape(x, (None, *x_train.shape[1:])),
+                    tf.ensure_shape(y, (None,)),
+                )
+            )
         )
+    else:
+        train_ds = (
+            tf.data.Dataset.from_tensor_slices((x_train, y_train))
+            .shuffle(len(x_train), seed=spec.seed + rank, reshuffle_each_iteration=True)
+            .repeat()
+        )
+        if spec.method == "scratch":
+            train_ds = (
+                train_ds.batch(per_worker_batch)
+                .map(lambda x, y: (tf.numpy_function(augment_batch, [x], tf.uint8), y))
+                .unbatch()
+            )
+        train_ds = train_ds.batch(global_batch)
+    train_ds = train_ds.with_options(options).prefetch(2)
+    val_ds, val_steps = None, None
+    if x_val is not None and len(x_val):
+        val_ds = tf.data.Dataset.from_tensor_slices((x_val, y_val))
+        if world > 1:  # every worker must run the same number of steps: wrap around
+            val_steps = max(1, -(-len(x_val) // per_worker_batch))
+            val_ds = val_ds.repeat()
+        val_ds = val_ds.batch(global_batch).with_options(options)
 
     class ReportEveryEpoch(tf_keras.callbacks.Callback):
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
@@ -317,7 +357,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         save_named_weights(os.path.join(folder, "final.npz"), final)
         write_json(
             os.path.join(folder, "state.json"),
-            {**state, "final": True, "resumed_from": resumed_from},
+            {
+                **state,
+                "final": True,
+                "resumed_from": resumed_from,
+                "rows_per_epoch": rows_per_epoch * world,
+            },
         )
         save_named_weights(os.path.join(folder, "weights.npz"), named_weights(model))
         ray.train.report(
@@ -400,7 +445,7 @@ def _datasets(spec: JobSpec, store: FeatureStore) -> dict[str, Any]:
     from ray.data.expressions import col
 
     tap = TAP_OF_METHOD[spec.method]
-    columns = ["label_index", tap_column(tap)] if tap else ["label_index", "path", "copy"]
+    columns = ["label_index", "copy", tap_column(tap) if tap else "path"]
     datasets = {}
     for split in ("train", "validation"):
         files = store.files(split)
@@ -487,6 +532,9 @@ def run_job(spec: JobSpec, board: Any, weights: ResolvedWeights | None) -> JobRe
         method=spec.method,
         epochs=state["epoch"],
         best_epoch=state.get("best_epoch"),
+        best_val_loss=state.get("best_val_loss"),
+        rows_per_epoch=state.get("rows_per_epoch"),
+        epoch_copies=spec.epoch_copies,
         resumed_from_epoch=state.get("resumed_from", 0),
         workers=spec.workers,
         workers_in_sync=in_sync,

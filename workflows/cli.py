@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
@@ -254,8 +255,8 @@ def demo(
         ClusterSettings,
         DatasetSource,
         ExtractSettings,
-        MethodSettings,
         TrainSettings,
+        default_methods,
     )
 
     data = generate_shapes_dataset(os.path.join(folder, "data", "shapes"), images_per_class)
@@ -273,13 +274,9 @@ def demo(
     train_settings = TrainSettings(
         store=extract_settings.store,
         runs=os.path.join(folder, "runs"),
-        method_settings={
-            "bottleneck": MethodSettings(epochs=epochs),
-            "finetune": MethodSettings(
-                epochs=max(1, epochs // 2), optimizer="sgd", learning_rate=1e-4, momentum=0.9
-            ),
-            "scratch": MethodSettings(epochs=epochs),
-        },
+        method_settings=default_methods(
+            bottleneck=epochs, finetune=max(1, epochs // 2), scratch=epochs
+        ),
         scratch_image_size=96,
         cluster=cluster,
     )
@@ -353,14 +350,21 @@ def train_all(
     scratch_epochs: Annotated[int | None, typer.Option(help="Epochs of the small convnet.")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size per worker (the blog's: 16).")] = 16,
     finetune_learning_rate: Annotated[
-        float, typer.Option(help="SGD learning rate of fine-tuning.")
-    ] = 1e-4,
+        float | None, typer.Option(help="SGD learning rate of fine-tuning. [default: 1e-4]")
+    ] = None,
     early_stopping: Annotated[
         int | None, typer.Option(help="Stop after N epochs without a better validation loss.")
     ] = None,
     keep_best: Annotated[
         bool, typer.Option("--keep-best", help="Keep the epoch with the best validation loss.")
     ] = False,
+    epoch_copies: Annotated[
+        str,
+        typer.Option(
+            help="What an epoch on stored taps reads: 'all' stored copies of every training "
+            "image, or 'one' copy of each image, the next one each epoch (the blog's epoch)."
+        ),
+    ] = "all",
     scratch_image_size: Annotated[
         int, typer.Option(help="Input size of the small convnet (the blog's: 150).")
     ] = 150,
@@ -381,10 +385,23 @@ def train_all(
 
     Example: wf train-all --store store --runs runs --methods bottleneck,finetune --epochs 20
     """
-    from workflows.settings import ClusterSettings, MethodSettings, TrainSettings
+    from workflows.settings import (
+        BLOG_EPOCHS,
+        ClusterSettings,
+        MethodSettings,
+        TrainSettings,
+        default_methods,
+    )
+
+    defaults = default_methods()
 
     def method(name: str, specific: int | None, **extra: Any) -> MethodSettings:
-        return MethodSettings(epochs=specific or epochs or 50, batch_size=batch_size, **extra)
+        return replace(
+            defaults[name],
+            epochs=specific or epochs or BLOG_EPOCHS,
+            batch_size=batch_size,
+            **{k: v for k, v in extra.items() if v is not None},
+        )
 
     settings = TrainSettings(
         store=store,
@@ -394,13 +411,7 @@ def train_all(
         backbone=backbone,
         method_settings={
             "bottleneck": method("bottleneck", bottleneck_epochs),
-            "finetune": method(
-                "finetune",
-                finetune_epochs,
-                optimizer="sgd",
-                learning_rate=finetune_learning_rate,
-                momentum=0.9,
-            ),
+            "finetune": method("finetune", finetune_epochs, learning_rate=finetune_learning_rate),
             "scratch": method("scratch", scratch_epochs),
         },
         workers=workers,
@@ -408,6 +419,7 @@ def train_all(
         use_gpu=gpu,
         early_stopping_patience=early_stopping,
         keep_best=keep_best,
+        epoch_copies=epoch_copies,
         seed=seed,
         scratch_image_size=scratch_image_size,
         max_concurrent_jobs=max_concurrent,

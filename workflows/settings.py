@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from storage.errors import SettingsError
@@ -146,6 +146,10 @@ def load_config(path: str) -> dict[str, Any]:
 # SGD 1e-4 with momentum 0.9 for fine-tuning.
 BLOG_EPOCHS = 50
 BLOG_BATCH_SIZE = 16
+# What one epoch of a job on stored taps reads: "all" stored copies of every training image, or
+# "one" copy of each image, the next one each epoch (the blog's epoch: every image once, freshly
+# augmented).
+EPOCH_COPIES = ("all", "one")
 
 
 @dataclass(frozen=True)
@@ -163,12 +167,15 @@ class MethodSettings:
             raise SettingsError(f"optimizer must be rmsprop, sgd or adam: {self.optimizer}")
 
 
-def default_methods() -> dict[str, MethodSettings]:
-    return {
+def default_methods(**epochs: int) -> dict[str, MethodSettings]:
+    """The blog's settings of each method, the only place they are written down; keyword
+    arguments change a method's epochs: ``default_methods(finetune=8)``."""
+    methods = {
         "bottleneck": MethodSettings(),
         "finetune": MethodSettings(optimizer="sgd", learning_rate=1e-4, momentum=0.9),
         "scratch": MethodSettings(),
     }
+    return {name: replace(m, epochs=epochs.get(name, m.epochs)) for name, m in methods.items()}
 
 
 @dataclass(frozen=True)
@@ -184,6 +191,7 @@ class TrainSettings:
     use_gpu: bool = False
     early_stopping_patience: int | None = None
     keep_best: bool = False
+    epoch_copies: str = "all"
     seed: int = 0
     scratch_image_size: int = 150
     max_concurrent_jobs: int | None = None
@@ -201,5 +209,9 @@ class TrainSettings:
             raise SettingsError("--workers and --threads must be >= 1")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise SettingsError("--early-stopping must be >= 1 epochs")
+        if self.epoch_copies not in EPOCH_COPIES:
+            raise SettingsError(
+                f"--epoch-copies must be {' or '.join(EPOCH_COPIES)}: {self.epoch_copies}"
+            )
         if self.scratch_image_size < 32:
             raise SettingsError("--scratch-image-size must be at least 32")

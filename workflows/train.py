@@ -80,6 +80,7 @@ def plan_jobs(settings: TrainSettings) -> list[PlannedJob]:
                 use_gpu=settings.use_gpu,
                 early_stopping_patience=settings.early_stopping_patience,
                 keep_best=settings.keep_best,
+                epoch_copies=settings.epoch_copies,
                 seed=settings.seed,
                 scratch_image_size=settings.scratch_image_size,
                 max_failures=settings.max_failures,

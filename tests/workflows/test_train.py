@@ -21,7 +21,13 @@ from tasks.images import decode_image
 from tasks.training import build_trainable, job_context, set_named_weights
 from tests.conftest import make_colour_dataset, make_dataset
 from workflows.extract import run_extract
-from workflows.settings import DatasetSource, ExtractSettings, MethodSettings, TrainSettings
+from workflows.settings import (
+    DatasetSource,
+    ExtractSettings,
+    MethodSettings,
+    TrainSettings,
+    default_methods,
+)
 from workflows.train import run_train_all
 
 pytestmark = pytest.mark.slow
@@ -31,7 +37,7 @@ SHAPES = ("circles", "squares", "triangles")
 def _methods(epochs: int = 4, scratch: int = 12) -> dict[str, MethodSettings]:
     return {
         "bottleneck": MethodSettings(epochs=epochs),
-        "finetune": MethodSettings(epochs=2, optimizer="sgd", learning_rate=1e-4, momentum=0.9),
+        "finetune": default_methods(finetune=2)["finetune"],
         "scratch": MethodSettings(epochs=scratch, batch_size=8),
     }
 
@@ -248,3 +254,55 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(trained, tmp_path):
     metrics = json.loads((runs / "pairs" / "bottleneck" / "metrics.json").read_text())
     assert 1 <= metrics["resumed_from_epoch"] < 12 and metrics["epochs"] == 12
     shutil.rmtree(runs, ignore_errors=True)
+
+
+def test_early_stopping_keeps_the_best_epoch_and_one_copy_per_epoch(ray_local, tmp_path, cache_dir):
+    from PIL import Image
+
+    # Noise images under random labels: the top can only memorise its training rows, so the
+    # validation loss rises after the first epochs; the run stops early and its best epoch is
+    # clearly better than its last.
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "data" / "noise" / label).mkdir(parents=True)
+        for index in range(30):
+            pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / "noise" / label / f"{index}.png")
+    store = str(tmp_path / "store")
+    run_extract(
+        ExtractSettings(
+            datasets=(DatasetSource(str(tmp_path / "data")),),
+            store=store,
+            shards=1,
+            input_size=64,
+            augment=1,
+            validation_fraction=0.3,
+            cache_dir=cache_dir,
+        )
+    )
+    noisy = TrainSettings(
+        store=store,
+        runs=str(tmp_path / "runs"),
+        methods=("bottleneck",),
+        method_settings=default_methods(bottleneck=30),
+        early_stopping_patience=2,
+        keep_best=True,
+        epoch_copies="one",
+        seed=1,
+    )
+    (result,) = run_train_all(noisy)
+    assert result.status == "done", result.error
+    files = JobFiles(noisy.runs, "noise", "bottleneck")
+    metrics = json.loads(Path(files.path("metrics.json")).read_text())
+    with open(files.path("history.csv")) as handle:
+        val_loss = [float(row["val_loss"]) for row in csv.DictReader(handle)]
+    assert metrics["epochs"] == len(val_loss) < 30
+    assert metrics["best_epoch"] == metrics["epochs"] - 2
+    best = val_loss[metrics["best_epoch"] - 1]
+    assert best == min(val_loss) and val_loss[-1] > best + 0.01, val_loss
+    # The saved model is the best epoch's: its validation loss is that epoch's, not the last's.
+    assert metrics["loss"] == pytest.approx(best, abs=1e-3)
+    images = FeatureStore.open(store, "noise", "efficientnet_lite0").read_numpy(
+        "train", "bottleneck", copies=False
+    )[1]
+    assert metrics["rows_per_epoch"] == len(images)  # one copy of each image, not both
