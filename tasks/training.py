@@ -113,6 +113,23 @@ def _stack(column: np.ndarray, shape: tuple[int, ...], dtype: str = "float32") -
     return column.reshape((len(column), *shape)).astype(dtype, copy=False)
 
 
+def decode_files(
+    root: str, paths: Any, size: tuple[int, int], black_on_error: bool = False
+) -> np.ndarray:
+    """The images at ``paths`` (relative to ``root``), decoded and resized: ``(n, *size, 3)``
+    uint8. A file that fails raises, or becomes a black image with ``black_on_error``."""
+    images = [np.zeros((0, *size, 3), np.uint8)]
+    for path in paths:
+        try:
+            with open(os.path.join(root, path), "rb") as handle:
+                images.append(decode_image(handle.read(), size)[None])
+        except (OSError, ImageRejected):
+            if not black_on_error:
+                raise
+            images.append(np.zeros((1, *size, 3), np.uint8))
+    return np.concatenate(images)
+
+
 def load_shard(
     shard: Any, spec: JobSpec, context: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -124,11 +141,7 @@ def load_shard(
         copies.append(batch["copy"].astype(np.int64))
         if spec.method == "scratch":
             size = (spec.scratch_image_size, spec.scratch_image_size)
-            images = []
-            for path in batch["path"]:
-                with open(os.path.join(context["dataset_root"], path), "rb") as handle:
-                    images.append(decode_image(handle.read(), size))
-            inputs.append(np.stack(images) if images else np.zeros((0, *size, 3), np.uint8))
+            inputs.append(decode_files(context["dataset_root"], batch["path"], size))
         else:
             tap = TAP_OF_METHOD[spec.method]
             inputs.append(_stack(batch[tap_column(tap)], tuple(context["tap_shape"])))
@@ -137,18 +150,32 @@ def load_shard(
     return np.concatenate(inputs), np.concatenate(labels), np.concatenate(copies)
 
 
-def epoch_order(
-    copies: np.ndarray, first_epoch: int, epochs: int, seed: int
-) -> tuple[np.ndarray, int]:
-    """Row order for ``epoch_copies="one"``: epoch ``e`` reads every row of copy ``e mod n``
-    (n stored copies per image), shuffled, so each epoch shows each image once, as the blog's
-    real-time augmentation does. Returns ``(order, rows per epoch)``."""
-    groups = [np.flatnonzero(copies == c) for c in np.unique(copies)]
-    order = [
-        np.random.default_rng([seed, epoch]).permutation(groups[epoch % len(groups)])
-        for epoch in range(first_epoch, max(epochs, first_epoch + 1))
+def one_copy_per_epoch(
+    x: np.ndarray,
+    y: np.ndarray,
+    copies: np.ndarray,
+    first_epoch: int,
+    rows_per_epoch: int,
+    seed: int,
+) -> Any:
+    """Rows for ``epoch_copies="one"``, one epoch after another from ``first_epoch`` on: epoch
+    ``e`` reads ``rows_per_epoch`` rows of copy ``e mod n`` (n stored copies per image), freshly
+    shuffled, so each epoch shows each image once, as the blog's real-time augmentation does
+    (rounding ``rows_per_epoch`` up to whole batches wraps around within the copy). All in
+    tf.data: no Python per batch."""
+    import tensorflow as tf
+
+    kinds = np.unique(copies)
+    streams = [
+        tf.data.Dataset.from_tensor_slices((x[copies == c], y[copies == c]))
+        .shuffle(int((copies == c).sum()), seed=seed + int(c), reshuffle_each_iteration=True)
+        .repeat()
+        for c in kinds
     ]
-    return np.concatenate(order), len(groups[0])
+    choice = tf.data.Dataset.range(first_epoch, 2**62).flat_map(
+        lambda epoch: tf.data.Dataset.from_tensors(epoch % len(kinds)).repeat(rows_per_epoch)
+    )
+    return tf.data.Dataset.choose_from_datasets(streams, choice, stop_on_empty_dataset=False)
 
 
 def build_trainable(keras_module: Any, spec: JobSpec, context: dict[str, Any]) -> Any:
@@ -251,8 +278,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     global_batch = per_worker_batch * world
     rows_per_epoch = len(x_train)
     one_copy = spec.epoch_copies == "one" and spec.method != "scratch"  # scratch augments live
-    if one_copy:
-        order, rows_per_epoch = epoch_order(copies, resumed_from, spec.epochs, spec.seed + rank)
+    if one_copy:  # every worker has as many rows (Ray Train splits equally): as many steps
+        rows_per_epoch = -(-len(x_train) // context["copies"])
     steps = max(1, -(-rows_per_epoch // per_worker_batch))
     rng = np.random.default_rng([spec.seed, rank, resumed_from])
 
@@ -265,22 +292,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     if one_copy:
-
-        def gather(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return x_train[rows], y_train[rows]
-
-        train_ds = (
-            tf.data.Dataset.from_tensor_slices(order)
-            .repeat()
-            .batch(global_batch)
-            .map(lambda rows: tf.numpy_function(gather, [rows], (x_train.dtype, y_train.dtype)))
-            .map(
-                lambda x, y: (
-                    tf.ensure_shape(x, (None, *x_train.shape[1:])),
-                    tf.ensure_shape(y, (None,)),
-                )
-            )
-        )
+        # Each step takes one batch of global_batch rows, so an epoch is steps of them.
+        train_ds = one_copy_per_epoch(
+            x_train, y_train, copies, resumed_from, steps * global_batch, spec.seed + rank
+        ).batch(global_batch)
     else:
         train_ds = (
             tf.data.Dataset.from_tensor_slices((x_train, y_train))
@@ -408,14 +423,8 @@ def _validation_metrics(
     if spec.method == "scratch":
         table = store.read_table("validation", ["path", "label_index", "copy"])
         size = (spec.scratch_image_size, spec.scratch_image_size)
-        inputs = []
-        for path in table["path"].to_pylist():
-            try:
-                with open(os.path.join(context["dataset_root"], path), "rb") as handle:
-                    inputs.append(decode_image(handle.read(), size))
-            except (OSError, ImageRejected):
-                inputs.append(np.zeros((*size, 3), np.uint8))
-        x, y = np.stack(inputs), table["label_index"].to_numpy()
+        x = decode_files(context["dataset_root"], table["path"].to_pylist(), size, True)
+        y = table["label_index"].to_numpy()
     else:
         x, y = store.read_numpy("validation", TAP_OF_METHOD[spec.method], copies=False)
         x = x.astype(np.float32)
@@ -434,6 +443,7 @@ def job_context(spec: JobSpec) -> dict[str, Any]:
         "dataset_root": manifest.dataset_root,
         "input_size": list(manifest.input_size),
         "tap_shape": list(manifest.taps[tap].shape) if tap else None,
+        "copies": manifest.augment_copies + 1,  # stored rows per training image
         "has_validation": bool(store.files("validation")),
         "manifest_id": manifest.manifest_id,
         "weights_source": manifest.weights_source,

@@ -170,6 +170,7 @@ def test_two_workers_train_one_model_in_sync(trained):
         datasets=("pairs",),
         methods=("bottleneck",),
         workers=2,
+        epoch_copies="one",  # each worker's shard has its own mix of copies; steps must match
     )
     (result,) = run_train_all(two)
     assert result.status == "done", result.error
