@@ -42,6 +42,24 @@ def _methods(epochs: int = 4, scratch: int = 12) -> dict[str, MethodSettings]:
     }
 
 
+def _extract(root: Path, cache_dir: str, shards: int) -> str:
+    """Extract every dataset under ``root/data`` into ``root/store`` at 64 px, one augmented
+    copy per training image, 30% validation; returns the store."""
+    store = str(root / "store")
+    run_extract(
+        ExtractSettings(
+            datasets=(DatasetSource(str(root / "data")),),
+            store=store,
+            shards=shards,
+            input_size=64,
+            augment=1,
+            validation_fraction=0.3,
+            cache_dir=cache_dir,
+        )
+    )
+    return store
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir, ray_local):
     """Three datasets extracted, one of them then broken, and one train-all over all of them."""
@@ -49,18 +67,7 @@ def trained(tmp_path_factory, cache_dir, ray_local):
     make_dataset(root / "data" / "shapes", SHAPES, 30, size=64)
     make_colour_dataset(root / "data" / "pairs", 24, size=64, seed=3)
     make_dataset(root / "data" / "broken", ("circles", "squares"), 8, size=64, seed=5)
-    store = str(root / "store")
-    run_extract(
-        ExtractSettings(
-            datasets=(DatasetSource(str(root / "data")),),
-            store=store,
-            shards=2,
-            input_size=64,
-            augment=1,
-            validation_fraction=0.3,
-            cache_dir=cache_dir,
-        )
-    )
+    store = _extract(root, cache_dir, shards=2)
     broken = FeatureStore.open(store, "broken", "efficientnet_lite0")
     for path in broken.files("train"):
         os.remove(path)
@@ -269,18 +276,7 @@ def test_early_stopping_keeps_the_best_epoch_and_one_copy_per_epoch(ray_local, t
         for index in range(30):
             pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "data" / "noise" / label / f"{index}.png")
-    store = str(tmp_path / "store")
-    run_extract(
-        ExtractSettings(
-            datasets=(DatasetSource(str(tmp_path / "data")),),
-            store=store,
-            shards=1,
-            input_size=64,
-            augment=1,
-            validation_fraction=0.3,
-            cache_dir=cache_dir,
-        )
-    )
+    store = _extract(tmp_path, cache_dir, shards=1)
     noisy = TrainSettings(
         store=store,
         runs=str(tmp_path / "runs"),
