@@ -6,7 +6,8 @@
   With `--epoch-copies one` an epoch reads each image once, in its next copy: the same data per
   epoch as the blog's way. With `all` it reads all 3 copies (3x the rows).
 - blog: the same network, initial top and optimiser (SGD 1e-4, momentum 0.9, batch 16) in one
-  Keras 3 process with 2 threads, fed the 2000 training images with real-time augmentation
+  Keras 3 process with 2 threads (intra- and inter-op, oneDNN on: wf's settings), fed the
+  2000 training images with real-time augmentation
   (the same policy), running the whole network forward every epoch.
 
 Both start from the bottleneck top that `benchmarks/train_accuracy.py` trained, and report
@@ -78,6 +79,7 @@ def run_blog(work: str, epochs: int) -> dict:
     blog = default_methods()["finetune"]
 
     tf.config.threading.set_intra_op_parallelism_threads(2)
+    tf.config.threading.set_inter_op_parallelism_threads(2)
     backbone = get_backbone("efficientnet_lite0")
     base = build_model(backbone, (224, 224), resolve_weights(backbone, "imagenet"))
     for layer in base.layers:
@@ -155,6 +157,10 @@ def main() -> None:
     parser.add_argument("--work", default=str(HERE / "results" / "train"))
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
+    from workflows.settings import tensorflow_env
+
+    os.environ.update(tensorflow_env())  # the blog's way gets wf's TensorFlow settings too
+    print("TensorFlow environment, both ways:", tensorflow_env())
     if not Path(args.work, "runs", "cats_vs_dogs", "bottleneck", "trained_weights.npz").exists():
         raise SystemExit("run benchmarks/train_accuracy.py first (it trains the bottleneck top)")
     results = {

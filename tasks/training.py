@@ -239,8 +239,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec: JobSpec = config["spec"]
     context: dict[str, Any] = config["context"]
     board = config["board"]
+    # The job's CPUs run its ops (inter) and the work inside each op (intra): with 2 threads,
+    # the fine-tune's train step is 1.2x faster than with one inter-op thread (benchmarks/).
     tf.config.threading.set_intra_op_parallelism_threads(spec.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(spec.threads)
     import tf_keras
 
     train_context = ray.train.get_context()
