@@ -2,7 +2,8 @@
 
 Extracts ../shared/datasets/cats_vs_dogs (the blog's exact 2000/800 split) and
 ../shared/datasets/flowers (5 classes) with the default offline backbone (EfficientNet-Lite0,
-ImageNet weights) and --augment 2, then trains both datasets in one `train-all` run.
+ImageNet weights; --backbone picks another) and --augment 2, then trains both datasets in one
+`train-all` run.
 The blog's cats-vs-dogs references: scratch 0.80, bottleneck 0.90, finetune 0.94 (VGG16).
 Targets here: bottleneck and finetune >= 0.98 on cats_vs_dogs; finetune >= 0.92 on flowers.
 
@@ -37,7 +38,10 @@ def main() -> None:
     parser.add_argument("--scratch-epochs", type=int, default=20)
     parser.add_argument("--augment", type=int, default=2)
     parser.add_argument(
-        "--image-size", type=int, default=None, help="backbone input size [default: 224]"
+        "--backbone", default=None, help="see `wf backbones` [default: efficientnet_lite0]"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="backbone input size [default: its own]"
     )
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--keep-best", action="store_true", help="keep each job's best epoch")
@@ -75,6 +79,7 @@ def main() -> None:
                 shards=8,
                 augment=args.augment,
                 input_size=args.image_size,
+                **({"backbone": args.backbone} if args.backbone else {}),
                 cluster=cluster,
             )
         )
@@ -98,6 +103,7 @@ def main() -> None:
                 force=args.force,
                 keep_best=args.keep_best,
                 epoch_copies=args.epoch_copies,
+                backbone=args.backbone,
                 cluster=cluster,
             )
         )

