@@ -216,6 +216,24 @@ def set_named_weights(model: Any, weights: dict[str, list[np.ndarray]]) -> int:
     return copied
 
 
+def optimizer_state(optimizer: Any) -> list[Any]:
+    """The optimiser's variables (step count, then momentum or moving averages), in order."""
+    variables = optimizer.variables
+    return list(variables() if callable(variables) else variables)
+
+
+def restore_optimizer_state(model: Any, values: list[np.ndarray]) -> None:
+    """Build ``model``'s optimiser and give it ``values`` (saved by :func:`optimizer_state`);
+    call inside the strategy's scope."""
+    model.optimizer.build(model.trainable_variables)
+    variables = optimizer_state(model.optimizer)
+    shapes = [tuple(v.shape) for v in variables]
+    if shapes != [tuple(v.shape) for v in values]:
+        raise ValueError(f"checkpointed optimiser state does not fit this model: {shapes}")
+    for variable, value in zip(variables, values, strict=True):
+        variable.assign(value)
+
+
 def weights_digest(weights: dict[str, list[np.ndarray]]) -> str:
     digest = hashlib.sha256()
     for name in sorted(weights):
@@ -272,6 +290,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with open(os.path.join(folder, "state.json")) as handle:
                 state = json.load(handle)
             set_named_weights(model, load_named_weights(os.path.join(folder, "weights.npz")))
+            if os.path.exists(os.path.join(folder, "optimizer.npz")):  # not in the final one
+                with np.load(os.path.join(folder, "optimizer.npz")) as saved, strategy.scope():
+                    values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+                    restore_optimizer_state(model, values)
             if os.path.exists(os.path.join(folder, "best.npz")):
                 best_weights = load_named_weights(os.path.join(folder, "best.npz"))
     resumed_from = state["epoch"]
@@ -344,6 +366,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 self.model.stop_training = True
             with tempfile.TemporaryDirectory() as folder:
                 save_named_weights(os.path.join(folder, "weights.npz"), named_weights(self.model))
+                np.savez(
+                    os.path.join(folder, "optimizer.npz"),
+                    *[v.numpy() for v in optimizer_state(self.model.optimizer)],
+                )
                 if best_weights is not None:
                     save_named_weights(os.path.join(folder, "best.npz"), best_weights)
                 write_json(os.path.join(folder, "state.json"), state)
@@ -379,6 +405,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "final": True,
                 "resumed_from": resumed_from,
                 "rows_per_epoch": rows_per_epoch * world,
+                "optimizer_steps": int(model.optimizer.iterations.numpy()),
+                "steps_per_epoch": steps,
             },
         )
         save_named_weights(os.path.join(folder, "weights.npz"), named_weights(model))
@@ -546,6 +574,8 @@ def run_job(spec: JobSpec, board: Any, weights: ResolvedWeights | None) -> JobRe
         best_epoch=state.get("best_epoch"),
         best_val_loss=state.get("best_val_loss"),
         rows_per_epoch=state.get("rows_per_epoch"),
+        steps_per_epoch=state.get("steps_per_epoch"),
+        optimizer_steps=state.get("optimizer_steps"),
         epoch_copies=spec.epoch_copies,
         resumed_from_epoch=state.get("resumed_from", 0),
         workers=spec.workers,

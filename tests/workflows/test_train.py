@@ -261,6 +261,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(trained, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     metrics = json.loads((runs / "pairs" / "bottleneck" / "metrics.json").read_text())
     assert 1 <= metrics["resumed_from_epoch"] < 12 and metrics["epochs"] == 12
+    # The optimiser's state came back with the weights: its step count runs on from the
+    # checkpoint instead of restarting at 0 (RMSprop's moving averages come with it).
+    assert metrics["optimizer_steps"] == 12 * metrics["steps_per_epoch"] > 0
     shutil.rmtree(runs, ignore_errors=True)
 
 
