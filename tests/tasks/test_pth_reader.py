@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from tasks.backbones.efficientnet_lite import packaged_weights_path
+from tasks.backbones.efficientnet_lite import LITE_VARIANTS
 from tasks.backbones.pth_reader import LEGACY_MAGIC, UnsafePickleError, read_legacy_state_dict
 
 
@@ -55,9 +55,15 @@ def test_refuses_a_file_that_is_not_legacy_torch():
         read_legacy_state_dict(pickle.dumps({"a": 1}))
 
 
-def test_reads_the_packaged_lite0_weights():
-    state = read_legacy_state_dict(packaged_weights_path())
+@pytest.mark.parametrize("name", sorted(LITE_VARIANTS))
+def test_reads_the_packaged_lite_weights(name):
+    variant = LITE_VARIANTS[name]
+    state = read_legacy_state_dict(variant.packaged_weights_path())
+    _, _, expand, channels_in, channels_out = variant.blocks[-1]
     assert state["_conv_stem.weight"].shape == (32, 3, 3, 3)
-    assert state["_blocks.15._project_conv.weight"].shape == (320, 1152, 1, 1)
+    assert f"_blocks.{variant.last_block + 1}._project_conv.weight" not in state
+    assert state[f"_blocks.{variant.last_block}._project_conv.weight"].shape == (
+        channels_out, channels_in * expand, 1, 1,
+    )  # fmt: skip
     assert state["_fc.weight"].shape == (1000, 1280)
     assert all(np.isfinite(v).all() for v in state.values())
