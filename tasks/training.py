@@ -291,9 +291,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state = json.load(handle)
             set_named_weights(model, load_named_weights(os.path.join(folder, "weights.npz")))
             if os.path.exists(os.path.join(folder, "optimizer.npz")):  # not in the final one
-                with np.load(os.path.join(folder, "optimizer.npz")) as saved, strategy.scope():
-                    values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
-                    restore_optimizer_state(model, values)
+                saved = load_named_weights(os.path.join(folder, "optimizer.npz"))
+                with strategy.scope():
+                    restore_optimizer_state(model, saved["optimizer"])
             if os.path.exists(os.path.join(folder, "best.npz")):
                 best_weights = load_named_weights(os.path.join(folder, "best.npz"))
     resumed_from = state["epoch"]
@@ -366,9 +366,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 self.model.stop_training = True
             with tempfile.TemporaryDirectory() as folder:
                 save_named_weights(os.path.join(folder, "weights.npz"), named_weights(self.model))
-                np.savez(
+                save_named_weights(
                     os.path.join(folder, "optimizer.npz"),
-                    *[v.numpy() for v in optimizer_state(self.model.optimizer)],
+                    {"optimizer": [v.numpy() for v in optimizer_state(self.model.optimizer)]},
                 )
                 if best_weights is not None:
                     save_named_weights(os.path.join(folder, "best.npz"), best_weights)

