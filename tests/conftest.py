@@ -28,12 +28,13 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray cluster shared by the tests that run pipelines in-process."""
-    import ray
+    """A real local Ray cluster shared by the tests that run pipelines in-process, started the
+    way the CLI starts one (its workers get wf's environment variables)."""
+    from workflows.cluster import ray_cluster
+    from workflows.settings import ClusterSettings
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with ray_cluster(ClusterSettings(num_cpus=2)):
+        yield
 
 
 def make_dataset(root: Path, classes: tuple[str, ...] = ("circles", "squares"), per_class: int = 12,

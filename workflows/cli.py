@@ -521,9 +521,9 @@ def backbones() -> None:
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from workflows.settings import tensorflow_env
+    from workflows.settings import worker_env
 
-    os.environ.update(tensorflow_env())
+    os.environ.update(worker_env())
     try:
         app()
     except WfError as error:

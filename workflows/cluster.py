@@ -10,7 +10,7 @@ import ray
 
 import storage
 import tasks
-from workflows.settings import ClusterSettings, tensorflow_env
+from workflows.settings import ClusterSettings, worker_env
 
 
 @contextmanager
@@ -26,7 +26,7 @@ def ray_cluster(settings: ClusterSettings) -> Iterator[None]:
     if settings.address:
         ray.init(
             address=settings.address,
-            runtime_env={"py_modules": [tasks, storage], "env_vars": tensorflow_env()},
+            runtime_env={"py_modules": [tasks, storage], "env_vars": worker_env()},
             logging_level=logging.WARNING,
         )
     else:
@@ -34,7 +34,7 @@ def ray_cluster(settings: ClusterSettings) -> Iterator[None]:
             address="local",
             num_cpus=settings.num_cpus,
             include_dashboard=False,
-            runtime_env={"env_vars": tensorflow_env()},
+            runtime_env={"env_vars": worker_env()},
             log_to_driver=False,  # worker errors still arrive as exceptions from ray.get
             logging_level=logging.WARNING,
         )

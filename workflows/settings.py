@@ -29,9 +29,23 @@ def default_cache_dir() -> str:
 TENSORFLOW_ENV = {"TF_ENABLE_ONEDNN_OPTS": "1"}
 
 
+# Ray Train's controller collects each worker's reports when it polls the workers, every 2 s
+# by default, and a worker's next report waits until the last one was collected: with short
+# epochs (a dense top on a few thousand rows) every epoch took at least 2 s. Polling every
+# 0.2 s removes that floor; a poll is one cheap actor call per worker.
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
 def tensorflow_env() -> dict[str, str]:
     """:data:`TENSORFLOW_ENV` under the values this process's environment already has."""
     return {name: os.environ.get(name, value) for name, value in TENSORFLOW_ENV.items()}
+
+
+def worker_env() -> dict[str, str]:
+    """Every Ray worker's environment variables (:data:`TENSORFLOW_ENV`, :data:`RAY_TRAIN_ENV`),
+    under the values this process's environment already has."""
+    defaults = {**TENSORFLOW_ENV, **RAY_TRAIN_ENV}
+    return {name: os.environ.get(name, value) for name, value in defaults.items()}
 
 
 @dataclass(frozen=True)
