@@ -114,9 +114,14 @@ def test_unknown_option_is_a_message_not_a_traceback(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_on_a_fresh_machine(tmp_path, cache_dir):
+    # The README's main job, end to end in its own process, with fewer epochs and shards.
     result = _wf("demo", "--dir", str(tmp_path / "demo"), "--images-per-class", "8",
+                 "--epochs", "2", "--shards", "2",
                  "--num-cpus", "2", "--cache-dir", cache_dir)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
         Path(tmp_path) / "demo" / "store" / "shapes" / "efficientnet_lite0" / "manifest.json"
     ).exists()
+    summary = (Path(tmp_path) / "demo" / "runs" / "summary.md").read_text()
+    for method in ("bottleneck", "finetune", "scratch"):
+        assert f"| shapes | {method} | done |" in summary, summary
