@@ -25,6 +25,8 @@ SHARED = HERE.parent.parent / "shared" / "datasets"
 
 
 def main() -> None:
+    from workflows.settings import EPOCH_COPIES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(HERE / "results" / "train"))
     parser.add_argument("--datasets", default="cats_vs_dogs,flowers")
@@ -33,7 +35,7 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=8)
     parser.add_argument("--finetune-lr", type=float, default=1e-4, help="SGD, momentum 0.9")
     parser.add_argument(
-        "--epoch-copies", choices=("all", "one"), default="all", help="see wf train-all --help"
+        "--epoch-copies", choices=EPOCH_COPIES, default="all", help="see wf train-all --help"
     )
     parser.add_argument("--scratch-epochs", type=int, default=20)
     parser.add_argument("--augment", type=int, default=2)

@@ -23,3 +23,7 @@ class SettingsError(WfError):
 
 class WeightsError(WfError):
     """Backbone weights that cannot be found, fetched or trusted."""
+
+
+class ClusterError(WfError):
+    """A Ray cluster that cannot be reached or joined."""

@@ -10,6 +10,7 @@ import ray
 
 import storage
 import tasks
+from storage.errors import ClusterError
 from workflows.settings import ClusterSettings, worker_env
 
 
@@ -24,11 +25,18 @@ def ray_cluster(settings: ClusterSettings) -> Iterator[None]:
         yield
         return
     if settings.address:
-        ray.init(
-            address=settings.address,
-            runtime_env={"py_modules": [tasks, storage], "env_vars": worker_env()},
-            logging_level=logging.WARNING,
-        )
+        try:
+            ray.init(
+                address=settings.address,
+                runtime_env={"py_modules": [tasks, storage], "env_vars": worker_env()},
+                logging_level=logging.WARNING,
+            )
+        except ConnectionError as error:
+            raise ClusterError(
+                f"cannot connect to the Ray cluster at {settings.address}; if it uses token "
+                "authentication, set RAY_AUTH_MODE=token here, with its token in "
+                "~/.ray/auth_token or RAY_AUTH_TOKEN"
+            ) from error
     else:
         ray.init(
             address="local",

@@ -1,10 +1,23 @@
-"""The Ray cluster wf starts gives its workers wf's TensorFlow and Ray Train settings."""
+"""The Ray cluster wf starts gives its workers wf's TensorFlow and Ray Train settings; wf runs
+on a Ray cluster it did not start (`--address`)."""
 
+import contextlib
 import json
 import os
+import re
+import secrets
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
+import pytest
+
+from tests.conftest import make_dataset
 from workflows.settings import RAY_TRAIN_ENV, TENSORFLOW_ENV, tensorflow_env, worker_env
 
 PRINT_WORKER_ENV = """
@@ -53,3 +66,87 @@ def test_ray_workers_get_the_worker_env():
         "TF_ENABLE_ONEDNN_OPTS": "1",
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     }
+
+
+AUTH_AND_ADDRESS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def separate_cluster():
+    """A Ray cluster started apart from wf (`ray start --head`), as on a real cluster's head
+    node, with token authentication on: ``(address, token)``. Its own temp dir, so the test
+    session's cluster is not touched."""
+    temp = tempfile.mkdtemp(prefix="wf-head-", dir="/tmp")  # short: Ray's socket paths
+    port = _free_port()
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_AND_ADDRESS}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    log = Path(temp) / "head.log"
+    with open(log, "w") as out:
+        head = subprocess.Popen(
+            [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        address = None
+        while address is None:  # "ray start --address='IP:PORT'" once it is up
+            assert head.poll() is None, log.read_text()[-2000:]
+            assert time.time() < deadline, "ray start --head did not come up"
+            time.sleep(0.5)
+            match = re.search(r"--address='([^']+)'", log.read_text())
+            address = match.group(1) if match else None
+        yield address, token
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(3)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # what SIGTERM left (the GCS, the monitor)
+        head.wait(30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_extract_and_train_on_a_cluster_wf_did_not_start(separate_cluster, tmp_path, cache_dir):
+    address, token = separate_cluster
+    make_dataset(tmp_path / "data" / "shapes", ("circles", "squares"), 12, size=64)
+    extract = [
+        "extract", str(tmp_path / "data" / "shapes"), "--store", str(tmp_path / "store"),
+        "--shards", "2", "--image-size", "64", "--validation-fraction", "0.3",
+        "--cache-dir", cache_dir, "--address", address,
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_AND_ADDRESS}
+    env.update(COLUMNS="300", TF_CPP_MIN_LOG_LEVEL="3")
+
+    def wf(args, **extra):
+        return subprocess.run(
+            [sys.executable, "-m", "workflows.cli", *args],
+            env={**env, **extra}, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    # A driver without RAY_AUTH_MODE=token is refused: one line that says what to set, not a
+    # traceback.
+    refused = wf(extract)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "RAY_AUTH_MODE=token" in refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr
+    extracted = wf(extract, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    assert extracted.returncode == 0, extracted.stderr[-3000:]
+    trained = wf(
+        ["train-all", "--store", str(tmp_path / "store"), "--runs", str(tmp_path / "runs"),
+         "--methods", "bottleneck", "--bottleneck-epochs", "2", "--address", address],
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "shapes" / "bottleneck" / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["accuracy"] is not None
