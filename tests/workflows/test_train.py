@@ -1,6 +1,7 @@
 """Training on a real local Ray cluster: the three methods, several datasets in one run, a failed
 job, fine-tuned models on images against stored taps, two workers in sync, resume, predict."""
 
+import contextlib
 import csv
 import io
 import json
@@ -226,6 +227,21 @@ def test_predict_agrees_with_evaluate(trained, tmp_path):
     assert metrics["accuracy"] == pytest.approx(accuracy, abs=1e-6)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (Linux ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
 def _latest_checkpoint(snapshot: Path) -> str | None:
     """The checkpoint Ray Train's snapshot file names as its latest, if it names one yet."""
     try:
@@ -237,6 +253,7 @@ def _latest_checkpoint(snapshot: Path) -> str | None:
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(extracted, tmp_path):
     _, store = extracted
+    epochs = 40  # sub-second epochs: enough that the kill lands mid-run
     runs = tmp_path / "runs"
     args = [
         "train-all",
@@ -249,7 +266,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(extracted, tmp_path):
         "--methods",
         "bottleneck",
         "--bottleneck-epochs",
-        "12",
+        str(epochs),
         "--num-cpus",
         "2",
     ]
@@ -273,7 +290,14 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(extracted, tmp_path):
             assert time.time() < deadline, "no checkpoint in time"
             time.sleep(0.1)
     finally:
+        # Everything at once, as a crash would: the command and the Ray cluster it started.
+        # Killing the command alone leaves its Ray workers running for a few seconds, enough
+        # to finish these sub-second epochs.
+        tree = _descendants(process.pid)
         os.killpg(process.pid, signal.SIGKILL)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         process.wait(30)
     assert not (runs / "pairs" / "bottleneck" / "metrics.json").exists()
     # The rerun, in this process's Ray cluster: the same settings as the killed command.
@@ -283,15 +307,15 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(extracted, tmp_path):
             runs=str(runs),
             datasets=("pairs",),
             methods=("bottleneck",),
-            method_settings=default_methods(bottleneck=12),
+            method_settings=default_methods(bottleneck=epochs),
         )
     )
     assert result.status == "done", result.error
     metrics = json.loads((runs / "pairs" / "bottleneck" / "metrics.json").read_text())
-    assert 1 <= metrics["resumed_from_epoch"] < 12 and metrics["epochs"] == 12
+    assert 1 <= metrics["resumed_from_epoch"] < epochs and metrics["epochs"] == epochs
     # The optimiser's state came back with the weights: its step count runs on from the
     # checkpoint instead of restarting at 0 (RMSprop's moving averages come with it).
-    assert metrics["optimizer_steps"] == 12 * metrics["steps_per_epoch"] > 0
+    assert metrics["optimizer_steps"] == epochs * metrics["steps_per_epoch"] > 0
     shutil.rmtree(runs, ignore_errors=True)
 
 
