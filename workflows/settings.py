@@ -36,16 +36,20 @@ TENSORFLOW_ENV = {"TF_ENABLE_ONEDNN_OPTS": "1"}
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
+def _user_values_win(defaults: dict[str, str]) -> dict[str, str]:
+    """``defaults`` under the values this process's environment already has."""
+    return {name: os.environ.get(name, value) for name, value in defaults.items()}
+
+
 def tensorflow_env() -> dict[str, str]:
-    """:data:`TENSORFLOW_ENV` under the values this process's environment already has."""
-    return {name: os.environ.get(name, value) for name, value in TENSORFLOW_ENV.items()}
+    """:data:`TENSORFLOW_ENV`, a value the user set winning."""
+    return _user_values_win(TENSORFLOW_ENV)
 
 
 def worker_env() -> dict[str, str]:
     """Every Ray worker's environment variables (:data:`TENSORFLOW_ENV`, :data:`RAY_TRAIN_ENV`),
-    under the values this process's environment already has."""
-    defaults = {**TENSORFLOW_ENV, **RAY_TRAIN_ENV}
-    return {name: os.environ.get(name, value) for name, value in defaults.items()}
+    a value the user set winning."""
+    return _user_values_win({**TENSORFLOW_ENV, **RAY_TRAIN_ENV})
 
 
 @dataclass(frozen=True)

@@ -242,13 +242,12 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _latest_checkpoint(snapshot: Path) -> str | None:
-    """The checkpoint Ray Train's snapshot file names as its latest, if it names one yet."""
+def _names_a_checkpoint(snapshot: Path) -> bool:
+    """Whether Ray Train's snapshot file names a latest checkpoint yet."""
     try:
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
     except (OSError, ValueError):  # not written yet, or being written
-        return None
-    return json.dumps(latest) if latest else None
+        return False
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(extracted, tmp_path):
@@ -285,7 +284,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(extracted, tmp_path):
         # Kill only once Ray Train has registered a checkpoint in its snapshot: a checkpoint
         # folder alone is not yet one the rerun can restore (the controller writes the snapshot
         # after the upload), and with sub-second epochs killing on folders alone is a race.
-        while _latest_checkpoint(snapshot) is None:
+        while not _names_a_checkpoint(snapshot):
             assert process.poll() is None, "the run ended before it could be killed"
             assert time.time() < deadline, "no checkpoint in time"
             time.sleep(0.1)
