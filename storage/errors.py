@@ -1,12 +1,15 @@
-"""The one exception family for user mistakes.
+"""The one exception family for what a user can act on.
 
-The CLI turns a :class:`WfError` into a one-line message and a non-zero exit code; everything
-else is a bug and keeps its traceback.
+The CLI turns a :class:`WfError` into a one-line message and its exit code (2 for bad input or
+settings, 1 for a run that failed); anything else is a bug, printed as one line too, with its
+traceback only under ``--debug``.
 """
 
 
 class WfError(Exception):
     """A mistake the user can fix: a bad path, an unknown backbone, an empty class."""
+
+    exit_code = 2
 
 
 class DatasetError(WfError):
@@ -14,7 +17,11 @@ class DatasetError(WfError):
 
 
 class StoreError(WfError):
-    """A feature store that is missing, unreadable or inconsistent."""
+    """A feature store or runs folder that is missing, unreadable or inconsistent."""
+
+
+class StoreBusyError(StoreError):
+    """Another live run holds the lease of a store this run would write."""
 
 
 class SettingsError(WfError):
@@ -27,3 +34,9 @@ class WeightsError(WfError):
 
 class ClusterError(WfError):
     """A Ray cluster that cannot be reached or joined."""
+
+
+class RunFailed(WfError):
+    """The run went ahead and part of it failed (a shard, a job); the rest was kept."""
+
+    exit_code = 1

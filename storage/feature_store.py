@@ -1,13 +1,15 @@
-"""Parquet feature stores: the schema of a row, the atomic shard writer, and readers.
+"""Parquet feature stores: the schema of a row, the part writer, and the reader.
 
 A row is one copy of one image: its content id, relative path, label, label index, split, copy
 index (0 is the un-augmented image) and one fixed-size-list column per tap. Shapes and dtypes
 are in the schema metadata, so any Parquet reader (pandas, polars, DuckDB,
-``ray.data.read_parquet``) can open a part file and reshape the features.
+``ray.data.read_parquet``) can open a part file and reshape the features; only the files the
+manifest names count.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,12 +20,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.errors import StoreError
-from storage.layout import StoreLayout, file_sha256, write_atomically
+from storage.filesystem import file_info, list_files, retrying, write_stream
+from storage.layout import StoreLayout
 from storage.manifest import Manifest, TapRecord, read_manifest
 
 FEATURE_DTYPES = ("float16", "float32")
-_ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32(), "uint8": pa.uint8()}
-ROW_COLUMNS = ("image_id", "path", "label", "label_index", "split", "copy")
+_ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 COMPRESSION = "zstd"
 
 
@@ -42,11 +44,10 @@ def feature_schema(taps: Mapping[str, TapRecord], classes: Iterable[str]) -> pa.
         pa.field("copy", pa.int32(), nullable=False),
     ]
     for name, tap in taps.items():
-        size = int(np.prod(tap.shape))
         fields.append(
             pa.field(
                 tap_column(name),
-                pa.list_(_ARROW_DTYPES[tap.dtype], size),
+                pa.list_(_ARROW_DTYPES[tap.dtype], int(np.prod(tap.shape))),
                 nullable=False,
                 metadata={"shape": json.dumps(list(tap.shape)), "dtype": tap.dtype},
             )
@@ -87,30 +88,48 @@ class WrittenFile:
     size_bytes: int
 
 
-def write_shard_atomically(
+class _Hashing:
+    """A writable file object that hashes and counts what passes through to ``stream``."""
+
+    def __init__(self, stream: pa.NativeFile) -> None:
+        self.stream, self.digest, self.size, self.closed = stream, hashlib.sha256(), 0, False
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.size += len(view)
+        self.stream.write(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def write_part(
     layout: StoreLayout, path: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch]
 ) -> WrittenFile:
-    """Stream ``batches`` into the Parquet file ``path``; it appears only when complete.
-
-    Memory stays bounded by one batch. A process killed midway leaves only a hidden temporary
-    file that no Parquet reader lists and no manifest records.
-    """
-    rows = 0
+    """Stream ``batches`` into the Parquet file ``path``, hashing as it goes; memory stays
+    bounded by one batch. Readers see the file whole or not at all, and trust it only once a
+    commit names it."""
+    state: dict[str, object] = {}
 
     def write(stream: pa.NativeFile) -> None:
-        nonlocal rows
-        with pq.ParquetWriter(stream, schema, compression=COMPRESSION) as writer:
+        sink = _Hashing(stream)
+        rows = 0
+        with pq.ParquetWriter(sink, schema, compression=COMPRESSION) as writer:
             for batch in batches:
                 writer.write_batch(batch)
                 rows += batch.num_rows
+        state.update(rows=rows, sha256=sink.digest.hexdigest(), size=sink.size)
 
-    write_atomically(layout.filesystem, path, write)
-    return WrittenFile(
-        path=path,
-        rows=rows,
-        sha256=file_sha256(layout.filesystem, path),
-        size_bytes=layout.size(path) or 0,
-    )
+    write_stream(layout.filesystem, path, write)
+    return WrittenFile(path, int(state["rows"]), str(state["sha256"]), int(state["size"]))  # type: ignore[arg-type]
 
 
 def tap_to_numpy(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:
@@ -128,30 +147,76 @@ class FeatureStore:
         self.manifest = manifest
 
     @classmethod
-    def open(cls, store: str, dataset: str, backbone: str) -> FeatureStore:
-        layout = StoreLayout.at(store)
-        manifest = read_manifest(layout.filesystem, layout.manifest_path(dataset, backbone))
+    def open(cls, store: str | StoreLayout, dataset: str, backbone: str) -> FeatureStore:
+        layout = store if isinstance(store, StoreLayout) else StoreLayout.at(store)
+        manifest = read_manifest(layout, dataset, backbone)
         if manifest is None:
-            raise StoreError(f"no feature store for {dataset}/{backbone} under {store}")
+            raise StoreError(
+                f"no feature store for {dataset}/{backbone} under {layout.location.uri}"
+            )
         return cls(layout, manifest)
 
     @property
-    def splits(self) -> list[str]:
-        return sorted({record.split for record in self.manifest.shards.values()})
+    def name(self) -> str:
+        return f"{self.manifest.dataset}/{self.manifest.backbone}"
 
     def files(self, split: str) -> list[str]:
         """The part files of ``split`` that the manifest records, in shard order."""
-        records = sorted(
-            (r for r in self.manifest.shards.values() if r.split == split), key=lambda r: r.shard
-        )
-        return [self.layout.absolute(record.file) for record in records]
+        return [self.layout.absolute(file) for file in self.manifest.files(split)]
+
+    def verify_parts(self) -> None:
+        """Check every part the manifest names against its recorded size and row count (a
+        listing and each file's footer: cheap), or one :class:`StoreError` naming the file."""
+        manifest, shown = self.manifest, self.layout.location.display
+        if not manifest.is_complete():
+            missing = sorted(manifest.expected_keys() - set(manifest.shards))
+            raise StoreError(
+                f"store {self.name} is incomplete: shards {', '.join(missing[:4])}"
+                f"{' ...' if len(missing) > 4 else ''} are not committed; run `wf extract` again"
+            )
+        folder = self.layout.backbone_dir(manifest.dataset, manifest.backbone)
+        sizes = {i.path: i.size for i in list_files(self.layout.filesystem, folder)}
+        for record in manifest.shards.values():
+            path = self.layout.absolute(record.file)
+            if path not in sizes:
+                raise StoreError(f"part {shown(path)} named by the manifest is missing")
+            if sizes[path] != record.size_bytes:
+                raise StoreError(
+                    f"part {shown(path)} has {sizes[path]} bytes, the manifest says "
+                    f"{record.size_bytes}"
+                )
+            rows = retrying(
+                self.layout.filesystem,
+                lambda p=path: (
+                    pq.ParquetFile(p, filesystem=self.layout.filesystem).metadata.num_rows
+                ),
+            )
+            if rows != record.rows:
+                raise StoreError(
+                    f"part {shown(path)} has {rows} rows, the manifest says {record.rows}"
+                )
+
+    def empty_classes(self) -> list[str]:
+        """Classes with no usable training image."""
+        counts = self.manifest.images_per_class("train")
+        return [
+            name for name, count in zip(self.manifest.classes, counts, strict=True) if not count
+        ]
 
     def read_table(self, split: str, columns: Iterable[str] | None = None) -> pa.Table:
         files = self.files(split)
         if not files:
-            raise StoreError(f"split {split!r} has no shards in {self.manifest.dataset}")
-        return pq.read_table(
-            files, columns=list(columns) if columns else None, filesystem=self.layout.filesystem
+            raise StoreError(f"split {split!r} has no shards in {self.name}")
+        return retrying(
+            self.layout.filesystem,
+            lambda: pq.read_table(
+                files, columns=list(columns) if columns else None, filesystem=self.layout.filesystem
+            ),
+        )
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.manifest.files(split)) and any(
+            r.rows for r in self.manifest.shards.values() if r.split == split
         )
 
     def read_numpy(
@@ -170,3 +235,7 @@ class FeatureStore:
             table = table.filter(pc.equal(table["copy"], 0))
         features = tap_to_numpy(table[tap_column(tap)], self.manifest.taps[tap].shape)
         return features, table["label_index"].to_numpy()
+
+
+def store_exists(layout: StoreLayout, dataset: str, backbone: str) -> bool:
+    return file_info(layout.filesystem, layout.manifest_path(dataset, backbone)) is not None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import Any
 
 CONTENT_ID_BYTES = 16
@@ -15,8 +17,13 @@ def content_id(data: bytes) -> str:
 
 
 def stable_unit_interval(key: str, salt: str = "") -> float:
-    """Map ``key`` to [0, 1) by a hash that is the same on every machine and Python run."""
-    digest = hashlib.blake2b(f"{salt}\0{key}".encode(), digest_size=8).digest()
+    """Map ``key`` to [0, 1) by a hash that is the same on every machine and Python run.
+
+    ``key`` may hold surrogate-escaped bytes (a file name that is not UTF-8): they are hashed
+    as the original bytes.
+    """
+    data = f"{salt}\0{key}".encode("utf-8", "surrogateescape")
+    digest = hashlib.blake2b(data, digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
@@ -33,7 +40,29 @@ def fingerprint(value: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def fingerprint_fields(settings: Any, exclude: Iterable[str]) -> str:
+    """The fingerprint of every field of the dataclass ``settings`` except those in ``exclude``.
+
+    As in Hugging Face datasets' ``fingerprint.py``: a field added later is part of the
+    fingerprint unless someone names it here, so nothing that changes a result is left out by
+    default. Nested dataclasses are hashed field by field.
+    """
+    excluded = set(exclude)
+    unknown = excluded - {f.name for f in dataclasses.fields(settings)}
+    if unknown:
+        raise ValueError(f"cannot exclude unknown fields {sorted(unknown)}")
+    return fingerprint(
+        {
+            f.name: getattr(settings, f.name)
+            for f in dataclasses.fields(settings)
+            if f.name not in excluded
+        }
+    )
+
+
 def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     if isinstance(value, tuple):
@@ -41,7 +70,7 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot fingerprint {type(value).__name__}")
 
 
-def sha256_stream(chunks: Any) -> str:
+def sha256_stream(chunks: Iterable[bytes]) -> str:
     """SHA-256 hex digest of an iterable of byte chunks."""
     digest = hashlib.sha256()
     for chunk in chunks:

@@ -1,147 +1,118 @@
-"""The feature store's layout, and atomic writes through ``pyarrow.fs``.
+"""Where each file of a feature store lives; the only code that builds store paths.
 
-``<store>/<dataset>/<backbone>/<split>/part-SSSSS-of-NNNNN.parquet`` holds the rows,
-``<store>/<dataset>/<backbone>/manifest.json`` says which of those files count, and
-``rejects.parquet`` beside it lists every image that could not be used. A store root is a local
-path or any URI that ``pyarrow.fs.FileSystem.from_uri`` understands (``s3://``, ``gs://``, ...).
+```
+<store>/<dataset>/<backbone>/manifest.json          what the store holds (the readers' truth)
+<store>/<dataset>/<backbone>/_lease.json            the one writer's lease
+<store>/<dataset>/<backbone>/_commits/<run>/<split>-<shard>.json   shards committed by a run
+<store>/<dataset>/<backbone>/rejects.parquet        every image that could not be used
+<store>/<dataset>/<backbone>/<split>/part-SSSSS-of-NNNNN-<attempt>.parquet
+<store>/_logs/extract-<time>.jsonl                  one structured log per run
+```
+Names that start with ``_`` or ``.`` are skipped by Parquet dataset readers. A part file counts
+only when the manifest (or a commit record of the manifest's run) names it.
 """
 
 from __future__ import annotations
 
-import os
 import posixpath
+import re
+import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.fs as pafs
+from storage.filesystem import Location, file_info, list_files, list_folders
 
 MANIFEST_NAME = "manifest.json"
+LEASE_NAME = "_lease.json"
+COMMITS_DIR = "_commits"
 REJECTS_NAME = "rejects.parquet"
+LOGS_DIR = "_logs"
 PART_PREFIX = "part-"
+_PART = re.compile(r"^part-(\d{5})-of-(\d{5})(?:-[0-9a-f]+)?\.parquet$")
 
 
-def part_name(shard: int, num_shards: int) -> str:
-    """The file name of shard ``shard`` of ``num_shards`` (both zero-padded to five digits)."""
-    return f"{PART_PREFIX}{shard:05d}-of-{num_shards:05d}.parquet"
+def part_name(shard: int, num_shards: int, attempt: str) -> str:
+    """The file name of one attempt at shard ``shard`` of ``num_shards``: every attempt writes
+    its own file, so a commit never needs a rename and never overwrites another's bytes."""
+    return f"{PART_PREFIX}{shard:05d}-of-{num_shards:05d}-{attempt}.parquet"
 
 
-def temporary_name(path: str) -> str:
-    """A hidden sibling of ``path``: Parquet readers skip names that start with a dot."""
-    head, tail = posixpath.split(path)
-    return posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex}")
+def new_attempt() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def is_part_file(name: str) -> bool:
+    return bool(_PART.match(name))
 
 
 @dataclass(frozen=True)
 class StoreLayout:
-    """Where each file of a store lives; the only code that builds store paths."""
+    """The paths of a store rooted at a :class:`Location`."""
 
-    filesystem: pafs.FileSystem
-    root: str
+    location: Location
 
     @classmethod
     def at(cls, store: str) -> StoreLayout:
-        if "://" in store:
-            filesystem, root = pafs.FileSystem.from_uri(store)
-        else:
-            filesystem, root = pafs.LocalFileSystem(), os.path.abspath(store)
-        return cls(filesystem, root.rstrip("/") or "/")
+        return cls(Location.at(store))
+
+    @property
+    def filesystem(self):
+        return self.location.filesystem
 
     def backbone_dir(self, dataset: str, backbone: str) -> str:
-        return posixpath.join(self.root, dataset, backbone)
+        return self.location.path(dataset, backbone)
 
-    def split_dir(self, dataset: str, backbone: str, split: str) -> str:
-        return posixpath.join(self.backbone_dir(dataset, backbone), split)
-
-    def part_path(self, dataset: str, backbone: str, split: str, shard: int, shards: int) -> str:
-        return posixpath.join(self.split_dir(dataset, backbone, split), part_name(shard, shards))
+    def part_path(
+        self, dataset: str, backbone: str, split: str, shard: int, shards: int, attempt: str
+    ) -> str:
+        return posixpath.join(
+            self.backbone_dir(dataset, backbone), split, part_name(shard, shards, attempt)
+        )
 
     def manifest_path(self, dataset: str, backbone: str) -> str:
         return posixpath.join(self.backbone_dir(dataset, backbone), MANIFEST_NAME)
 
+    def lease_path(self, dataset: str, backbone: str) -> str:
+        return posixpath.join(self.backbone_dir(dataset, backbone), LEASE_NAME)
+
+    def commits_dir(self, dataset: str, backbone: str, run: str | None = None) -> str:
+        base = posixpath.join(self.backbone_dir(dataset, backbone), COMMITS_DIR)
+        return posixpath.join(base, run) if run else base
+
+    def commit_path(self, dataset: str, backbone: str, run: str, key: str) -> str:
+        return posixpath.join(
+            self.commits_dir(dataset, backbone, run), key.replace("/", "-") + ".json"
+        )
+
     def rejects_path(self, dataset: str, backbone: str) -> str:
         return posixpath.join(self.backbone_dir(dataset, backbone), REJECTS_NAME)
 
+    def log_path(self, command: str) -> str:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        return self.location.path(LOGS_DIR, f"{command}-{stamp}-{uuid.uuid4().hex[:6]}.jsonl")
+
     def relative(self, path: str) -> str:
         """``path`` relative to the store root, as manifests record it."""
-        return posixpath.relpath(path, self.root)
+        return self.location.relative(path)
 
     def absolute(self, relative: str) -> str:
-        return posixpath.join(self.root, relative)
+        return self.location.path(relative)
 
-    def exists(self, path: str) -> bool:
-        return self.filesystem.get_file_info(path).type != pafs.FileType.NotFound
-
-    def size(self, path: str) -> int | None:
-        info = self.filesystem.get_file_info(path)
-        return None if info.type == pafs.FileType.NotFound else info.size
-
-    def datasets(self) -> list[tuple[str, str]]:
+    def stores(self) -> list[tuple[str, str]]:
         """Every (dataset, backbone) pair under the root that has a manifest."""
         found = []
-        selector = pafs.FileSelector(self.root, recursive=False, allow_not_found=True)
-        for dataset in self.filesystem.get_file_info(selector):
-            if dataset.type != pafs.FileType.Directory:
+        for dataset in list_folders(self.filesystem, self.location.root):
+            if dataset.startswith(("_", ".")):
                 continue
-            inner = pafs.FileSelector(dataset.path, recursive=False)
-            for backbone in self.filesystem.get_file_info(inner):
-                if backbone.type == pafs.FileType.Directory and self.exists(
-                    posixpath.join(backbone.path, MANIFEST_NAME)
-                ):
-                    found.append((dataset.base_name, backbone.base_name))
-        return sorted(found)
+            for backbone in list_folders(self.filesystem, self.location.path(dataset)):
+                if file_info(self.filesystem, self.manifest_path(dataset, backbone)):
+                    found.append((dataset, backbone))
+        return found
 
     def part_files(self, dataset: str, backbone: str) -> list[str]:
-        """Every visible part file under a (dataset, backbone), recorded or not."""
-        selector = pafs.FileSelector(
-            self.backbone_dir(dataset, backbone), recursive=True, allow_not_found=True
-        )
-        return sorted(
+        """Every part file under a (dataset, backbone), committed or not."""
+        return [
             info.path
-            for info in self.filesystem.get_file_info(selector)
-            if info.type == pafs.FileType.File and info.base_name.startswith(PART_PREFIX)
-        )
-
-    def delete(self, path: str) -> None:
-        if self.exists(path):
-            self.filesystem.delete_file(path)
-
-
-def write_atomically(
-    filesystem: pafs.FileSystem, path: str, write: Callable[[pa.NativeFile], None]
-) -> None:
-    """Write ``path`` through ``write(stream)`` so that readers see all of it or nothing.
-
-    The bytes go to a hidden temporary sibling first, which is renamed over ``path`` only after
-    the stream is closed. A process killed midway leaves at most a hidden ``.*.tmp-*`` file.
-    """
-    filesystem.create_dir(posixpath.dirname(path), recursive=True)
-    temporary = temporary_name(path)
-    try:
-        with filesystem.open_output_stream(temporary) as stream:
-            write(stream)
-        filesystem.move(temporary, path)
-    except BaseException:
-        if filesystem.get_file_info(temporary).type != pafs.FileType.NotFound:
-            filesystem.delete_file(temporary)
-        raise
-
-
-def write_bytes_atomically(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
-    write_atomically(filesystem, path, lambda stream: stream.write(data))
-
-
-def read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read()
-
-
-def file_sha256(filesystem: pafs.FileSystem, path: str, chunk: int = 1 << 20) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with filesystem.open_input_stream(path) as stream:
-        while block := stream.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+            for info in list_files(self.filesystem, self.backbone_dir(dataset, backbone))
+            if is_part_file(info.base_name)
+        ]

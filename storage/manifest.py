@@ -1,29 +1,33 @@
 """The manifest: the record of what a feature store holds and how it was made.
 
-A shard counts only once the manifest records it with its input fingerprint, row count and
-checksum. The manifest is rewritten atomically after every finished shard, so a killed run keeps
-every shard that finished and a re-run redoes only the rest.
+A shard counts once it is committed: the driver writes a small commit record for it under
+``_commits/<run>/`` (one object per shard, so committing costs the same at shard 1 and shard
+10,000), and readers fold the records of the manifest's own run into the manifest. The run
+folds them into ``manifest.json`` itself when it ends (compaction). A killed run keeps every
+shard it committed; the next run starts from the folded view and redoes only the rest. Records
+of any other run are ignored, so nothing a dead writer left behind can come back.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-import pyarrow.fs as pafs
-
 from storage.errors import StoreError
+from storage.filesystem import delete_folder, file_info, list_files, read_bytes, write_bytes
 from storage.hashing import fingerprint
-from storage.layout import read_bytes, write_bytes_atomically
+from storage.layout import StoreLayout
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class Reject:
-    """An image that could not be used, and why (``reason`` is a short code, ``detail`` prose)."""
+    """An image that could not be used, and why (``reason`` is a short code, ``detail`` prose);
+    ``path`` is relative to the dataset, escaped as :mod:`storage.names` says."""
 
     path: str
     split: str
@@ -44,11 +48,23 @@ class ShardRecord:
     sha256: str
     size_bytes: int
     seconds: float
-    worker: str = ""
+    class_images: tuple[int, ...] = ()  # usable images per class index
+    worker: str = ""  # host:pid of the process that wrote the part
+    node: str = ""  # the Ray node it ran on
 
     @property
     def key(self) -> str:
         return shard_key(self.split, self.shard)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ShardRecord:
+        return cls(
+            **{
+                **raw,
+                "rejects": tuple(Reject(**r) for r in raw["rejects"]),
+                "class_images": tuple(raw.get("class_images", ())),
+            }
+        )
 
 
 def shard_key(split: str, shard: int) -> str:
@@ -82,6 +98,7 @@ class Manifest:
     num_shards: int
     split_sizes: dict[str, int]
     wf_version: str
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     shards: dict[str, ShardRecord] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -100,23 +117,42 @@ class Manifest:
         )[:16]
 
     @property
-    def class_indices(self) -> dict[str, int]:
-        return {name: index for index, name in enumerate(self.classes)}
-
-    @property
     def rejects(self) -> list[Reject]:
         return [reject for key in sorted(self.shards) for reject in self.shards[key].rejects]
 
+    def expected_keys(self) -> set[str]:
+        return {shard_key(s, i) for s in self.split_sizes for i in range(self.num_shards)}
+
     def is_complete(self) -> bool:
-        expected = {shard_key(s, i) for s in self.split_sizes for i in range(self.num_shards)}
-        return expected <= set(self.shards)
+        return self.expected_keys() <= set(self.shards)
+
+    def images_per_class(self, split: str) -> list[int]:
+        """Usable images of each class in ``split``, over the committed shards."""
+        counts = [0] * len(self.classes)
+        for record in self.shards.values():
+            if record.split == split:
+                for index, count in enumerate(record.class_images):
+                    counts[index] += count
+        return counts
+
+    def files(self, split: str) -> list[str]:
+        """The committed part files of ``split`` (relative to the store), in shard order."""
+        records = sorted(
+            (r for r in self.shards.values() if r.split == split), key=lambda r: r.shard
+        )
+        return [record.file for record in records]
+
+    def with_shard(self, record: ShardRecord) -> Manifest:
+        return replace(self, shards={**self.shards, record.key: record}, updated_at=now_iso())
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, found {type(raw).__name__}")
         if raw.get("format_version") != FORMAT_VERSION:
             raise StoreError(
                 f"manifest format {raw.get('format_version')} is not {FORMAT_VERSION}; "
@@ -127,10 +163,7 @@ class Manifest:
         raw["taps"] = {
             name: TapRecord(tuple(tap["shape"]), tap["dtype"]) for name, tap in raw["taps"].items()
         }
-        raw["shards"] = {
-            key: ShardRecord(**{**rec, "rejects": tuple(Reject(**r) for r in rec["rejects"])})
-            for key, rec in raw["shards"].items()
-        }
+        raw["shards"] = {key: ShardRecord.from_dict(rec) for key, rec in raw["shards"].items()}
         return cls(**raw)
 
 
@@ -138,15 +171,49 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def read_manifest(filesystem: pafs.FileSystem, path: str) -> Manifest | None:
-    """The manifest at ``path``, or None when there is none yet."""
-    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+def read_manifest(layout: StoreLayout, dataset: str, backbone: str) -> Manifest | None:
+    """The store's manifest with its run's commit records folded in, or None when there is no
+    store yet; anything unreadable is one :class:`StoreError` naming the file."""
+    path = layout.manifest_path(dataset, backbone)
+    if file_info(layout.filesystem, path) is None:
         return None
+    shown = layout.location.display(path)
     try:
-        return Manifest.from_json(read_bytes(filesystem, path).decode())
-    except (ValueError, KeyError, TypeError) as error:
-        raise StoreError(f"manifest {path} is unreadable: {error}") from error
+        manifest = Manifest.from_json(read_bytes(layout.filesystem, path).decode())
+    except StoreError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise StoreError(f"manifest {shown} is unreadable: {error}") from None
+    commits = list_files(layout.filesystem, layout.commits_dir(dataset, backbone, manifest.run_id))
+    shards = dict(manifest.shards)
+    for info in commits:
+        try:
+            record = ShardRecord.from_dict(json.loads(read_bytes(layout.filesystem, info.path)))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise StoreError(
+                f"commit record {layout.location.display(info.path)} is unreadable: {error}"
+            ) from None
+        shards[record.key] = record
+    return replace(manifest, shards=shards)
 
 
-def write_manifest(filesystem: pafs.FileSystem, path: str, manifest: Manifest) -> None:
-    write_bytes_atomically(filesystem, path, manifest.to_json().encode())
+def write_manifest(layout: StoreLayout, manifest: Manifest) -> None:
+    """Write the whole manifest atomically (its run's commit records become redundant)."""
+    write_bytes(
+        layout.filesystem,
+        layout.manifest_path(manifest.dataset, manifest.backbone),
+        manifest.to_json().encode(),
+    )
+
+
+def commit_shard(layout: StoreLayout, manifest: Manifest, record: ShardRecord) -> Manifest:
+    """Make a finished shard count: one small commit record, whatever the store's size."""
+    path = layout.commit_path(manifest.dataset, manifest.backbone, manifest.run_id, record.key)
+    write_bytes(layout.filesystem, path, json.dumps(asdict(record), sort_keys=True).encode())
+    return manifest.with_shard(record)
+
+
+def compact(layout: StoreLayout, manifest: Manifest) -> None:
+    """Fold the run's commits into ``manifest.json`` and drop every commit record."""
+    write_manifest(layout, manifest)
+    delete_folder(layout.filesystem, layout.commits_dir(manifest.dataset, manifest.backbone))

@@ -1,0 +1,259 @@
+"""Every byte wf reads or writes goes through here: local paths and object-store URIs alike.
+
+A :class:`Location` is a folder on a filesystem that ``pyarrow.fs`` opens: a local path, or a
+URI such as ``s3://bucket/prefix`` or ``gs://bucket/prefix``. Credentials and the endpoint come
+from the standard environment of the cloud's SDK (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION`` ...), read by the SDK
+itself: wf never holds a secret, so none is pickled to a worker or written to a file.
+
+Writes are atomic for readers. On a local filesystem the bytes go to a hidden temporary sibling
+(``.NAME.tmp-UUID``) that is renamed into place; an object store makes an object visible only
+once its upload completes, so there the final name is written directly (no rename exists).
+Calls to an object store are retried with exponential backoff on network and 5xx errors; when
+the retries are spent the error is one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from storage.errors import StoreError
+from storage.hashing import sha256_stream
+
+T = TypeVar("T")
+TEMPORARY_MARK = ".tmp-"
+_TRANSIENT = (
+    "NETWORK_CONNECTION", "Couldn't connect", "Connection refused", "onnection reset",
+    "timed out", "Timeout", "SERVICE_UNAVAILABLE", "Service Unavailable", "SLOW_DOWN",
+    "INTERNAL_FAILURE", "HTTP response code: 5", "curlCode",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for object-store calls: ``attempts`` tries, the delay doubling up to a cap."""
+
+    attempts: int = 10
+    first_delay_s: float = 0.25
+    max_delay_s: float = 8.0
+
+
+RETRY = RetryPolicy()  # about 40 s of retries before a call gives up
+
+
+def is_local(filesystem: pafs.FileSystem) -> bool:
+    return isinstance(filesystem, pafs.LocalFileSystem)
+
+
+def _transient(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, OSError) and any(mark in text for mark in _TRANSIENT)
+
+
+def retrying(filesystem: pafs.FileSystem, call: Callable[[], T], policy: RetryPolicy = RETRY) -> T:
+    """``call()``, retried with backoff while an object store reports a transient error."""
+    if is_local(filesystem):
+        return call()
+    delay = policy.first_delay_s
+    for attempt in range(policy.attempts):
+        try:
+            return call()
+        except OSError as error:
+            if not _transient(error):
+                raise
+            if attempt == policy.attempts - 1:
+                first = str(error).strip().splitlines()[0][:300]
+                raise StoreError(
+                    f"the object store did not answer after {policy.attempts} tries: {first}"
+                ) from error
+            time.sleep(delay)
+            delay = min(delay * 2, policy.max_delay_s)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder: ``filesystem`` and ``root`` as pyarrow names them, ``uri`` as the user did."""
+
+    filesystem: pafs.FileSystem
+    root: str
+    uri: str
+
+    @classmethod
+    def at(cls, where: str) -> Location:
+        if "://" not in where:
+            path = os.path.abspath(os.path.expanduser(where))
+            return cls(pafs.LocalFileSystem(), path, path)
+        try:
+            filesystem, root = pafs.FileSystem.from_uri(where)
+        except (pa.ArrowInvalid, OSError, ValueError) as error:
+            raise StoreError(f"cannot open {where}: {_first_line(error)}") from None
+        return cls(filesystem, root.rstrip("/"), where.rstrip("/"))
+
+    @property
+    def is_local(self) -> bool:
+        return is_local(self.filesystem)
+
+    def path(self, *parts: str) -> str:
+        """A path under the root, as the filesystem names it."""
+        return posixpath.join(self.root, *parts) if parts else self.root
+
+    def display(self, path: str) -> str:
+        """``path`` as a person would write it (with the URI's scheme)."""
+        if self.is_local:
+            return path
+        scheme = self.uri.split("://", 1)[0]
+        return f"{scheme}://{path}"
+
+    def relative(self, path: str) -> str:
+        return posixpath.relpath(path, self.root)
+
+    def ensure_writable(self) -> None:
+        """Create the root and prove a file can be written there, or one line saying why not."""
+        probe = self.path(f".wf-probe{TEMPORARY_MARK}{uuid.uuid4().hex}")
+        try:
+            retrying(self.filesystem, lambda: self.filesystem.create_dir(self.root, recursive=True))
+            write_bytes(self.filesystem, probe, b"")
+            delete_file(self.filesystem, probe)
+        except (OSError, pa.ArrowException) as error:
+            raise StoreError(f"cannot write to {self.uri}: {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def file_info(filesystem: pafs.FileSystem, path: str) -> pafs.FileInfo | None:
+    """The file or folder at ``path``, or None when there is none."""
+    info = retrying(filesystem, lambda: filesystem.get_file_info(path))
+    return None if info.type == pafs.FileType.NotFound else info
+
+
+def list_files(
+    filesystem: pafs.FileSystem, folder: str, recursive: bool = True
+) -> list[pafs.FileInfo]:
+    """Every file under ``folder`` (none when it does not exist), sorted by path."""
+    selector = pafs.FileSelector(folder, recursive=recursive, allow_not_found=True)
+    infos = retrying(filesystem, lambda: filesystem.get_file_info(selector))
+    return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+
+def list_folders(filesystem: pafs.FileSystem, folder: str) -> list[str]:
+    """The names of the folders directly under ``folder``."""
+    selector = pafs.FileSelector(folder, recursive=False, allow_not_found=True)
+    infos = retrying(filesystem, lambda: filesystem.get_file_info(selector))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
+    """The whole file. Local files are read by Python's ``open``, which takes any name a
+    filesystem allows (pyarrow's local filesystem refuses names that are not UTF-8)."""
+    if is_local(filesystem):
+        with open(path, "rb") as handle:
+            return handle.read()
+
+    def read() -> bytes:
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+
+    return retrying(filesystem, read)
+
+
+def write_stream(
+    filesystem: pafs.FileSystem, path: str, write: Callable[[pa.NativeFile], None]
+) -> None:
+    """Write ``path`` through ``write(stream)`` so that readers see all of it or nothing."""
+    folder = posixpath.dirname(path)
+    retrying(filesystem, lambda: filesystem.create_dir(folder, recursive=True))
+    target = temporary_name(path) if is_local(filesystem) else path
+    try:
+        with filesystem.open_output_stream(target) as stream:
+            write(stream)
+        if target != path:
+            filesystem.move(target, path)
+    except BaseException:
+        # An object store completes even an upload that failed midway when the stream
+        # closes; delete what it made visible.
+        delete_file(filesystem, target)
+        raise
+
+
+def write_bytes(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically; on an object store, one retried PUT."""
+    retrying(filesystem, lambda: write_stream(filesystem, path, lambda stream: stream.write(data)))
+
+
+def delete_file(filesystem: pafs.FileSystem, path: str) -> None:
+    """Delete ``path`` if it is there."""
+
+    def delete() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            filesystem.delete_file(path)
+
+    retrying(filesystem, delete)
+
+
+def delete_folder(filesystem: pafs.FileSystem, folder: str) -> None:
+    """Delete ``folder`` and everything in it, if it is there."""
+    if file_info(filesystem, folder) is not None:
+        retrying(filesystem, lambda: filesystem.delete_dir(folder))
+
+
+def file_sha256(filesystem: pafs.FileSystem, path: str, chunk: int = 1 << 20) -> str:
+    def digest() -> str:
+        with filesystem.open_input_stream(path) as stream:
+            return sha256_stream(iter(lambda: stream.read(chunk), b""))
+
+    return retrying(filesystem, digest)
+
+
+def temporary_name(path: str) -> str:
+    """A hidden sibling of ``path``: Parquet readers skip names that start with a dot."""
+    head, tail = posixpath.split(path)
+    return posixpath.join(head, f".{tail}{TEMPORARY_MARK}{uuid.uuid4().hex}")
+
+
+def remove_temporaries(filesystem: pafs.FileSystem, folder: str) -> int:
+    """Delete the temporary files that killed runs left under ``folder``; call only while no
+    other writer can be using it (holding its lease). Returns how many went."""
+    stale = [
+        info.path
+        for info in list_files(filesystem, folder)
+        if info.base_name.startswith(".") and TEMPORARY_MARK in info.base_name
+    ]
+    for path in stale:
+        delete_file(filesystem, path)
+    return len(stale)
+
+
+def walk_local(root: str, ignored: Callable[[str], bool]) -> Iterator[tuple[str, os.stat_result]]:
+    """``(path, stat)`` of every file under ``root``, sorted, skipping ``ignored`` names.
+    Names that are not UTF-8 come back surrogate-escaped (Python's ``os`` convention)."""
+    for current, folders, names in os.walk(root):
+        folders[:] = sorted(f for f in folders if not ignored(f))
+        for name in sorted(names):
+            if ignored(name):
+                continue
+            path = os.path.join(current, name)
+            try:
+                yield path, os.stat(path)
+            except OSError:  # a dangling or looping symlink: the shard task says why
+                yield path, os.lstat(path)
+
+
+def stat_signature(info: Any) -> tuple[int, int]:
+    """``(size, mtime in ns)`` of a pyarrow FileInfo or an ``os.stat_result``."""
+    if isinstance(info, os.stat_result):
+        return info.st_size, info.st_mtime_ns
+    return int(info.size or 0), int(info.mtime_ns or 0)

@@ -1,0 +1,159 @@
+"""Run artifacts: where each training job's files live, written through :mod:`storage.filesystem`
+so a runs folder may be a local path or an object-store URI.
+
+``<runs>/<dataset>/<method>/`` holds ``model.keras`` (images in, class probabilities out),
+``classes.json``, ``metrics.json``, ``history.csv``, ``settings.json``, the PNG plots,
+``trained_weights.npz`` (the trained layers, by name, for the jobs that build on this one) and,
+written last, ``artifacts.json``: the size and SHA-256 of every other file, which makes the job
+count as done. ``<runs>/summary.md`` and ``summary.html`` compare every job; Ray Train's
+checkpoints go under ``<runs>/_ray/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from storage.errors import StoreError
+from storage.filesystem import (
+    Location,
+    delete_folder,
+    file_info,
+    list_folders,
+    read_bytes,
+    write_bytes,
+)
+from storage.hashing import sha256_stream
+
+ARTIFACT_INDEX = "artifacts.json"
+
+
+class JobFiles:
+    """The artifacts of one (dataset, method) job."""
+
+    def __init__(self, location: Location, dataset: str, method: str) -> None:
+        self.location, self.dataset, self.method = location, dataset, method
+        self.dir = location.path(dataset, method)
+
+    def path(self, name: str) -> str:
+        return f"{self.dir}/{name}"
+
+    def display(self, name: str) -> str:
+        return self.location.display(self.path(name))
+
+    @property
+    def model(self) -> str:
+        return self.path("model.keras")
+
+    def exists(self) -> bool:
+        """Done: its artifact index (written last) is there."""
+        return file_info(self.location.filesystem, self.path(ARTIFACT_INDEX)) is not None
+
+    def write(self, name: str, data: bytes) -> None:
+        write_bytes(self.location.filesystem, self.path(name), data)
+
+    def read(self, name: str) -> bytes:
+        try:
+            return read_bytes(self.location.filesystem, self.path(name))
+        except FileNotFoundError:
+            raise StoreError(f"{self.display(name)} does not exist") from None
+
+    def write_json(self, name: str, value: Any) -> None:
+        self.write(name, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+    def read_json(self, name: str) -> Any:
+        try:
+            return json.loads(self.read(name))
+        except ValueError as error:
+            raise StoreError(f"{self.display(name)} is not valid JSON: {error}") from None
+
+    def write_history(self, history: dict[str, list[float]]) -> None:
+        keys = sorted(history)
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["epoch", *keys])
+        for epoch in range(max((len(v) for v in history.values()), default=0)):
+            writer.writerow(
+                [epoch + 1, *(history[k][epoch] if epoch < len(history[k]) else "" for k in keys)]
+            )
+        self.write("history.csv", out.getvalue().encode())
+
+    def write_weights(self, name: str, weights: dict[str, list[np.ndarray]]) -> None:
+        self.write(name, named_weights_to_bytes(weights))
+
+    def read_weights(self, name: str) -> dict[str, list[np.ndarray]]:
+        return named_weights_from_bytes(self.read(name))
+
+    def write_index(self, names: list[str]) -> None:
+        """Record the size and SHA-256 of ``names`` (already written); the job is then done."""
+        index = {}
+        for name in names:
+            data = self.read(name)
+            index[name] = {"bytes": len(data), "sha256": sha256_stream([data])}
+        self.write_json(ARTIFACT_INDEX, index)
+
+    def index(self) -> dict[str, dict[str, Any]]:
+        return self.read_json(ARTIFACT_INDEX)
+
+    def remove(self) -> None:
+        delete_folder(self.location.filesystem, self.dir)
+
+
+class RunsLayout:
+    """Where the artifacts of every job of a runs folder live."""
+
+    def __init__(self, runs: str | Location) -> None:
+        self.location = runs if isinstance(runs, Location) else Location.at(runs)
+
+    def job(self, dataset: str, method: str) -> JobFiles:
+        return JobFiles(self.location, dataset, method)
+
+    def lease_path(self, dataset: str, method: str) -> str:
+        return self.location.path(dataset, method, "_lease.json")
+
+    @property
+    def ray_storage(self) -> str:
+        """Ray Train's storage path, as its ``storage_filesystem`` names it."""
+        return self.location.path("_ray")
+
+    def ray_run_dir(self, run_name: str) -> str:
+        return self.location.path("_ray", run_name)
+
+    def summary_path(self, name: str) -> str:
+        return self.location.path(name)
+
+    def write(self, name: str, data: bytes) -> None:
+        write_bytes(self.location.filesystem, self.summary_path(name), data)
+
+    def jobs(self) -> list[JobFiles]:
+        """Every job folder that has finished artifacts."""
+        found = []
+        for dataset in list_folders(self.location.filesystem, self.location.root):
+            if dataset.startswith(("_", ".")):
+                continue
+            for method in list_folders(self.location.filesystem, self.location.path(dataset)):
+                job = self.job(dataset, method)
+                if job.exists():
+                    found.append(job)
+        return found
+
+
+def named_weights_to_bytes(weights: dict[str, list[np.ndarray]]) -> bytes:
+    """``{layer name: [arrays]}`` as one ``.npz`` (keys ``<layer>/<index>``)."""
+    flat = {f"{name}/{i}": a for name, arrays in weights.items() for i, a in enumerate(arrays)}
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    return buffer.getvalue()
+
+
+def named_weights_from_bytes(data: bytes) -> dict[str, list[np.ndarray]]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        grouped: dict[str, dict[int, np.ndarray]] = {}
+        for key in archive.files:
+            name, index = key.rsplit("/", 1)
+            grouped.setdefault(name, {})[int(index)] = archive[key]
+    return {name: [arrays[i] for i in sorted(arrays)] for name, arrays in grouped.items()}

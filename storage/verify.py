@@ -1,0 +1,86 @@
+"""``wf verify``: every byte a store or a runs folder claims, checked against its record.
+
+For a store: each part the manifest names exists and has the recorded size, row count and
+SHA-256, and no committed shard is missing. For a runs folder: each file in every job's
+``artifacts.json`` has the recorded size and SHA-256. Problems are returned, one line each,
+naming the file; nothing is changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+
+from storage.errors import StoreError
+from storage.feature_store import FeatureStore
+from storage.filesystem import file_info, file_sha256, read_bytes, retrying
+from storage.hashing import sha256_stream
+from storage.layout import StoreLayout
+from storage.runs import RunsLayout
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0  # files
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def verify_store(layout: StoreLayout, report: VerifyReport) -> None:
+    shown = layout.location.display
+    for dataset, backbone in layout.stores():
+        try:
+            store = FeatureStore.open(layout, dataset, backbone)
+        except StoreError as error:
+            report.problems.append(str(error))
+            continue
+        manifest = store.manifest
+        missing = sorted(manifest.expected_keys() - set(manifest.shards))
+        if missing:
+            report.problems.append(
+                f"{store.name}: shards {', '.join(missing)} are not committed (incomplete store)"
+            )
+        for record in sorted(manifest.shards.values(), key=lambda r: r.key):
+            path = layout.absolute(record.file)
+            report.checked += 1
+            info = file_info(layout.filesystem, path)
+            if info is None:
+                report.problems.append(f"{shown(path)}: missing (named by {store.name})")
+                continue
+            if info.size != record.size_bytes:
+                report.problems.append(
+                    f"{shown(path)}: {info.size} bytes, the manifest says {record.size_bytes}"
+                )
+                continue
+            rows = retrying(
+                layout.filesystem,
+                lambda p=path: pq.ParquetFile(p, filesystem=layout.filesystem).metadata.num_rows,
+            )
+            if rows != record.rows:
+                report.problems.append(
+                    f"{shown(path)}: {rows} rows, the manifest says {record.rows}"
+                )
+            digest = file_sha256(layout.filesystem, path)
+            if digest != record.sha256:
+                report.problems.append(f"{shown(path)}: SHA-256 differs from the manifest's")
+            report.bytes += record.size_bytes
+
+
+def verify_runs(runs: RunsLayout, report: VerifyReport) -> None:
+    for job in runs.jobs():
+        try:
+            index = job.index()
+        except StoreError as error:
+            report.problems.append(str(error))
+            continue
+        for name, expected in sorted(index.items()):
+            report.checked += 1
+            try:
+                data = read_bytes(job.location.filesystem, job.path(name))
+            except FileNotFoundError:
+                report.problems.append(f"{job.display(name)}: missing (named by artifacts.json)")
+                continue
+            if len(data) != expected["bytes"] or sha256_stream([data]) != expected["sha256"]:
+                report.problems.append(f"{job.display(name)}: SHA-256 differs from artifacts.json")
+            report.bytes += len(data)

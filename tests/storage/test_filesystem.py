@@ -1,0 +1,77 @@
+"""Atomic writes, temporary files of killed runs, retries, and locations that cannot be used."""
+
+import os
+
+import pyarrow.fs as pafs
+import pytest
+
+from storage.errors import StoreError
+from storage.filesystem import (
+    Location,
+    RetryPolicy,
+    read_bytes,
+    remove_temporaries,
+    retrying,
+    write_bytes,
+    write_stream,
+)
+
+
+def test_a_failed_write_leaves_neither_the_file_nor_its_temporary(tmp_path):
+    fs = pafs.LocalFileSystem()
+
+    def broken(stream):
+        stream.write(b"half")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        write_stream(fs, str(tmp_path / "a" / "f.bin"), broken)
+    assert os.listdir(tmp_path / "a") == []
+    write_bytes(fs, str(tmp_path / "a" / "f.bin"), b"whole")
+    assert read_bytes(fs, str(tmp_path / "a" / "f.bin")) == b"whole"
+
+
+def test_temporaries_of_killed_runs_are_removed(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / ".part-00000-of-00001-x.parquet.tmp-0123").write_bytes(b"x")
+    (tmp_path / "train" / "part-00000-of-00001-x.parquet").write_bytes(b"x")
+    assert remove_temporaries(pafs.LocalFileSystem(), str(tmp_path)) == 1
+    assert os.listdir(tmp_path / "train") == ["part-00000-of-00001-x.parquet"]
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "proc"])
+def test_an_unwritable_store_is_one_line(tmp_path, where):
+    (tmp_path / "afile").write_text("x")
+    path = {"file": tmp_path / "afile", "under_file": tmp_path / "afile" / "store",
+            # /proc refuses new folders even to root: a read-only place on any Linux machine.
+            "proc": "/proc/wf-store"}[where]  # fmt: skip
+    with pytest.raises(StoreError, match="cannot write to") as caught:
+        Location.at(str(path)).ensure_writable()
+    assert "\n" not in str(caught.value)
+
+
+def test_transient_object_store_errors_are_retried_then_one_line():
+    calls = []
+
+    remote = pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())  # not local: retries apply
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7")
+        return "ok"
+
+    assert retrying(remote, flaky, RetryPolicy(5, 0.01, 0.02)) == "ok" and len(calls) == 3
+
+    def down():
+        raise OSError("AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7,\nmore")
+
+    with pytest.raises(StoreError, match="did not answer after 3 tries") as caught:
+        retrying(remote, down, RetryPolicy(3, 0.01, 0.02))
+    assert "\n" not in str(caught.value)
+
+    def denied():
+        raise OSError("AWS Error ACCESS_DENIED during PutObject operation")
+
+    with pytest.raises(OSError, match="ACCESS_DENIED"):  # not transient: no retry
+        retrying(remote, denied, RetryPolicy(3, 0.01, 0.02))
