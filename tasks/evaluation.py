@@ -41,7 +41,20 @@ def classification_metrics(
     }
 
 
-def plot_learning_curves(history: dict[str, list[float]], path: str, title: str) -> None:
+def _png(figure: Any) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=80)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def plot_learning_curves(history: dict[str, list[float]], title: str) -> bytes:
+    """Loss and accuracy by epoch, training and validation, as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,12 +70,11 @@ def plot_learning_curves(history: dict[str, list[float]], path: str, title: str)
         axis.set_title(metric)
         axis.legend()
     figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    return _png(figure)
 
 
-def plot_confusion_matrix(metrics: dict[str, Any], path: str, title: str) -> None:
+def plot_confusion_matrix(metrics: dict[str, Any], title: str) -> bytes:
+    """The confusion matrix (rows: true class) as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,6 +94,4 @@ def plot_confusion_matrix(metrics: dict[str, Any], path: str, title: str) -> Non
         axis.text(column, row, str(value), ha="center", va="center", color=colour)
     figure.colorbar(image)
     axis.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    return _png(figure)

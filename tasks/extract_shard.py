@@ -1,9 +1,11 @@
-"""One shard of extraction: decode, augment and run the backbone over a list of images, and
-write the rows to one Parquet part file atomically.
+"""One shard of extraction: read, decode, augment and run the backbone over a list of images,
+and write the rows to one Parquet part file.
 
 :func:`extract_shard` is a plain function (tests call it without Ray); :data:`extract_shard_task`
-is its thin ``ray.remote`` wrapper. The backbone is built once per worker process and reused by
-every shard that process runs; images go through it in batches.
+is its thin ``ray.remote`` wrapper. Each task reads its own images straight from where the
+dataset lives (a local folder or an object store), so a cluster needs no shared filesystem. The
+backbone is built once per worker process and reused by every shard that process runs; images
+go through it in batches.
 """
 
 from __future__ import annotations
@@ -18,26 +20,31 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import ray
 
-from storage.feature_store import feature_schema, rows_to_batch, tap_column, write_shard_atomically
+from storage.feature_store import feature_schema, rows_to_batch, tap_column, write_part
 from storage.hashing import content_id
 from storage.layout import StoreLayout
 from storage.manifest import Reject, TapRecord
 from tasks.augment import AugmentPolicy, augment_image, copy_seed
 from tasks.backbones.runtime import PreparedBackbone, extractor_for
-from tasks.images import ImageRejected, decode_image
+from tasks.images import ImageRejected, decode_image, read_image_bytes
 
 ProgressCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One image as planned by the driver: where it is and what it is."""
+    """One image as planned by the driver: where it is, its size then, and what it is.
+
+    ``relative_path`` is relative to the dataset and escaped (:mod:`storage.names`); ``path``
+    is what the dataset's filesystem opens.
+    """
 
     path: str
     relative_path: str
-    image_id: str
+    size: int
     label: str
     label_index: int
 
@@ -49,7 +56,8 @@ class ShardJob:
     shard: int
     num_shards: int
     items: tuple[ImageItem, ...]
-    store: str
+    source: pafs.FileSystem  # where the images are
+    layout: StoreLayout  # where the part goes
     output_path: str
     classes: tuple[str, ...]
     augment_copies: int
@@ -68,27 +76,25 @@ class ShardResult:
     images: int
     rows: int
     rejects: tuple[Reject, ...]
+    class_images: tuple[int, ...]
     path: str
     sha256: str
     size_bytes: int
     seconds: float
     worker: str
+    node: str
     peak_rss_mib: float
 
 
 def _decoded(
     job: ShardJob, size: tuple[int, int], rejects: list[Reject]
-) -> Iterator[tuple[ImageItem, np.ndarray]]:
+) -> Iterator[tuple[ImageItem, str, np.ndarray]]:
     for item in job.items:
         try:
-            try:
-                with open(item.path, "rb") as handle:
-                    data = handle.read()
-            except OSError as error:
-                raise ImageRejected("unreadable", f"{type(error).__name__}: {error}") from error
-            if data and content_id(data) != item.image_id:
-                raise ImageRejected("changed", "content hash differs from the planned one")
-            yield item, decode_image(data, size, job.max_pixels)
+            data = read_image_bytes(job.source, item.path)
+            if data and len(data) != item.size:
+                raise ImageRejected("changed", f"{item.size} bytes when planned, {len(data)} now")
+            yield item, content_id(data), decode_image(data, size, job.max_pixels)
         except ImageRejected as rejected:
             rejects.append(Reject(item.relative_path, job.split, rejected.reason, rejected.detail))
 
@@ -98,39 +104,41 @@ def _batches(
     prepared: PreparedBackbone,
     schema: pa.Schema,
     rejects: list[Reject],
+    class_images: list[int],
     progress: ProgressCallback | None,
 ) -> Iterator[pa.RecordBatch]:
     extractor = extractor_for(prepared, job.threads)
     copies = 1 + (job.augment_copies if job.split == "train" else 0)
-    pending: list[tuple[ImageItem, int, np.ndarray]] = []
+    pending: list[tuple[ImageItem, str, int, np.ndarray]] = []
     reported_rejects = 0
 
     def flush() -> pa.RecordBatch:
         nonlocal reported_rejects
-        features = extractor(np.stack([pixels for _, _, pixels in pending]))
+        features = extractor(np.stack([pixels for *_, pixels in pending]))
         columns: dict[str, Any] = {
-            "image_id": [item.image_id for item, _, _ in pending],
-            "path": [item.relative_path for item, _, _ in pending],
-            "label": [item.label for item, _, _ in pending],
-            "label_index": [item.label_index for item, _, _ in pending],
+            "image_id": [image_id for _, image_id, _, _ in pending],
+            "path": [item.relative_path for item, *_ in pending],
+            "label": [item.label for item, *_ in pending],
+            "label_index": [item.label_index for item, *_ in pending],
             "split": [job.split] * len(pending),
-            "copy": [copy for _, copy, _ in pending],
+            "copy": [copy for _, _, copy, _ in pending],
         }
         for tap, values in features.items():
             columns[tap_column(tap)] = values
         batch = rows_to_batch(schema, columns)
         if progress is not None:
-            images = sum(1 for _, copy, _ in pending if copy == 0)
+            images = sum(1 for _, _, copy, _ in pending if copy == 0)
             progress(images, len(rejects) - reported_rejects)
             reported_rejects = len(rejects)
         pending.clear()
         return batch
 
-    for item, pixels in _decoded(job, prepared.input_size, rejects):
-        pending.append((item, 0, pixels))
+    for item, image_id, pixels in _decoded(job, prepared.input_size, rejects):
+        class_images[item.label_index] += 1
+        pending.append((item, image_id, 0, pixels))
         for copy in range(1, copies):
-            seed = copy_seed(item.image_id, copy, job.seed)
-            pending.append((item, copy, augment_image(pixels, job.policy, seed)))
+            seed = copy_seed(image_id, copy, job.seed)
+            pending.append((item, image_id, copy, augment_image(pixels, job.policy, seed)))
         if len(pending) >= job.batch_size:
             yield flush()
     if pending:
@@ -147,9 +155,12 @@ def extract_shard(
     taps = {tap: TapRecord(shape, job.dtype) for tap, shape in prepared.taps.items()}
     schema = feature_schema(taps, job.classes)
     rejects: list[Reject] = []
-    layout = StoreLayout.at(job.store)
-    written = write_shard_atomically(
-        layout, job.output_path, schema, _batches(job, prepared, schema, rejects, progress)
+    class_images = [0] * len(job.classes)
+    written = write_part(
+        job.layout,
+        job.output_path,
+        schema,
+        _batches(job, prepared, schema, rejects, class_images, progress),
     )
     return ShardResult(
         split=job.split,
@@ -157,18 +168,21 @@ def extract_shard(
         images=len(job.items) - len(rejects),
         rows=written.rows,
         rejects=tuple(rejects),
+        class_images=tuple(class_images),
         path=written.path,
         sha256=written.sha256,
         size_bytes=written.size_bytes,
         seconds=time.perf_counter() - started,
         worker=f"{socket.gethostname()}:{os.getpid()}",
+        node=ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class ProgressCounter:
-    """Counts images and rejects as shards report them; the driver polls :meth:`totals`."""
+    """Counts images and rejects as shards report them; the driver polls :meth:`totals`.
+    Only for people watching: the run's results never depend on it."""
 
     def __init__(self) -> None:
         self._totals: dict[str, list[int]] = {}
@@ -191,4 +205,6 @@ def _extract_shard_on_worker(
     return extract_shard(job, prepared, report if counter is not None else None)
 
 
-extract_shard_task = ray.remote(max_retries=1)(_extract_shard_on_worker)
+# A task lost with its node (or its worker process) runs again elsewhere; its half-written part
+# is never committed, so no row is counted twice.
+extract_shard_task = ray.remote(max_retries=3, retry_exceptions=False)(_extract_shard_on_worker)

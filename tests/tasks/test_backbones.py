@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from storage.errors import SettingsError, WeightsError
-from tasks.backbones import build_model, get_backbone, resolve_weights
+from tasks.backbones import BACKBONES, Backbone, get_backbone
 from tasks.backbones.runtime import FeatureExtractor, prepare_backbone
 from tasks.images import decode_image
 
@@ -29,9 +29,7 @@ def _photos(folder: Path, count: int) -> np.ndarray:
 )
 def test_lite_conversion_predicts_imagenet_cats_and_dogs(shared_datasets, name, least_cats):
     backbone = get_backbone(name)
-    model = build_model(
-        backbone, (224, 224), resolve_weights(backbone, "imagenet"), include_top=True
-    )
+    model = backbone.build((224, 224), backbone.resolve_weights("imagenet"), include_top=True)
     validation = shared_datasets / "cats_vs_dogs" / "validation"
     cats = model.predict(_photos(validation / "cats", 20).astype("float32"), verbose=0)
     dogs = model.predict(_photos(validation / "dogs", 20).astype("float32"), verbose=0)
@@ -43,7 +41,7 @@ def test_lite_conversion_predicts_imagenet_cats_and_dogs(shared_datasets, name, 
 @pytest.mark.slow
 def test_litert_runtime_matches_keras(cache_dir):
     backbone = get_backbone("efficientnet_lite0")
-    weights = resolve_weights(backbone, "imagenet")
+    weights = backbone.resolve_weights("imagenet")
     taps = ("bottleneck", "last_block_input")
     images = np.random.default_rng(0).integers(0, 255, (3, 96, 96, 3), dtype=np.uint8)
     outputs = {}
@@ -60,7 +58,7 @@ def test_vgg16_preprocessing_is_keras_caffe_mode():
     import keras
 
     backbone = get_backbone("vgg16")
-    model = build_model(backbone, (32, 32), resolve_weights(backbone, "none"))
+    model = backbone.build((32, 32), backbone.resolve_weights("none"))
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     ours = keras.Model(model.input, model.get_layer("preprocess").output).predict(pixels, verbose=0)
     expected = keras.applications.vgg16.preprocess_input(pixels.copy())
@@ -75,9 +73,9 @@ def test_vgg16_loads_a_local_weights_file(tmp_path):
     path = tmp_path / "vgg16_notop.weights.h5"
     plain.save_weights(path)
     backbone = get_backbone("vgg16")
-    weights = resolve_weights(backbone, str(path))
+    weights = backbone.resolve_weights(str(path))
     assert len(weights.sha256) == 64
-    model = build_model(backbone, (32, 32), weights)
+    model = backbone.build((32, 32), weights)
     np.testing.assert_array_equal(
         model.get_layer("block5_conv3").get_weights()[0],
         plain.get_layer("block5_conv3").get_weights()[0],
@@ -87,7 +85,7 @@ def test_vgg16_loads_a_local_weights_file(tmp_path):
 def test_vgg16_imagenet_offline_names_the_alternatives():
     backbone = get_backbone("vgg16")
     try:
-        weights = resolve_weights(backbone, "imagenet")
+        weights = backbone.resolve_weights("imagenet")
     except WeightsError as error:  # offline, as here
         assert "efficientnet_lite0" in str(error) and "--weights" in str(error)
     else:  # online: Keras's cache holds the real file
@@ -98,15 +96,15 @@ def test_user_mistakes_are_clear_errors(tmp_path):
     with pytest.raises(SettingsError, match="unknown backbone"):
         get_backbone("resnet9000")
     with pytest.raises(WeightsError, match="existing file"):
-        resolve_weights(get_backbone("vgg16"), str(tmp_path / "missing.h5"))
+        get_backbone("vgg16").resolve_weights(str(tmp_path / "missing.h5"))
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a pickle")
     lite0 = get_backbone("efficientnet_lite0")
     with pytest.raises(WeightsError, match=r"legacy \.pth"):
-        build_model(lite0, (32, 32), resolve_weights(lite0, str(bad)))
+        lite0.build((32, 32), lite0.resolve_weights(str(bad)))
     with pytest.raises(SettingsError, match="no tap"):
         prepare_backbone(
-            lite0, resolve_weights(lite0, "none"), (32, 32), ("pooled",), "litert", str(tmp_path)
+            lite0, lite0.resolve_weights("none"), (32, 32), ("pooled",), "litert", str(tmp_path)
         )
 
 
@@ -116,14 +114,13 @@ def test_lite_tail_turns_the_last_block_input_into_the_bottleneck(name):
     network, for every registered Lite variant, with its real weights."""
     import keras
 
-    from tasks.backbones import build_tail
-    from tasks.training import named_weights, set_named_weights
+    from tasks.training.weights import named_weights, set_named_weights
 
     backbone = get_backbone(name)
-    model = build_model(backbone, (64, 64), resolve_weights(backbone, "imagenet"))
+    model = backbone.build((64, 64), backbone.resolve_weights("imagenet"))
     images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
     outputs = model.predict(images, verbose=0)
-    tail = build_tail(keras, backbone, outputs["last_block_input"].shape[1:])
+    tail = backbone.build_tail(keras, outputs["last_block_input"].shape[1:])
     assert set_named_weights(tail, named_weights(model)) == len(
         [layer for layer in tail.layers if layer.weights]
     )
@@ -133,3 +130,17 @@ def test_lite_tail_turns_the_last_block_input_into_the_bottleneck(name):
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+def test_every_registered_backbone_is_an_object_with_its_own_builders():
+    # Dispatch is by object: a backbone is built by its own class, never by a default branch.
+    assert set(BACKBONES) == {
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+        "vgg16",
+    }
+    for name, backbone in BACKBONES.items():
+        assert isinstance(backbone, Backbone) and backbone.name == name
+        assert {"bottleneck", "last_block_input"} <= set(backbone.taps)
+        assert set(backbone.default_taps) <= set(backbone.taps)

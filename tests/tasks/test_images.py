@@ -87,3 +87,53 @@ def test_hidden_and_system_files_are_ignored():
         is_ignored_file(".DS_Store") and is_ignored_file("Thumbs.db") and is_ignored_file("._x.jpg")
     )
     assert not is_ignored_file("cat.1.jpg")
+
+
+def test_max_pixels_lowers_and_raises_the_limit():
+    # Pillow's own check used to refuse anything over twice its limit whatever --max-pixels said,
+    # and warned over its limit: now --max-pixels alone decides, in both directions.
+    big = _encode(Image.new("1", (9500, 9500), 1), "PNG")  # 90.25 megapixels, over Pillow's 89.5
+    assert _reason(big) == "too_large"
+    pixels = decode_image(big, (16, 16), max_pixels=100_000_000)
+    assert pixels.shape == (16, 16, 3) and (pixels == 255).all()
+    assert _reason(_encode(_photo((64, 48)), "PNG"), max_pixels=64 * 48 - 1) == "too_large"
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: b"<!doctype html><html><body>cat</body></html>", "not_an_image"),
+        (lambda: np.random.default_rng(3).bytes(5000), "not_an_image"),
+        (lambda: b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "not_an_image"),  # a header alone
+        (lambda: b"\xff\xd8\xff\xe0" + b"\0" * 10, "not_an_image"),
+    ],
+)
+def test_files_that_are_not_images_are_rejected_with_a_reason(make, reason):
+    assert _reason(make()) == reason
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "BMP", "TIFF", "GIF"])
+def test_other_formats_decode(fmt):
+    photo = _photo((40, 30))
+    pixels = decode_image(_encode(photo, fmt), (30, 40))
+    assert pixels.shape == (30, 40, 3)
+    if fmt in ("BMP", "TIFF"):  # lossless: the pixels themselves
+        np.testing.assert_array_equal(pixels, np.asarray(photo))
+
+
+def test_animated_gif_gives_its_first_frame():
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    pixels = decode_image(buffer.getvalue(), (16, 16))
+    assert pixels[8, 8, 0] > 200 and pixels[8, 8, 2] < 60
+
+
+def test_cmyk_jpeg_and_palette_transparency():
+    red = Image.new("RGB", (16, 16), (220, 20, 20))
+    pixels = decode_image(_encode(red.convert("CMYK"), "JPEG", quality=95), (16, 16))
+    assert pixels[8, 8, 0] > 180 and pixels[8, 8, 1] < 80
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.info["transparency"] = 0
+    assert (decode_image(_encode(palette, "PNG", transparency=0), (8, 8)) == 255).all()

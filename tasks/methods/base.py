@@ -1,0 +1,155 @@
+"""What every training method is, and the facts a job carries to its workers.
+
+A method says which stored tap it reads (or that it reads images), what it trains, how that
+starts, the complete model it saves, which job it depends on, and its default recipe (the
+Keras blog's settings). One module per method; :mod:`tasks.methods` lists them. Nothing else
+compares method names.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from storage.errors import SettingsError
+from storage.runs import RunsLayout
+from tasks.augment import AugmentPolicy
+from tasks.backbones import ResolvedWeights
+
+OPTIMIZERS = ("rmsprop", "sgd", "adam")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a method trains: epochs, batch size per worker and the optimiser."""
+
+    epochs: int = 50
+    batch_size: int = 16
+    optimizer: str = "rmsprop"
+    learning_rate: float = 1e-3
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise SettingsError("epochs, batch size and learning rate must be positive")
+        if self.optimizer not in OPTIMIZERS:
+            raise SettingsError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}: {self.optimizer}"
+            )
+
+    def optimizer_for(self, keras_module: Any) -> Any:
+        if self.optimizer == "sgd":
+            return keras_module.optimizers.SGD(self.learning_rate, momentum=self.momentum)
+        if self.optimizer == "adam":
+            return keras_module.optimizers.Adam(self.learning_rate)
+        return keras_module.optimizers.RMSprop(self.learning_rate)
+
+
+@dataclass(frozen=True)
+class StoreFacts:
+    """One feature store a job reads, as its manifest records it."""
+
+    backbone: str
+    input_size: tuple[int, int]
+    taps: dict[str, tuple[int, ...]]
+    copies: int  # stored rows per training image (the original and its augmented copies)
+    files: dict[str, tuple[str, ...]]  # split -> committed part files, as the filesystem names them
+    rows: dict[str, int]  # split -> stored rows (every copy)
+    images: dict[str, int]  # split -> usable images (copy 0 rows)
+    manifest_id: str
+    weights_source: str
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How every job of a run trains, whatever its method."""
+
+    workers: int = 1
+    threads: int = 1
+    use_gpu: bool = False
+    early_stopping_patience: int | None = None
+    keep_best: bool = False
+    epoch_copies: str = "all"  # or "one": each training image once per epoch, copies in turn
+    seed: int = 0
+    scratch_image_size: int = 150
+    policy: AugmentPolicy = field(default_factory=AugmentPolicy)
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Everything one (dataset, method) job needs, frozen, built once by the workflow."""
+
+    dataset: str
+    method: str
+    classes: tuple[str, ...]
+    dataset_root: str  # where the images are (a path or a URI), for methods that read them
+    stores: tuple[StoreFacts, ...]  # the first is the job's own backbone
+    store_filesystem: Any  # pyarrow FileSystem of the stores
+    runs: RunsLayout
+    recipe: Recipe
+    options: TrainOptions
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.method}"
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.dataset}-{self.method}"
+
+    @property
+    def store(self) -> StoreFacts:
+        return self.stores[0]
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.store.files.get(split))
+
+
+class Method(ABC):
+    """A training method. Subclasses set the attributes and build the models."""
+
+    name: str
+    summary: str
+    recipe: Recipe
+    taps: tuple[str, ...] = ()  # stored taps read from each store; empty: reads images
+    depends_on: str | None = None  # a method whose trained weights this one starts from
+    all_backbones: bool = False  # reads every backbone stored for the dataset
+    augments_live: bool = False  # augments images as it reads them (reads copy 0 only)
+
+    def columns(self) -> list[str]:
+        """The store columns a worker reads for this method, beside labels and copies."""
+        return [f"tap_{tap}" for tap in self.taps] or ["path"]
+
+    @abstractmethod
+    def features(self, context: JobContext, tables: list[pa.Table]) -> np.ndarray:
+        """The model's inputs for these rows (one table per store of the context, aligned)."""
+
+    @abstractmethod
+    def build_trainable(self, keras_module: Any, context: JobContext) -> Any:
+        """The model the job trains, with ``keras_module`` (tf-keras on workers, Keras 3 after)."""
+
+    def initial_weights(
+        self, context: JobContext, weights: dict[str, ResolvedWeights]
+    ) -> dict[str, list[np.ndarray]] | None:
+        """Weights by layer name to start from (None: the seeded initialisation)."""
+        return None
+
+    @abstractmethod
+    def complete_model(
+        self, context: JobContext, trained: dict[str, list[np.ndarray]],
+        weights: dict[str, ResolvedWeights],
+    ) -> Any:  # fmt: skip
+        """The Keras 3 model users get: RGB pixels in [0, 255] in, class probabilities out."""
+
+
+def stack_tap(column: pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
+    """A stored tap column as float32 ``(rows, *shape)``."""
+    from storage.feature_store import tap_to_numpy
+
+    return tap_to_numpy(column, shape).astype(np.float32, copy=False)

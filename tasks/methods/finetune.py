@@ -1,0 +1,67 @@
+"""The blog's third method: fine-tune the base's last block together with the trained top.
+
+Start from the pretrained last block (Lite0: block 15 and the head; VGG16: block 5) and the
+``bottleneck`` job's trained top, and train both slowly: SGD 1e-4, momentum 0.9, batch 16,
+with BatchNorm in inference mode. The block reads the stored ``last_block_input`` tap, so the
+frozen layers never run again. The saved model is the whole base with the fine-tuned block
+copied in by layer name, and the top.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from tasks.backbones import ResolvedWeights, get_backbone
+from tasks.heads import build_top
+from tasks.methods.base import JobContext, Method, Recipe, stack_tap
+from tasks.training.weights import named_weights, set_named_weights
+
+
+class Finetune(Method):
+    name = "finetune"
+    summary = "the last block and the top, from the bottleneck top, slowly (the blog's ~0.94)"
+    recipe = Recipe(optimizer="sgd", learning_rate=1e-4, momentum=0.9)
+    taps = ("last_block_input",)
+    depends_on = "bottleneck"
+
+    def features(self, context: JobContext, tables: list[pa.Table]) -> np.ndarray:
+        return stack_tap(tables[0]["tap_last_block_input"], context.store.taps["last_block_input"])
+
+    def build_trainable(self, keras_module: Any, context: JobContext) -> Any:
+        backbone = get_backbone(context.store.backbone)
+        tail = backbone.build_tail(keras_module, context.store.taps["last_block_input"])
+        for layer in tail.layers:  # BatchNorm in inference mode, its statistics frozen
+            if isinstance(layer, keras_module.layers.BatchNormalization):
+                layer.trainable = False
+        features = tuple(int(d) for d in tail.output.shape[1:])
+        top = build_top(keras_module, features, len(context.classes))
+        return keras_module.Model(tail.input, top(tail.output), name="finetune")
+
+    def initial_weights(
+        self, context: JobContext, weights: dict[str, ResolvedWeights]
+    ) -> dict[str, list[np.ndarray]]:
+        import keras
+
+        store = context.store
+        base = get_backbone(store.backbone).build(store.input_size, weights[store.backbone])
+        start = self.build_trainable(keras, context)
+        set_named_weights(start, named_weights(base))  # the pretrained last block
+        top = context.runs.job(context.dataset, self.depends_on).read_weights("trained_weights.npz")
+        return {**named_weights(start), **top}
+
+    def complete_model(
+        self, context: JobContext, trained: dict[str, list[np.ndarray]],
+        weights: dict[str, ResolvedWeights],
+    ) -> Any:  # fmt: skip
+        import keras
+
+        store = context.store
+        base = get_backbone(store.backbone).build(store.input_size, weights[store.backbone])
+        if not set_named_weights(base, trained):
+            raise RuntimeError("no fine-tuned layer matched the backbone's layers")
+        top = self.build_trainable(keras, context).get_layer("top")
+        set_named_weights(top, trained)
+        return keras.Model(base.input, top(base.output["bottleneck"]), name=context.run_name)

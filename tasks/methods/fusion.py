@@ -1,0 +1,69 @@
+"""Multi-backbone fusion: one linear top on the bottleneck features of every backbone stored
+for the dataset, concatenated.
+
+``wf extract --backbone efficientnet_lite0`` (then ``_lite1``, ``_lite2``) into one store gives
+each image several views; their pooled features side by side, Dropout 0.5 and a softmax (or a
+sigmoid for two classes), trained with Adam 1e-3 for 30 epochs, transfer better than any one
+alone. Rows are matched across the stores by image path and copy. The saved model takes one
+image (RGB in [0, 255], the largest backbone's size), resizes it inside for each backbone, runs
+them all and applies the top.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from tasks.backbones import ResolvedWeights, get_backbone
+from tasks.heads import output_layer
+from tasks.methods.base import JobContext, Method, Recipe, stack_tap
+from tasks.training.weights import set_named_weights
+
+DROPOUT = 0.5
+
+
+class Fusion(Method):
+    name = "fusion"
+    summary = "a linear top on the bottleneck taps of every stored backbone, side by side"
+    recipe = Recipe(epochs=30, optimizer="adam", learning_rate=1e-3)
+    taps = ("bottleneck",)
+    all_backbones = True
+
+    def features(self, context: JobContext, tables: list[pa.Table]) -> np.ndarray:
+        return np.concatenate(
+            [
+                stack_tap(table["tap_bottleneck"], store.taps["bottleneck"])
+                for store, table in zip(context.stores, tables, strict=True)
+            ],
+            axis=1,
+        )
+
+    def build_trainable(self, keras_module: Any, context: JobContext) -> Any:
+        width = sum(int(np.prod(store.taps["bottleneck"])) for store in context.stores)
+        inputs = keras_module.Input((width,), name="fused")
+        x = keras_module.layers.Dropout(DROPOUT, name="fusion_dropout")(inputs)
+        outputs = output_layer(keras_module, len(context.classes), "fusion_output")(x)
+        return keras_module.Model(inputs, outputs, name="fusion_top")
+
+    def complete_model(
+        self, context: JobContext, trained: dict[str, list[np.ndarray]],
+        weights: dict[str, ResolvedWeights],
+    ) -> Any:  # fmt: skip
+        import keras
+
+        side = max(max(store.input_size) for store in context.stores)
+        image = keras.Input((side, side, 3), name="image")
+        pooled = []
+        for store in context.stores:
+            base = get_backbone(store.backbone).build(store.input_size, weights[store.backbone])
+            base = keras.Model(base.input, base.output["bottleneck"], name=store.backbone)
+            resized = keras.layers.Resizing(*store.input_size, name=f"resize_{store.backbone}")(
+                image
+            )
+            pooled.append(keras.layers.Flatten(name=f"flat_{store.backbone}")(base(resized)))
+        fused = keras.layers.Concatenate(name="fuse")(pooled) if len(pooled) > 1 else pooled[0]
+        top = self.build_trainable(keras, context)
+        set_named_weights(top, trained)
+        return keras.Model(image, top(fused), name=context.run_name)

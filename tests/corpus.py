@@ -1,0 +1,123 @@
+"""Generated awkward inputs for the tests: fuzzed image files, and a corpus of every kind of
+file a user's folder may hold."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
+
+
+def _valid(fmt: str, rng: np.random.Generator) -> bytes:
+    size = tuple(int(s) for s in rng.integers(8, 48, 2))
+    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def fuzzed_images(count: int = 500, seed: int = 0) -> list[tuple[str, bytes]]:
+    """``count`` files made from valid JPEG, PNG, GIF and WebP files by truncating, flipping
+    bits and splicing two files, with a fixed seed."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for index in range(count):
+        fmt = FORMATS[index % len(FORMATS)]
+        data = bytearray(_valid(fmt, rng))
+        kind = ("truncate", "flip", "splice")[index // len(FORMATS) % 3]
+        if kind == "truncate":
+            data = data[: int(rng.integers(1, len(data)))]
+        elif kind == "flip":
+            for _ in range(int(rng.integers(1, 12))):
+                position = int(rng.integers(0, len(data)))
+                data[position] ^= 1 << int(rng.integers(0, 8))
+        else:
+            other = _valid(FORMATS[int(rng.integers(0, len(FORMATS)))], rng)
+            cut = int(rng.integers(1, len(data)))
+            data = data[:cut] + other[int(rng.integers(0, len(other))) :]
+        out.append((f"fuzz_{index:04d}_{kind}.{fmt.lower()}", bytes(data)))
+    return out
+
+
+def _encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def _photo(rng: np.random.Generator, size=(40, 32)) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def write_bad_input_corpus(root: Path) -> dict[str, str | None]:
+    """Write a dataset of every awkward kind under ``root`` (classes ``good``, ``odd``, an empty
+    class ``hollow`` is not written: empty classes are tested apart) and return
+    ``{relative path (escaped): expected reject reason, or None if it must give rows}``."""
+    from storage.names import escape_name
+
+    rng = np.random.default_rng(0)
+    good, odd = root / "good", root / "odd"
+    (good / "nested" / "deeper").mkdir(parents=True)
+    odd.mkdir(parents=True)
+    expected: dict[str, str | None] = {}
+
+    def put(folder: Path, name: str | bytes, data: bytes, reason: str | None) -> None:
+        path = os.path.join(os.fsencode(folder), name if isinstance(name, bytes) else name.encode())
+        with open(path, "wb") as handle:
+            handle.write(data)
+        relative = os.fsdecode(os.path.relpath(path, os.fsencode(root)))
+        expected[escape_name(relative)] = reason
+
+    photo = _photo(rng)
+    jpeg, png = _encode(photo, "JPEG", quality=90), _encode(photo, "PNG")
+    put(good, "plain.jpg", jpeg, None)
+    put(good, "with spaces and ünïcode 日本.jpg", jpeg, None)
+    put(good, b"caf\xe9 latin1.jpg", jpeg, None)  # a name that is not UTF-8
+    put(good, "back\\slash.jpg", jpeg, None)
+    put(good / "nested" / "deeper", "inside.png", png, None)
+    put(good, "photo.webp", _encode(photo, "WEBP"), None)
+    put(good, "photo.bmp", _encode(photo, "BMP"), None)
+    put(good, "photo.tiff", _encode(photo, "TIFF"), None)
+    put(
+        good,
+        "sixteen.png",
+        _encode(
+            Image.fromarray((np.asarray(photo.convert("L"), np.uint16) * 257).astype("<u2")), "PNG"
+        ),
+        None,
+    )
+    put(good, "cmyk.jpg", _encode(photo.convert("CMYK"), "JPEG"), None)
+    put(good, "grey.jpg", _encode(photo.convert("L"), "JPEG"), None)
+    palette = photo.convert("P")
+    put(good, "palette.png", _encode(palette, "PNG", transparency=0), None)
+    put(good, "rgba.png", _encode(photo.convert("RGBA"), "PNG"), None)
+    frames = [_photo(rng), _photo(rng)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    put(good, "animated.gif", buffer.getvalue(), None)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    put(good, "rotated.jpg", _encode(photo, "JPEG", exif=exif.tobytes()), None)
+    put(odd, "zero.jpg", b"", "empty")
+    put(odd, "truncated.jpg", jpeg[: len(jpeg) // 2], "corrupt")
+    put(odd, "truncated.png", png[: len(png) // 2], "corrupt")
+    put(odd, "notes.jpg", b"just some text\n", "not_an_image")
+    put(odd, "page.jpg", b"<!doctype html><title>x</title>", "not_an_image")
+    put(odd, "random.jpg", rng.bytes(3000), "not_an_image")
+    put(odd, "bomb.png", _encode(Image.new("1", (12000, 12000)), "PNG"), "too_large")
+    put(odd, "fine.jpg", jpeg, None)  # the class needs a usable image
+    os.symlink("loop.jpg", odd / "loop.jpg")  # a symlink loop
+    expected["odd/loop.jpg"] = "unreadable"
+    os.symlink("/nonexistent/photo.jpg", odd / "dangling.jpg")
+    expected["odd/dangling.jpg"] = "unreadable"
+    # Unreadable even for root: reading /proc/self/mem at offset 0 fails with EIO.
+    os.symlink("/proc/self/mem", odd / "unreadable.jpg")
+    expected["odd/unreadable.jpg"] = "unreadable"
+    (odd / ".DS_Store").write_bytes(b"\0\0")  # hidden: neither rows nor a reject
+    (good / "Thumbs.db").write_bytes(b"\0\0")
+    return expected
