@@ -35,10 +35,10 @@ TAPS = ("bottleneck", "last_block_input")
 
 
 def _model():
-    from tasks.backbones import build_model, feature_model, get_backbone, resolve_weights
+    from tasks.backbones import feature_model, get_backbone
 
     backbone = get_backbone("efficientnet_lite0")
-    return feature_model(build_model(backbone, SIZE, resolve_weights(backbone, "imagenet")), TAPS)
+    return feature_model(backbone.build(SIZE, backbone.resolve_weights("imagenet")), TAPS)
 
 
 def _rss_mib() -> float:
@@ -136,6 +136,8 @@ def print_table(results: dict) -> None:
     header = ("method", "images", "seconds", "img/s", "vs keras", "peak RSS/worker")
     print("\n{:<16} {:>7} {:>8} {:>7} {:>9} {:>16}".format(*header))
     for method, r in results.items():
+        if method == "machine":
+            continue
         if "error" in r:
             print(f"{method:<16} failed: {r['error']}")
             continue
@@ -178,7 +180,11 @@ def main() -> None:
             results[method] = {"error": done.stderr.strip().splitlines()[-1]}
             continue
         results[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    from machine import banner, describe
+
+    print(banner())
     print_table(results)
+    results["machine"] = describe()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(results, handle, indent=2)

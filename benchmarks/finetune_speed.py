@@ -31,7 +31,8 @@ SHARED = HERE.parent.parent / "shared" / "datasets" / "cats_vs_dogs"
 
 
 def run_wf(work: str, epochs: int, epoch_copies: str) -> dict:
-    from workflows.settings import ClusterSettings, TrainSettings, default_methods
+    from tasks.methods import TrainOptions
+    from workflows.settings import ClusterSettings, TrainSettings, recipes_from_options
     from workflows.train import run_train_all
 
     runs = os.path.join(work, "speed-runs")
@@ -45,10 +46,9 @@ def run_wf(work: str, epochs: int, epoch_copies: str) -> dict:
         runs=runs,
         datasets=("cats_vs_dogs",),
         methods=("finetune",),
-        threads_per_worker=2,
-        epoch_copies=epoch_copies,
+        options=TrainOptions(threads=2, epoch_copies=epoch_copies),
         cluster=ClusterSettings(num_cpus=2),
-        method_settings=default_methods(finetune=epochs),
+        recipes=recipes_from_options(None, None, {"finetune": epochs}, {}),
     )
     (result,) = run_train_all(settings)
     metrics = json.loads(Path(runs, "cats_vs_dogs", "finetune", "metrics.json").read_text())
@@ -68,29 +68,27 @@ def run_blog(work: str, epochs: int) -> dict:
     import keras
     import tensorflow as tf
 
-    from storage.artifacts import load_named_weights
+    from storage.runs import RunsLayout
     from tasks.augment import AugmentPolicy, augment_image
-    from tasks.backbones import build_model, get_backbone, resolve_weights
+    from tasks.backbones import get_backbone
     from tasks.heads import build_top
     from tasks.images import decode_image
-    from tasks.training import set_named_weights
-    from workflows.settings import default_methods
+    from tasks.methods import METHODS
+    from tasks.training.weights import set_named_weights
 
-    blog = default_methods()["finetune"]
+    blog = METHODS["finetune"].recipe
 
     tf.config.threading.set_intra_op_parallelism_threads(2)
     tf.config.threading.set_inter_op_parallelism_threads(2)
     backbone = get_backbone("efficientnet_lite0")
-    base = build_model(backbone, (224, 224), resolve_weights(backbone, "imagenet"))
+    base = backbone.build((224, 224), backbone.resolve_weights("imagenet"))
     for layer in base.layers:
         tail = layer.name.startswith(("block15_", "head_"))
         layer.trainable = tail and not isinstance(layer, keras.layers.BatchNormalization)
     top = build_top(keras, (1280,), 2)
+    runs = RunsLayout(os.path.join(work, "runs"))
     set_named_weights(
-        top,
-        load_named_weights(
-            os.path.join(work, "runs", "cats_vs_dogs", "bottleneck", "trained_weights.npz")
-        ),
+        top, runs.job("cats_vs_dogs", "bottleneck").read_weights("trained_weights.npz")
     )
     model = keras.Model(base.input, top(base.output["bottleneck"]))
     model.compile(
@@ -168,6 +166,9 @@ def main() -> None:
         "wf, all copies per epoch": run_wf(args.work, args.epochs, "all"),
         "blog's way": run_blog(args.work, args.epochs),
     }
+    from machine import banner
+
+    print(banner())
     blog = np.mean(results["blog's way"]["epoch_seconds"])
     print(f"\n{'method':<26} {'rows/epoch':>10} {'s/epoch':>8} {'vs blog':>8} {'val acc':>8}")
     for name, r in results.items():

@@ -1,12 +1,23 @@
-"""Connecting to Ray: a local cluster by default, or the cluster at an address."""
+"""Connecting to Ray: a local cluster by default, or the cluster at an address.
+
+A local cluster binds what Ray lets us to 127.0.0.1 (its node address; no dashboard), uses
+Ray's token authentication, and is watched by :mod:`workflows.reaper`, so nothing it started
+outlives ``wf``, even a ``wf`` killed with SIGKILL. On a remote cluster the ``tasks`` and
+``storage`` packages are shipped to the workers through the runtime environment, so nodes need
+only wf's dependencies installed.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import storage
 import tasks
@@ -14,22 +25,31 @@ from storage.errors import ClusterError
 from workflows.settings import ClusterSettings, worker_env
 
 
+def _start_reaper() -> subprocess.Popen | None:
+    if sys.platform != "linux":
+        return None
+    return subprocess.Popen(
+        [sys.executable, "-m", "workflows.reaper", str(os.getpid())],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, close_fds=True,
+    )  # fmt: skip
+
+
 @contextmanager
 def ray_cluster(settings: ClusterSettings) -> Iterator[None]:
-    """Run the body with Ray initialised; shut down only a cluster this call started.
-
-    On a remote cluster the ``tasks`` and ``storage`` packages are shipped to the workers
-    through the runtime environment, so nodes need only wf's dependencies installed.
-    """
+    """Run the body with Ray initialised; shut down only a cluster this call started."""
     if ray.is_initialized():
         yield
         return
+    stack = ExitStack()
+    level = logging.INFO if settings.verbose else logging.ERROR
     if settings.address:
         try:
             ray.init(
                 address=settings.address,
                 runtime_env={"py_modules": [tasks, storage], "env_vars": worker_env()},
-                logging_level=logging.WARNING,
+                logging_level=level,
+                log_to_driver=settings.verbose,
             )
         except ConnectionError as error:
             raise ClusterError(
@@ -38,15 +58,40 @@ def ray_cluster(settings: ClusterSettings) -> Iterator[None]:
                 "~/.ray/auth_token or RAY_AUTH_TOKEN"
             ) from error
     else:
+        _start_reaper()
+        # Ray turns a node address of 127.0.0.1 into this host's outward address, except where
+        # it believes clusters are unsupported (macOS, Windows); its agents then listen there.
+        # Saying so keeps a wf-started, one-machine cluster on the loopback address.
+        from ray._private import ray_constants
+
+        loopback_only = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        stack.callback(setattr, ray_constants, "ENABLE_RAY_CLUSTER", loopback_only)
         ray.init(
             address="local",
             num_cpus=settings.num_cpus,
             include_dashboard=False,
             runtime_env={"env_vars": worker_env()},
-            log_to_driver=False,  # worker errors still arrive as exceptions from ray.get
-            logging_level=logging.WARNING,
+            log_to_driver=settings.verbose,  # worker errors still arrive as exceptions
+            logging_level=level,
+            # The raylet warns, on stdout, once it has started 4x this many worker processes (by
+            # default the CPU count); wf's job runners, actors and Ray Train's controllers take
+            # no CPU, so on a 2-core machine a plain train-all passes 8 and the user is told of a
+            # problem that is none. Workers are still started only when needed.
+            _system_config={
+                "worker_maximum_startup_concurrency": max(
+                    4, settings.num_cpus or os.cpu_count() or 1
+                )
+            },
         )
     try:
         yield
     finally:
         ray.shutdown()
+        stack.close()
+
+
+def on_this_node() -> NodeAffinitySchedulingStrategy:
+    """Schedule on the driver's own node: what the run depends on (progress actors, job
+    runners) then dies only with the driver, never with a worker node."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

@@ -1,20 +1,29 @@
-"""Finding datasets and their images: classes, splits and content ids, computed once.
+"""Finding datasets and their images: classes, splits and files, listed once.
 
-A dataset is a folder with one sub-folder per class. It may hold split folders (``train/``,
-``validation/`` and optionally ``test/``; ``val`` and ``valid`` are read as ``validation``),
-each with the class folders. Without them, each image goes to validation when a stable hash of
-its relative path falls under the validation fraction, so the split never changes between runs
-or machines. Classes are the sorted folder names, the same indices for every split.
+A dataset is a folder (a local path or an object-store URI) with one sub-folder per class. It
+may hold split folders (``train/``, ``validation/`` and optionally ``test/``; ``val`` and
+``valid`` are read as ``validation``), each with the class folders. Without them, each image
+goes to validation when a stable hash of its relative path falls under the validation fraction,
+so the split never changes between runs or machines. Classes are the sorted folder names, the
+same indices for every split; files in sub-folders of a class belong to that class.
+
+The driver only lists: each file's size and modification time stand for its content in the
+plan (as ``make`` does), and the shard tasks read the bytes where they are.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from dataclasses import dataclass
 
+import pyarrow.fs as pafs
+
 from storage.errors import DatasetError
-from storage.hashing import content_id, fingerprint, stable_unit_interval
+from storage.filesystem import Location, list_files, retrying, stat_signature, walk_local
+from storage.hashing import fingerprint, stable_unit_interval
+from storage.names import escape_name
 from tasks.extract_shard import ImageItem
 from tasks.images import is_ignored_file
 
@@ -26,157 +35,199 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
+class Entry:
+    """A file under a dataset: its parts relative to the root (OS names), where the filesystem
+    finds it, and its size and modification time."""
+
+    parts: tuple[str, ...]
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Tree:
+    """Everything under a folder, listed once: files and folders, hidden names left out."""
+
+    location: Location
+    files: tuple[Entry, ...]
+    folders: frozenset[tuple[str, ...]]
+
+    def sub(self, name: str) -> Tree:
+        location = self.location
+        inside = Location(location.filesystem, location.path(name), f"{location.uri}/{name}")
+        files = tuple(
+            Entry(e.parts[1:], e.path, e.size, e.mtime_ns)
+            for e in self.files
+            if e.parts[0] == name and len(e.parts) > 1
+        )
+        folders = frozenset(f[1:] for f in self.folders if f[0] == name and len(f) > 1)
+        return Tree(inside, files, folders)
+
+    def children(self) -> list[str]:
+        return sorted({f[0] for f in self.folders})
+
+    def loose_files(self) -> list[Entry]:
+        return [e for e in self.files if len(e.parts) == 1]
+
+
+def list_tree(where: str) -> Tree:
+    """The files and folders under ``where``, or :class:`DatasetError` when it is no folder."""
+    location = Location.at(where)
+    fs = location.filesystem
+    files, folders = [], set()
+    if location.is_local:
+        if not os.path.isdir(location.root):
+            raise DatasetError(f"{where} is not a folder")
+        for current, names, _ in os.walk(location.root):
+            names[:] = [n for n in names if not is_ignored_file(n)]
+            base = os.path.relpath(current, location.root)
+            for name in names:
+                folders.add(tuple(os.path.normpath(os.path.join(base, name)).split(os.sep)))
+        for path, stat in walk_local(location.root, is_ignored_file):
+            size, mtime = stat_signature(stat)
+            files.append(
+                Entry(tuple(os.path.relpath(path, location.root).split(os.sep)), path, size, mtime)
+            )
+    else:
+        info = retrying(fs, lambda: fs.get_file_info(location.root))
+        if info.type != pafs.FileType.Directory:
+            raise DatasetError(f"{where} is not a folder")
+        for entry in list_files(fs, location.root):
+            parts = tuple(posixpath.relpath(entry.path, location.root).split("/"))
+            if any(is_ignored_file(p) for p in parts):
+                continue
+            size, mtime = stat_signature(entry)
+            files.append(Entry(parts, entry.path, size, mtime))
+            folders.update(parts[:i] for i in range(1, len(parts)))
+    return Tree(location, tuple(files), frozenset(folders))
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    root: str
+    root: str  # the path or URI the images are read from
+    source: pafs.FileSystem
     classes: tuple[str, ...]
     images: dict[str, tuple[ImageItem, ...]]
     split_folders: bool
     warnings: tuple[str, ...]
+    signatures: dict[str, tuple[int, int]]  # relative path -> (size, mtime)
 
     @property
     def fingerprint(self) -> str:
         return fingerprint(
-            [
-                list(self.classes),
-                {
-                    split: [[i.relative_path, i.image_id] for i in items]
-                    for split, items in self.images.items()
-                },
-            ]
-        )
+            [list(self.classes), {split: [[i.relative_path, *self.signatures[i.relative_path]]
+                                          for i in items] for split, items in self.images.items()}]
+        )  # fmt: skip
 
     @property
     def num_images(self) -> int:
         return sum(len(items) for items in self.images.values())
 
 
-def _visible_entries(folder: str) -> list[os.DirEntry[str]]:
-    with os.scandir(folder) as entries:
-        return sorted((e for e in entries if not is_ignored_file(e.name)), key=lambda e: e.name)
-
-
-def _split_folders(root: str) -> dict[str, str]:
+def _split_folders(tree: Tree) -> dict[str, str]:
     found: dict[str, str] = {}
-    for entry in _visible_entries(root):
-        split = SPLIT_ALIASES.get(entry.name.lower())
-        if split and entry.is_dir():
+    for name in tree.children():
+        split = SPLIT_ALIASES.get(name.lower())
+        if split:
             if split in found:
                 raise DatasetError(
-                    f"{root}: both {found[split]} and {entry.path} are {split} folders"
+                    f"{tree.location.uri}: both {found[split]}/ and {name}/ are {split} folders"
                 )
-            found[split] = entry.path
+            found[split] = name
     return found
 
 
-def is_dataset(folder: str) -> bool:
+def is_dataset(tree: Tree) -> bool:
     """A dataset has split folders, or at least one class folder that directly holds files."""
-    if _split_folders(folder):
-        return True
-    for entry in _visible_entries(folder):
-        if entry.is_dir() and any(e.is_file() for e in _visible_entries(entry.path)):
-            return True
-    return False
+    return bool(_split_folders(tree)) or any(len(e.parts) == 2 for e in tree.files)
 
 
-def expand_dataset_paths(paths: list[str]) -> list[str]:
+def expand_dataset_paths(paths: list[str]) -> list[tuple[str, Tree]]:
     """Each path as a dataset, or, for a folder of datasets, each dataset in it."""
-    found: list[str] = []
+    found: list[tuple[str, Tree]] = []
     for path in paths:
-        folder = os.path.abspath(os.path.expanduser(path))
-        if not os.path.isdir(folder):
-            raise DatasetError(f"{path} is not a folder")
-        if is_dataset(folder):
-            found.append(folder)
+        tree = list_tree(path)
+        if is_dataset(tree):
+            found.append((tree.location.uri, tree))
             continue
-        children = [e.path for e in _visible_entries(folder) if e.is_dir() and is_dataset(e.path)]
+        children = [tree.sub(name) for name in tree.children()]
+        children = [child for child in children if is_dataset(child)]
         if not children:
             raise DatasetError(
                 f"{path} holds no images in class folders (expected DATASET/CLASS/IMAGE, "
                 "DATASET/SPLIT/CLASS/IMAGE or a folder of such datasets)"
             )
-        found.extend(children)
+        found.extend((child.location.uri, child) for child in children)
     return found
 
 
-def _files_under(folder: str) -> list[str]:
-    files = []
-    for current, directories, names in os.walk(folder):
-        directories[:] = sorted(d for d in directories if not is_ignored_file(d))
-        files.extend(os.path.join(current, n) for n in sorted(names) if not is_ignored_file(n))
-    return files
+def _by_class(tree: Tree, where: str, warnings: list[str]) -> dict[str, list[Entry]]:
+    loose = tree.loose_files()
+    if loose:
+        warnings.append(f"{where}: ignored {len(loose)} files outside class folders")
+    classes: dict[str, list[Entry]] = {name: [] for name in tree.children()}
+    for entry in tree.files:
+        if len(entry.parts) > 1:
+            classes[entry.parts[0]].append(entry)
+    return classes
 
 
-def _class_folders(folder: str) -> tuple[dict[str, str], list[str]]:
-    classes, loose = {}, []
-    for entry in _visible_entries(folder):
-        if entry.is_dir():
-            classes[entry.name] = entry.path
-        elif entry.is_file():
-            loose.append(entry.name)
-    return classes, loose
-
-
-def discover_dataset(root: str, validation_fraction: float, name: str | None = None) -> DatasetSpec:
+def discover_dataset(
+    root: str, validation_fraction: float, name: str | None = None, tree: Tree | None = None
+) -> DatasetSpec:
     """Classes, splits and images of the dataset at ``root``, or a :class:`DatasetError`."""
-    root = os.path.abspath(os.path.expanduser(root))
-    name = name or os.path.basename(root)
+    tree = tree or list_tree(root)
+    location = tree.location
+    name = name or posixpath.basename(location.root.rstrip("/")) or "dataset"
     if not _NAME.match(name):
         raise DatasetError(f"dataset name {name!r} must be letters, digits, '.', '_' or '-'")
-    if not os.path.isdir(root):
-        raise DatasetError(f"dataset folder {root} does not exist")
     warnings: list[str] = []
-    split_dirs = _split_folders(root)
-    per_split: dict[str, dict[str, list[str]]] = {}
+    split_dirs = _split_folders(tree)
+    per_split: dict[str, dict[str, list[tuple[str, Entry]]]] = {}
     if split_dirs:
         if "train" not in split_dirs:
             raise DatasetError(f"{name}: has {', '.join(split_dirs)} folders but no train/ folder")
         for split, folder in split_dirs.items():
-            class_dirs, loose = _class_folders(folder)
-            if loose:
-                warnings.append(f"{name}/{split}: ignored {len(loose)} files outside class folders")
-            per_split[split] = {c: _files_under(d) for c, d in class_dirs.items()}
+            classes = _by_class(tree.sub(folder), f"{name}/{split}", warnings)
+            per_split[split] = {c: [(f"{folder}/{c}", e) for e in es] for c, es in classes.items()}
     else:
-        class_dirs, loose = _class_folders(root)
-        if loose:
-            warnings.append(f"{name}: ignored {len(loose)} files outside class folders")
         per_split = {"train": {}, "validation": {}}
-        for label, folder in class_dirs.items():
-            for path in _files_under(folder):
-                relative = os.path.relpath(path, root)
-                held_out = stable_unit_interval(relative, _SPLIT_SALT) < validation_fraction
-                per_split["validation" if held_out else "train"].setdefault(label, []).append(path)
+        for label, entries in _by_class(tree, name, warnings).items():
             for split in per_split.values():
                 split.setdefault(label, [])
+            for entry in entries:
+                held_out = (
+                    stable_unit_interval(_relative(entry.parts), _SPLIT_SALT) < validation_fraction
+                )
+                per_split["validation" if held_out else "train"][label].append((label, entry))
 
     classes = tuple(sorted(set().union(*(set(c) for c in per_split.values()))))
     if len(classes) < 2:
-        found = f"only {classes[0]!r}" if classes else "none"
+        found = f"only {escape_name(classes[0])!r}" if classes else "none"
         raise DatasetError(f"{name}: a classifier needs at least two class folders, found {found}")
     for label in classes:
         if not per_split["train"].get(label):
-            raise DatasetError(f"{name}: class {label!r} has no training images")
+            raise DatasetError(f"{name}: class {escape_name(label)!r} has no training images")
         for split in per_split:
             if split != "train" and not per_split[split].get(label):
-                warnings.append(f"{name}: class {label!r} has no {split} images")
-    index = {label: i for i, label in enumerate(classes)}
-    images = {}
+                warnings.append(f"{name}: class {escape_name(label)!r} has no {split} images")
+    images, signatures = {}, {}
     for split in (s for s in SPLITS if s in per_split):
         items = []
-        for label in classes:
-            for path in per_split[split].get(label, []):
-                items.append(
-                    ImageItem(
-                        path, os.path.relpath(path, root), _content_id(path), label, index[label]
-                    )
-                )
+        for index, label in enumerate(classes):
+            for prefix, entry in per_split[split].get(label, []):
+                relative = _relative((*prefix.split("/"), *entry.parts[1:]))
+                signatures[relative] = (entry.size, entry.mtime_ns)
+                items.append(ImageItem(entry.path, relative, entry.size, escape_name(label), index))
         images[split] = tuple(items)
-    return DatasetSpec(name, root, classes, images, bool(split_dirs), tuple(warnings))
+    return DatasetSpec(
+        name, location.uri, location.filesystem, tuple(escape_name(c) for c in classes), images,
+        bool(split_dirs), tuple(warnings), signatures,
+    )  # fmt: skip
 
 
-def _content_id(path: str) -> str:
-    try:
-        with open(path, "rb") as handle:
-            return content_id(handle.read())
-    except OSError:
-        return ""  # unreadable: the shard task rejects it with the reason
+def _relative(parts: tuple[str, ...]) -> str:
+    """A path relative to the dataset, escaped: valid UTF-8 whatever the file's name."""
+    return escape_name("/".join(parts))

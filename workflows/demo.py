@@ -7,6 +7,9 @@ Pillow from a seeded generator: the same seed gives the same JPEG bytes on every
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -63,3 +66,55 @@ def generate_shapes_dataset(
             if not os.path.exists(path):
                 image.save(path, quality=90)
     return root
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    folder: str = "wf-demo"
+    images_per_class: int = 40
+    shards: int = 4
+    weights: str = "imagenet"
+    epochs: int = 8  # of every method
+    cache_dir: str | None = None
+    cluster: Any = None  # ClusterSettings
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    data: str
+    reports: list[Any]
+    results: list[Any]
+
+
+def run_demo(
+    settings: DemoSettings,
+    run_extract: Callable[[Any], list[Any]],
+    run_train_all: Callable[[Any], list[Any]],
+) -> DemoResult:
+    """Generate the shapes dataset, extract it and train every default method on it, on one
+    Ray cluster. The two pipeline calls are passed in so the caller can show their progress."""
+    from workflows.cluster import ray_cluster
+    from workflows.settings import (
+        DatasetSource,
+        ExtractSettings,
+        TrainSettings,
+        recipes_from_options,
+    )
+
+    data = generate_shapes_dataset(
+        os.path.join(settings.folder, "data", "shapes"), settings.images_per_class
+    )
+    extra = {"cache_dir": settings.cache_dir} if settings.cache_dir else {}
+    extract = ExtractSettings(
+        datasets=(DatasetSource(data),), store=os.path.join(settings.folder, "store"),
+        shards=settings.shards, weights=settings.weights, cluster=settings.cluster, **extra,
+    )  # fmt: skip
+    train = TrainSettings(
+        store=extract.store, runs=os.path.join(settings.folder, "runs"),
+        recipes=recipes_from_options(settings.epochs, None, {}, {}), cluster=settings.cluster,
+    )  # fmt: skip
+    train = replace(train, options=replace(train.options, scratch_image_size=96))
+    with ray_cluster(settings.cluster):  # one cluster for both halves
+        reports = run_extract(extract)
+        results = run_train_all(train)
+    return DemoResult(data, reports, results)

@@ -1,5 +1,6 @@
 """Using a trained model: classify files (`wf predict`), or score a labelled folder
-(`wf evaluate`). Bad files are reported with their reason, never fatal."""
+(`wf evaluate`). Models, files and folders may be local paths or object-store URIs. Bad files
+are reported with their reason, never fatal."""
 
 from __future__ import annotations
 
@@ -7,15 +8,20 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass, field
+import posixpath
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
-from storage.artifacts import read_json
 from storage.errors import SettingsError, StoreError
+from storage.filesystem import Location, file_info, read_bytes, write_bytes
+from storage.names import escape_name
 from tasks.evaluation import classification_metrics
 from tasks.heads import probabilities
-from tasks.images import ImageRejected, decode_image, is_ignored_file
+from tasks.images import ImageRejected, load_image
+from workflows.datasets import list_tree
 
 BATCH = 32
 
@@ -29,116 +35,149 @@ class Prediction:
     error: str = ""
 
 
-def load_classifier(model_path: str) -> tuple[object, list[str]]:
-    """The Keras 3 model and its class names (``classes.json`` beside it)."""
-    if not os.path.isfile(model_path):
+@dataclass(frozen=True)
+class Classifier:
+    model: Any
+    classes: list[str]
+    sha256: str
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(int(d) for d in self.model.input_shape[1:3])  # type: ignore[return-value]
+
+
+def load_classifier(model_path: str) -> Classifier:
+    """The Keras 3 model at ``model_path`` (a path or URI) and its class names (``classes.json``
+    beside it); anything that stops it loading is one :class:`StoreError`."""
+    from storage.hashing import sha256_stream
+
+    location = Location.at(posixpath.dirname(model_path) if "://" in model_path
+                           else os.path.dirname(os.path.abspath(model_path)))  # fmt: skip
+    name = posixpath.basename(model_path)
+    if file_info(location.filesystem, location.path(name)) is None:
         raise StoreError(f"model {model_path} does not exist")
-    classes = read_json(os.path.join(os.path.dirname(os.path.abspath(model_path)), "classes.json"))
+    try:
+        classes = json.loads(read_bytes(location.filesystem, location.path("classes.json")))
+    except FileNotFoundError:
+        raise StoreError(f"no classes.json beside {model_path}") from None
+    except ValueError as error:
+        raise StoreError(f"classes.json beside {model_path} is not valid JSON: {error}") from None
+    data = read_bytes(location.filesystem, location.path(name))
     import keras
 
-    return keras.saving.load_model(model_path, compile=False), list(classes)
+    with tempfile.TemporaryDirectory() as folder:
+        local = os.path.join(folder, "model.keras")
+        with open(local, "wb") as handle:
+            handle.write(data)
+        try:
+            model = keras.saving.load_model(local, compile=False)
+        except Exception as error:  # Keras raises many kinds; all mean "cannot load"
+            first = str(error).strip().splitlines()[0][:240] if str(error).strip() else ""
+            raise StoreError(
+                f"cannot load model {model_path}: {type(error).__name__}: {first}"
+            ) from None
+    if not isinstance(classes, list):
+        raise StoreError(f"classes.json beside {model_path} is not a list")
+    return Classifier(model, [str(c) for c in classes], sha256_stream([data]))
 
 
-def image_files(paths: list[str]) -> list[str]:
+def image_files(paths: list[str]) -> list[tuple[str, Location, str]]:
+    """``(shown name, location, path)`` of each file, folders walked (hidden names skipped)."""
     files = []
     for path in paths:
-        if os.path.isdir(path):
-            for current, directories, names in os.walk(path):
-                directories[:] = sorted(d for d in directories if not is_ignored_file(d))
-                files.extend(
-                    os.path.join(current, n) for n in sorted(names) if not is_ignored_file(n)
-                )
-        elif os.path.exists(path):
-            files.append(path)
+        location = Location.at(path)
+        info = file_info(location.filesystem, location.root) if not location.is_local else None
+        if (location.is_local and os.path.isdir(location.root)) or (
+            info and info.type.name == "Directory"
+        ):
+            tree = list_tree(path)
+            files.extend((escape_name(e.path), tree.location, e.path) for e in tree.files)
+        elif os.path.lexists(location.root) if location.is_local else info is not None:
+            files.append((escape_name(path), location, location.root))
         else:
             raise SettingsError(f"{path} does not exist")
     return files
 
 
-def _classify(model: object, classes: list[str], files: list[str]) -> list[Prediction]:
-    size = tuple(int(d) for d in model.input_shape[1:3])  # type: ignore[attr-defined]
+def classify(classifier: Classifier, files: list[tuple[str, Location, str]]) -> list[Prediction]:
+    size = classifier.input_size
     results: dict[int, Prediction] = {}
     good: list[tuple[int, np.ndarray]] = []
-    for index, path in enumerate(files):
+    for index, (shown, location, path) in enumerate(files):
         try:
-            with open(path, "rb") as handle:
-                good.append((index, decode_image(handle.read(), size)))
+            good.append((index, load_image(location.filesystem, path, size)))
         except ImageRejected as rejected:
-            results[index] = Prediction(path, error=f"{rejected.reason}: {rejected.detail}")
-        except OSError as error:
-            results[index] = Prediction(path, error=f"unreadable: {error}")
+            results[index] = Prediction(shown, error=f"{rejected.reason}: {rejected.detail}")
     for start in range(0, len(good), BATCH):
         chunk = good[start : start + BATCH]
         pixels = np.stack([image for _, image in chunk]).astype(np.float32)
-        probs = probabilities(model.predict(pixels, verbose=0), len(classes))  # type: ignore[attr-defined]
-        for (index, _), row in zip(chunk, probs, strict=True):
+        outputs = classifier.model.predict(pixels, verbose=0)
+        for (index, _), row in zip(
+            chunk, probabilities(outputs, len(classifier.classes)), strict=True
+        ):
             best = int(row.argmax())
             results[index] = Prediction(
-                files[index],
-                classes[best],
-                round(float(row[best]), 6),
-                {name: round(float(p), 6) for name, p in zip(classes, row, strict=True)},
-            )
+                files[index][0], classifier.classes[best], round(float(row[best]), 6),
+                {name: round(float(p), 6) for name, p in zip(classifier.classes, row, strict=True)},
+            )  # fmt: skip
     return [results[i] for i in range(len(files))]
 
 
 def predict_paths(model_path: str, paths: list[str]) -> list[Prediction]:
-    model, classes = load_classifier(model_path)
-    return _classify(model, classes, image_files(paths))
+    return classify(load_classifier(model_path), image_files(paths))
+
+
+def render_predictions(predictions: list[Prediction], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps([asdict(p) for p in predictions], indent=2) + "\n"
+    classes = next((list(p.probabilities) for p in predictions if p.probabilities), [])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "label", "probability", *[f"p_{c}" for c in classes], "error"])
+    for p in predictions:
+        writer.writerow([p.path, p.label, p.probability if not p.error else "",
+                         *[p.probabilities.get(c, "") for c in classes], p.error])  # fmt: skip
+    return buffer.getvalue()
 
 
 def write_predictions(predictions: list[Prediction], output: str | None, fmt: str | None) -> str:
-    """Render as CSV or JSON; write to ``output`` when given. Returns the text."""
+    """Render as CSV or JSON; write to ``output`` (a path or URI) when given. Returns the text."""
     fmt = fmt or (os.path.splitext(output)[1].lstrip(".") if output else "csv")
     if fmt not in ("csv", "json"):
         raise SettingsError(f"--format must be csv or json, not {fmt!r}")
-    if fmt == "json":
-        text = json.dumps([p.__dict__ for p in predictions], indent=2) + "\n"
-    else:
-        classes = next((list(p.probabilities) for p in predictions if p.probabilities), [])
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["path", "label", "probability", *[f"p_{c}" for c in classes], "error"])
-        for p in predictions:
-            writer.writerow(
-                [
-                    p.path,
-                    p.label,
-                    p.probability if not p.error else "",
-                    *[p.probabilities.get(c, "") for c in classes],
-                    p.error,
-                ]
-            )
-        text = buffer.getvalue()
+    text = render_predictions(predictions, fmt)
     if output:
-        with open(output, "w") as handle:
-            handle.write(text)
+        write_output(output, text.encode())
     return text
+
+
+def write_output(where: str, data: bytes) -> None:
+    """Write a result file the user named: a local path or a URI."""
+    folder, name = (posixpath.dirname(where), posixpath.basename(where)) if "://" in where else (
+        os.path.dirname(os.path.abspath(where)), os.path.basename(where))  # fmt: skip
+    location = Location.at(folder)
+    write_bytes(location.filesystem, location.path(name), data)
 
 
 def evaluate_folder(model_path: str, folder: str) -> dict:
     """Metrics of the model on ``folder`` (one sub-folder per class, named as in training)."""
-    model, classes = load_classifier(model_path)
-    if not os.path.isdir(folder):
-        raise SettingsError(f"{folder} is not a folder")
-    present = sorted(
-        e.name for e in os.scandir(folder) if e.is_dir() and not is_ignored_file(e.name)
-    )
-    unknown = [c for c in present if c not in classes]
+    tree = list_tree(folder)
+    classifier = load_classifier(model_path)
+    present = tree.children()
+    unknown = [c for c in present if escape_name(c) not in classifier.classes]
     if unknown:
-        raise SettingsError(f"{folder} has classes the model does not know: {', '.join(unknown)}")
-    files, labels = [], []
-    for name in present:
-        found = image_files([os.path.join(folder, name)])
-        files.extend(found)
-        labels.extend([classes.index(name)] * len(found))
-    predictions = _classify(model, classes, files)
+        raise SettingsError(
+            f"{folder} has classes the model does not know: {', '.join(map(escape_name, unknown))}"
+        )
+    entries = [e for e in tree.files if len(e.parts) > 1]
+    files = [(escape_name(e.path), tree.location, e.path) for e in entries]
+    labels = [classifier.classes.index(escape_name(e.parts[0])) for e in entries]
+    predictions = classify(classifier, files)
     kept = [i for i, p in enumerate(predictions) if not p.error]
-    probs = np.array([[predictions[i].probabilities[c] for c in classes] for i in kept]).reshape(
-        -1, len(classes)
-    )
+    probs = np.array([[predictions[i].probabilities[c] for c in classifier.classes] for i in kept])
     metrics = classification_metrics(
-        np.array([labels[i] for i in kept], dtype=np.int64), probs, classes
-    )
+        np.array([labels[i] for i in kept], dtype=np.int64),
+        probs.reshape(-1, len(classifier.classes)), classifier.classes,
+    )  # fmt: skip
     metrics["rejects"] = [{"path": p.path, "error": p.error} for p in predictions if p.error]
     return metrics

@@ -1,13 +1,13 @@
 """Settings, built once from CLI options or a TOML config file and passed down, frozen.
 
-No other module reads the environment or global configuration.
+Every option's help text and default live on its field here; the CLI's help is generated from
+them. No other module reads the environment or global configuration.
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 from storage.errors import SettingsError
@@ -15,7 +15,29 @@ from storage.feature_store import FEATURE_DTYPES
 from tasks.augment import AugmentPolicy
 from tasks.backbones import BACKBONES, DEFAULT_BACKBONE
 from tasks.backbones.runtime import DEFAULT_RUNTIME, RUNTIMES
+from tasks.heads import SCRATCH_IMAGE_SIZE
 from tasks.images import DEFAULT_MAX_PIXELS
+from tasks.methods import DEFAULT_METHODS, METHODS, Recipe, TrainOptions, get_method
+
+
+def setting(default: Any = MISSING, help: str = "", **kwargs: Any) -> Any:
+    """A dataclass field that carries its CLI help."""
+    if "default_factory" in kwargs:
+        return field(metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def option_help(cls: type, name: str, shown_default: str | None = None) -> str:
+    """The help of setting ``name`` of ``cls`` with its default, for typer."""
+    (spec,) = [f for f in fields(cls) if f.name == name]
+    text = spec.metadata.get("help", "")
+    if "(default:" in text:  # a default that is not a value says what it means itself
+        return text
+    default = shown_default
+    if default is None:
+        value = spec.default if spec.default is not MISSING else spec.default_factory()  # type: ignore[misc]
+        default = ",".join(value) if isinstance(value, tuple) else str(value)
+    return f"{text} (default: {default})"
 
 
 def default_cache_dir() -> str:
@@ -24,20 +46,15 @@ def default_cache_dir() -> str:
 
 # TensorFlow turns its oneDNN CPU kernels on by default only on some Intel CPUs; on this
 # project's AMD machines they make the fine-tune's train step about 1.2x faster
-# (benchmarks/finetune_speed.py). Set for the CLI's process and every Ray worker; a value the
-# user set wins.
+# (benchmarks/finetune_speed.py). Ray Train's controller collects each worker's reports when it
+# polls them, every 2 s by default, and a worker's next report waits for that: with sub-second
+# epochs every epoch took 2 s. Set for the CLI's process and every Ray worker; a value the user
+# set wins.
 TENSORFLOW_ENV = {"TF_ENABLE_ONEDNN_OPTS": "1"}
-
-
-# Ray Train's controller collects each worker's reports when it polls the workers, every 2 s
-# by default, and a worker's next report waits until the last one was collected: with short
-# epochs (a dense top on a few thousand rows) every epoch took at least 2 s. Polling every
-# 0.2 s removes that floor; a poll is one cheap actor call per worker.
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
 def _user_values_win(defaults: dict[str, str]) -> dict[str, str]:
-    """``defaults`` under the values this process's environment already has."""
     return {name: os.environ.get(name, value) for name, value in defaults.items()}
 
 
@@ -47,8 +64,7 @@ def tensorflow_env() -> dict[str, str]:
 
 
 def worker_env() -> dict[str, str]:
-    """Every Ray worker's environment variables (:data:`TENSORFLOW_ENV`, :data:`RAY_TRAIN_ENV`),
-    a value the user set winning."""
+    """Every Ray worker's environment variables, a value the user set winning."""
     return _user_values_win({**TENSORFLOW_ENV, **RAY_TRAIN_ENV})
 
 
@@ -56,13 +72,14 @@ def worker_env() -> dict[str, str]:
 class ClusterSettings:
     """``address=None`` starts a local Ray cluster with ``num_cpus`` (all cores when None)."""
 
-    address: str | None = None
-    num_cpus: int | None = None
+    address: str | None = setting(None, "Ray cluster to use, or RAY_ADDRESS (default: a local one)")
+    num_cpus: int | None = setting(None, "CPUs of the local Ray cluster (default: all)")
+    verbose: bool = False  # Ray's and TensorFlow's own start-up lines
 
 
 @dataclass(frozen=True)
 class DatasetSource:
-    """A dataset folder, with an optional name and validation fraction of its own."""
+    """A dataset folder (path or URI), with an optional name and validation fraction."""
 
     path: str
     name: str | None = None
@@ -72,22 +89,28 @@ class DatasetSource:
 @dataclass(frozen=True)
 class ExtractSettings:
     datasets: tuple[DatasetSource, ...]
-    store: str = "store"
-    shards: int = 8
-    backbone: str = DEFAULT_BACKBONE
-    weights: str = "imagenet"
-    input_size: int | None = None
-    taps: tuple[str, ...] | None = None
-    dtype: str = "float16"
-    augment: int = 2
-    policy: AugmentPolicy = field(default_factory=AugmentPolicy)
-    seed: int = 0
-    validation_fraction: float = 0.2
-    runtime: str = DEFAULT_RUNTIME
-    batch_size: int = 32
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    threads_per_task: int = 1
-    cache_dir: str = field(default_factory=default_cache_dir)
+    store: str = setting("store", "Feature store root: a path or a URI (s3://...)")
+    shards: int = setting(8, "Shards per split, one Ray task each")
+    backbone: str = setting(DEFAULT_BACKBONE, "Backbone (see `wf backbones`)")
+    weights: str = setting("imagenet", "imagenet, none (random) or a local weights file")
+    input_size: int | None = setting(None, "Square input size in pixels (default: the backbone's)")
+    taps: tuple[str, ...] | None = setting(
+        None, "Comma-separated taps to store (default: the backbone's)"
+    )
+    dtype: str = setting("float16", "Feature dtype: float16 or float32")
+    augment: int = setting(2, "Augmented copies per training image")
+    policy: AugmentPolicy = field(default_factory=AugmentPolicy)  # [augment_policy] in a config
+    seed: int = setting(0, "Run seed for augmentation")
+    validation_fraction: float = setting(0.2, "Held-out share when a dataset has no split folders")
+    runtime: str = setting(DEFAULT_RUNTIME, f"Backbone runtime: {' or '.join(RUNTIMES)}")
+    batch_size: int = setting(32, "Images per batch through the backbone")
+    max_pixels: int = setting(
+        DEFAULT_MAX_PIXELS, "Reject images with more pixels (decompression bombs)"
+    )
+    threads_per_task: int = setting(1, "CPUs (and inference threads) per shard task")
+    cache_dir: str = setting(help="Converted backbones cache", default_factory=default_cache_dir)
+    wait: bool = setting(False, "Wait for a store another run is writing, instead of refusing")
+    drop_empty_classes: bool = setting(False, "Drop a class with no usable training image (warn)")
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     def __post_init__(self) -> None:
@@ -105,12 +128,9 @@ class ExtractSettings:
             raise SettingsError(f"--runtime must be one of {', '.join(RUNTIMES)}: {self.runtime}")
         if self.augment < 0:
             raise SettingsError(f"--augment must be >= 0, got {self.augment}")
-        if not 0 <= self.validation_fraction < 1:
-            raise SettingsError("--validation-fraction must be in [0, 1)")
-        for source in self.datasets:
-            fraction = source.validation_fraction
+        for fraction in (self.validation_fraction, *(s.validation_fraction for s in self.datasets)):
             if fraction is not None and not 0 <= fraction < 1:
-                raise SettingsError(f"validation_fraction of {source.path} must be in [0, 1)")
+                raise SettingsError(f"a validation fraction must be in [0, 1): {fraction}")
         if self.batch_size < 1 or self.threads_per_task < 1 or self.max_pixels < 1:
             raise SettingsError("--batch-size, --threads and --max-pixels must be >= 1")
         if self.input_size is not None and self.input_size < 32:
@@ -126,122 +146,116 @@ class ExtractSettings:
         return self.taps or BACKBONES[self.backbone].default_taps
 
 
-_TOP_LEVEL_KEYS = {f.name for f in fields(ExtractSettings)} - {"datasets", "policy", "cluster"}
+# Settings that do not change a single stored number: left out of the features' fingerprint.
+# Everything else is in it, a setting added later included (HF datasets' rule).
+NOT_FEATURE_SETTINGS = (
+    "datasets",  # the shards' own fingerprints hold their images
+    "store", "shards", "cache_dir", "cluster", "wait", "drop_empty_classes",
+    "validation_fraction",  # moves images between splits: the shards' fingerprints see it
+    "max_pixels",  # decides rejects: in the shards' fingerprints
+    "batch_size", "threads_per_task",  # how fast, not what
+    "weights", "input_size", "taps",  # fingerprinted as resolved: weights' SHA-256, size, taps
+)  # fmt: skip
 
 
-def load_config(path: str) -> dict[str, Any]:
-    """Read a TOML config: top-level extract settings, ``[augment_policy]`` and ``[[datasets]]``.
-
-    Returns keyword arguments for :class:`ExtractSettings`; relative dataset paths are taken
-    relative to the config file.
-    """
-    try:
-        with open(path, "rb") as handle:
-            raw = tomllib.load(handle)
-    except FileNotFoundError:
-        raise SettingsError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as error:
-        raise SettingsError(f"config file {path} is not valid TOML: {error}") from None
-    base = os.path.dirname(os.path.abspath(path))
-    unknown = set(raw) - _TOP_LEVEL_KEYS - {"datasets", "augment_policy"}
-    if unknown:
-        raise SettingsError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
-    settings: dict[str, Any] = {key: raw[key] for key in _TOP_LEVEL_KEYS if key in raw}
-    if "taps" in settings:
-        settings["taps"] = tuple(settings["taps"])
-    datasets = []
-    for entry in raw.get("datasets", []):
-        if "path" not in entry or set(entry) - {"path", "name", "validation_fraction"}:
-            raise SettingsError(
-                f"each [[datasets]] in {path} needs 'path', "
-                "and may have 'name' and 'validation_fraction'"
-            )
-        datasets.append(
-            DatasetSource(
-                os.path.join(base, os.path.expanduser(entry["path"])),
-                entry.get("name"),
-                entry.get("validation_fraction"),
-            )
-        )
-    settings["datasets"] = tuple(datasets)
-    if "augment_policy" in raw:
-        try:
-            settings["policy"] = AugmentPolicy(**raw["augment_policy"])
-        except (TypeError, ValueError) as error:
-            raise SettingsError(f"[augment_policy] in {path}: {error}") from None
-    return settings
-
-
-# The Keras blog's defaults: 50 epochs, batch 16; RMSprop for the top and the small convnet,
-# SGD 1e-4 with momentum 0.9 for fine-tuning.
-BLOG_EPOCHS = 50
-BLOG_BATCH_SIZE = 16
-# What one epoch of a job on stored taps reads: "all" stored copies of every training image, or
-# "one" copy of each image, the next one each epoch (the blog's epoch: every image once, freshly
-# augmented).
-EPOCH_COPIES = ("all", "one")
-
-
-@dataclass(frozen=True)
-class MethodSettings:
-    epochs: int = BLOG_EPOCHS
-    batch_size: int = BLOG_BATCH_SIZE
-    optimizer: str = "rmsprop"
-    learning_rate: float = 1e-3
-    momentum: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
-            raise SettingsError("epochs, batch size and learning rate must be positive")
-        if self.optimizer not in ("rmsprop", "sgd", "adam"):
-            raise SettingsError(f"optimizer must be rmsprop, sgd or adam: {self.optimizer}")
-
-
-def default_methods(**epochs: int) -> dict[str, MethodSettings]:
-    """The blog's settings of each method, the only place they are written down; keyword
-    arguments change a method's epochs: ``default_methods(finetune=8)``."""
-    methods = {
-        "bottleneck": MethodSettings(),
-        "finetune": MethodSettings(optimizer="sgd", learning_rate=1e-4, momentum=0.9),
-        "scratch": MethodSettings(),
-    }
-    return {name: replace(m, epochs=epochs.get(name, m.epochs)) for name, m in methods.items()}
+def default_recipes() -> dict[str, Recipe]:
+    """Each method's own recipe (the Keras blog's settings for its three)."""
+    return {name: method.recipe for name, method in METHODS.items()}
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    store: str = "store"
-    runs: str = "runs"
-    datasets: tuple[str, ...] | None = None
-    methods: tuple[str, ...] = ("bottleneck", "finetune", "scratch")
-    backbone: str | None = None
-    method_settings: dict[str, MethodSettings] = field(default_factory=default_methods)
-    workers: int = 1
-    threads_per_worker: int = 1
-    use_gpu: bool = False
-    early_stopping_patience: int | None = None
-    keep_best: bool = False
-    epoch_copies: str = "all"
-    seed: int = 0
-    scratch_image_size: int = 150
-    max_concurrent_jobs: int | None = None
-    max_failures: int = 0
-    force: bool = False
+    store: str = setting("store", "Feature store root written by `wf extract`")
+    runs: str = setting("runs", "Where models, metrics and plots go: a path or a URI")
+    datasets: tuple[str, ...] | None = setting(
+        None, "Comma-separated datasets (default: all in the store)"
+    )
+    methods: tuple[str, ...] = setting(
+        DEFAULT_METHODS, f"Comma-separated, of: {', '.join(METHODS)}"
+    )
+    backbone: str | None = setting(
+        None, f"Which backbone's store to train on (default: {DEFAULT_BACKBONE} if there)"
+    )
+    recipes: dict[str, Recipe] = field(default_factory=default_recipes)
+    options: TrainOptions = field(default_factory=TrainOptions)
+    max_concurrent_jobs: int | None = setting(
+        None, "Jobs at once (default: CPUs / (workers x threads))"
+    )
+    force: bool = setting(False, "Retrain jobs that already have artifacts")
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     def __post_init__(self) -> None:
-        unknown = set(self.methods) - {"bottleneck", "finetune", "scratch"}
-        if unknown or not self.methods:
-            raise SettingsError(
-                f"--methods must name bottleneck, finetune or scratch: {', '.join(sorted(unknown))}"
-            )
-        if self.workers < 1 or self.threads_per_worker < 1:
+        if not self.methods:
+            raise SettingsError("--methods names no method")
+        for name in self.methods:
+            get_method(name)
+        options = self.options
+        if options.workers < 1 or options.threads < 1:
             raise SettingsError("--workers and --threads must be >= 1")
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+        if options.early_stopping_patience is not None and options.early_stopping_patience < 1:
             raise SettingsError("--early-stopping must be >= 1 epochs")
-        if self.epoch_copies not in EPOCH_COPIES:
+        if options.epoch_copies not in EPOCH_COPIES:
             raise SettingsError(
-                f"--epoch-copies must be {' or '.join(EPOCH_COPIES)}: {self.epoch_copies}"
+                f"--epoch-copies must be {' or '.join(EPOCH_COPIES)}: {options.epoch_copies}"
             )
-        if self.scratch_image_size < 32:
+        if options.scratch_image_size < 32:
             raise SettingsError("--scratch-image-size must be at least 32")
+        if options.max_failures < 0:
+            raise SettingsError("--max-failures must be >= 0")
+
+
+# What one epoch of a job on stored taps reads: "all" stored copies of every training image, or
+# "one" copy of each image, the next one each epoch (the blog's epoch: every image once, freshly
+# augmented).
+EPOCH_COPIES = ("all", "one")
+TRAIN_OPTION_HELP = {
+    "workers": "Ray Train workers per job (>= 2 train one model in sync)",
+    "threads": "CPUs (and TensorFlow threads) per worker",
+    "use_gpu": "One GPU per worker",
+    "early_stopping_patience": "Stop after N epochs without a better validation loss",
+    "keep_best": "Keep the epoch with the best validation loss",
+    "epoch_copies": "What an epoch on stored taps reads: 'all' stored copies, or 'one' copy of "
+    "each image, the next one each epoch (the blog's epoch)",
+    "seed": "Seed of initial weights and shuffling",
+    "scratch_image_size": f"Input size of the small convnet (the blog's: {SCRATCH_IMAGE_SIZE})",
+    "max_failures": "Times Ray Train restarts a job's workers (a lost node) from its checkpoint",
+}
+
+
+def train_option_help(name: str) -> str:
+    default = getattr(TrainOptions(), name)
+    return f"{TRAIN_OPTION_HELP[name]} (default: {'off' if default is None else default})"
+
+
+def parse_assignments(values: list[str] | None, kind: type, what: str) -> dict[str, Any]:
+    """``["finetune=8", "scratch=12,bottleneck=30"]`` as ``{method: value}``, each method known."""
+    out: dict[str, Any] = {}
+    for value in values or []:
+        for item in filter(None, (v.strip() for v in value.split(","))):
+            name, sep, number = item.partition("=")
+            if not sep:
+                raise SettingsError(f"{what} takes METHOD=VALUE, not {item!r}")
+            get_method(name.strip())
+            try:
+                out[name.strip()] = kind(number)
+            except ValueError:
+                raise SettingsError(f"{what}: {number!r} is not a number") from None
+    return out
+
+
+def recipes_from_options(
+    epochs: int | None, batch_size: int | None, epochs_for: dict[str, int],
+    learning_rate_for: dict[str, float],
+) -> dict[str, Recipe]:  # fmt: skip
+    """Each method's recipe with the options given: per method, then for all, then its own."""
+    recipes = {}
+    for name, recipe in default_recipes().items():
+        changes: dict[str, Any] = {}
+        if name in epochs_for or epochs is not None:
+            changes["epochs"] = epochs_for.get(name, epochs)
+        if batch_size is not None:
+            changes["batch_size"] = batch_size
+        if name in learning_rate_for:
+            changes["learning_rate"] = learning_rate_for[name]
+        recipes[name] = replace(recipe, **changes)
+    return recipes

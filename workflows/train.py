@@ -1,52 +1,76 @@
 """The training pipeline: every (dataset, method) job of a feature store, concurrently.
 
-plan jobs -> start each job as a Ray task that drives its own Ray Train run, as many at once as
-the cluster's CPUs allow (``finetune`` only after its dataset's ``bottleneck`` top exists) ->
-collect results -> summary table (Markdown and HTML beside the runs).
+plan jobs (each store verified: every part at its recorded size and row count, every class
+with training rows) -> start each job's runner as a Ray task on the driver's node, as many at
+once as the cluster's CPUs allow, a job after the one it depends on -> collect results ->
+summary (Markdown and HTML beside the runs).
 """
 
 from __future__ import annotations
 
-import html
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
 
-from storage.artifacts import JobFiles, read_json, write_bytes
 from storage.errors import StoreError
+from storage.feature_store import FeatureStore
+from storage.filesystem import delete_folder
 from storage.layout import StoreLayout
-from tasks.backbones import DEFAULT_BACKBONE, get_backbone, resolve_weights
-from tasks.training import JobBoard, JobResult, JobSpec, run_job_task
-from workflows.cluster import ray_cluster
+from storage.runs import RunsLayout
+from tasks.backbones import DEFAULT_BACKBONE
+from tasks.methods import JobContext, StoreFacts, in_dependency_order
+from tasks.training.job import JobBoard, JobResult, run_job_task
+from workflows.cluster import on_this_node, ray_cluster
 from workflows.settings import TrainSettings
-
-# Validation accuracy in the Keras blog on the same 2000/800 cats-vs-dogs split.
-BLOG_REFERENCE = {"scratch": 0.80, "bottleneck": 0.90, "finetune": 0.94}
-METHOD_ORDER = ("bottleneck", "finetune", "scratch")
+from workflows.summary import write_summary
 
 
 @dataclass(frozen=True)
 class PlannedJob:
-    spec: JobSpec
+    dataset: str
+    method: str
+    context: JobContext | None  # None when its store cannot be used
     depends_on: str | None
+    problem: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.method}"
 
 
-def _pick_backbone(layout: StoreLayout, dataset: str, wanted: str | None) -> str | None:
-    backbones = [b for d, b in layout.datasets() if d == dataset]
-    if wanted:
-        return wanted if wanted in backbones else None
-    if DEFAULT_BACKBONE in backbones:
-        return DEFAULT_BACKBONE
-    return backbones[0] if backbones else None
+def store_facts(store: FeatureStore) -> StoreFacts:
+    manifest = store.manifest
+    splits = sorted({r.split for r in manifest.shards.values()})
+    return StoreFacts(
+        backbone=manifest.backbone,
+        input_size=tuple(manifest.input_size),
+        taps={name: tuple(tap.shape) for name, tap in manifest.taps.items()},
+        copies=manifest.augment_copies + 1,
+        files={split: tuple(store.files(split)) for split in splits},
+        rows={s: sum(r.rows for r in manifest.shards.values() if r.split == s) for s in splits},
+        images={s: sum(manifest.images_per_class(s)) for s in splits},
+        manifest_id=manifest.manifest_id,
+        weights_source=manifest.weights_source,
+        weights_sha256=manifest.weights_sha256,
+    )
+
+
+def _open_verified(layout: StoreLayout, dataset: str, backbone: str) -> FeatureStore:
+    store = FeatureStore.open(layout, dataset, backbone)
+    store.verify_parts()
+    empty = store.empty_classes()
+    if empty:
+        raise StoreError(f"{store.name}: class {', '.join(map(repr, empty))} has no training rows")
+    return store
 
 
 def plan_jobs(settings: TrainSettings) -> list[PlannedJob]:
-    """Every selected (dataset, method) job, bottleneck before finetune."""
+    """Every selected (dataset, method) job, each after the job it depends on."""
     layout = StoreLayout.at(settings.store)
-    available = sorted({d for d, _ in layout.datasets()})
+    found = layout.stores()
+    available = sorted({d for d, _ in found})
     if not available:
         raise StoreError(f"no feature store under {settings.store}: run `wf extract` first")
     chosen = list(settings.datasets) if settings.datasets else available
@@ -55,42 +79,57 @@ def plan_jobs(settings: TrainSettings) -> list[PlannedJob]:
         raise StoreError(
             f"not in {settings.store}: {', '.join(missing)}; it has {', '.join(available)}"
         )
+    runs = RunsLayout(settings.runs)
     jobs = []
     for dataset in chosen:
-        backbone = _pick_backbone(layout, dataset, settings.backbone)
-        if backbone is None:
-            raise StoreError(f"{dataset} has no store for backbone {settings.backbone}")
-        for method in METHOD_ORDER:
-            if method not in settings.methods:
-                continue
-            method_settings = settings.method_settings[method]
-            spec = JobSpec(
-                dataset=dataset,
-                method=method,
-                store=settings.store,
-                runs=settings.runs,
-                backbone=backbone,
-                epochs=method_settings.epochs,
-                batch_size=method_settings.batch_size,
-                learning_rate=method_settings.learning_rate,
-                optimizer=method_settings.optimizer,
-                momentum=method_settings.momentum,
-                workers=settings.workers,
-                threads=settings.threads_per_worker,
-                use_gpu=settings.use_gpu,
-                early_stopping_patience=settings.early_stopping_patience,
-                keep_best=settings.keep_best,
-                epoch_copies=settings.epoch_copies,
-                seed=settings.seed,
-                scratch_image_size=settings.scratch_image_size,
-                max_failures=settings.max_failures,
+        backbones = [b for d, b in found if d == dataset]
+        own = settings.backbone or (
+            DEFAULT_BACKBONE if DEFAULT_BACKBONE in backbones else backbones[0]
+        )
+        if own not in backbones:
+            raise StoreError(
+                f"{dataset} has no store for backbone {own}; it has {', '.join(backbones)}"
             )
-            depends = f"{dataset}/bottleneck" if method == "finetune" else None
-            jobs.append(PlannedJob(spec, depends))
+        for method in in_dependency_order(settings.methods):
+            names = [own, *(b for b in backbones if b != own)] if method.all_backbones else [own]
+            depends = f"{dataset}/{method.depends_on}" if method.depends_on else None
+            try:
+                stores = [_open_verified(layout, dataset, b) for b in names]
+                if len({s.manifest.classes for s in stores}) > 1:
+                    raise StoreError(f"{dataset}: its backbones' stores have different classes")
+            except StoreError as error:
+                jobs.append(PlannedJob(dataset, method.name, None, depends, str(error)))
+                continue
+            context = JobContext(
+                dataset=dataset, method=method.name, classes=stores[0].manifest.classes,
+                dataset_root=stores[0].manifest.dataset_root,
+                stores=tuple(store_facts(s) for s in stores), store_filesystem=layout.filesystem,
+                runs=runs, recipe=settings.recipes[method.name], options=settings.options,
+            )  # fmt: skip
+            jobs.append(PlannedJob(dataset, method.name, context, depends))
     return jobs
 
 
 ProgressHook = Callable[[dict[str, dict]], None]
+
+
+def _kept(job: PlannedJob, runs: RunsLayout) -> JobResult:
+    files = runs.job(job.dataset, job.method)
+    metrics = files.read_json("metrics.json")
+    return JobResult(
+        job.dataset, job.method, "kept", metrics.get("accuracy"), metrics.get("loss"),
+        metrics.get("epochs", 0), seconds_per_epoch=metrics.get("seconds_per_epoch"),
+        workers_in_sync=metrics.get("workers_in_sync"), nodes=tuple(metrics.get("nodes", ())),
+        error="kept: it has artifacts (--force retrains)", model_path=files.display("model.keras"),
+    )  # fmt: skip
+
+
+def _failure(job: PlannedJob, error: BaseException, seconds: float) -> JobResult:
+    lines = str(error).strip().splitlines()
+    cause = getattr(error, "cause", None)
+    kind = type(cause or error).__name__
+    return JobResult(job.dataset, job.method, "failed", seconds=seconds,
+                     error=f"{kind}: {lines[-1] if lines else ''}"[:500])  # fmt: skip
 
 
 def run_train_all(
@@ -98,173 +137,72 @@ def run_train_all(
 ) -> list[JobResult]:
     """Run every planned job; one failed job is reported and does not stop the others."""
     jobs = plan_jobs(settings)
+    runs = RunsLayout(settings.runs)
     if settings.force:
-        import shutil
-
         for job in jobs:
-            shutil.rmtree(
-                JobFiles(settings.runs, job.spec.dataset, job.spec.method).dir, ignore_errors=True
-            )
-            shutil.rmtree(
-                os.path.join(os.path.abspath(settings.runs), "_ray", job.spec.run_name),
-                ignore_errors=True,
-            )
-    weights = {}
-    for job in jobs:
-        if job.spec.method != "scratch" and job.spec.backbone not in weights:
-            manifest_source = _manifest_weights(settings.store, job.spec.dataset, job.spec.backbone)
-            weights[job.spec.backbone] = resolve_weights(
-                get_backbone(job.spec.backbone), manifest_source
-            )
+            runs.job(job.dataset, job.method).remove()
+            delete_folder(runs.location.filesystem, runs.ray_run_dir(f"{job.dataset}-{job.method}"))
     results: dict[str, JobResult] = {}
     with ray_cluster(settings.cluster):
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        per_job = settings.workers * settings.threads_per_worker
-        limit = settings.max_concurrent_jobs or max(1, cpus // per_job)
-        board = JobBoard.remote()
-        waiting = list(jobs)
-        planned = {job.spec.key for job in jobs}
+        options = settings.options
+        limit = settings.max_concurrent_jobs or max(
+            1, int(ray.cluster_resources().get("CPU", 1)) // (options.workers * options.threads)
+        )
+        board = JobBoard.options(scheduling_strategy=on_this_node()).remote()
+        waiting, planned = list(jobs), {job.key for job in jobs}
         running: dict[ray.ObjectRef, tuple[PlannedJob, float]] = {}
         while waiting or running:
             for job in list(waiting):
                 if len(running) >= limit:
                     break
                 if job.depends_on in planned and job.depends_on not in results:
-                    continue  # its bottleneck top is not there yet
+                    continue  # what it starts from is not there yet
                 waiting.remove(job)
-                dependency = results.get(job.depends_on) if job.depends_on else None
-                files = JobFiles(settings.runs, job.spec.dataset, job.spec.method)
-                top = JobFiles(settings.runs, job.spec.dataset, "bottleneck")
-                if (
-                    job.depends_on
-                    and not (dependency and dependency.status == "done")
-                    and not top.exists()
-                ):
-                    results[job.spec.key] = JobResult(
-                        job.spec.dataset,
-                        job.spec.method,
-                        "skipped",
-                        error=f"{job.depends_on} did not finish",
+                needed = results.get(job.depends_on) if job.depends_on else None
+                if job.context is None:
+                    results[job.key] = JobResult(
+                        job.dataset, job.method, "failed", error=job.problem
                     )
-                elif files.exists() and not settings.force:
-                    results[job.spec.key] = _existing_result(job.spec, files)
+                elif needed is not None and needed.status not in ("done", "kept"):
+                    reason = f"{job.depends_on} did not finish"
+                    results[job.key] = JobResult(job.dataset, job.method, "skipped", error=reason)
+                elif runs.job(job.dataset, job.method).exists():
+                    results[job.key] = _kept(job, runs)
                 else:
-                    ref = run_job_task.remote(job.spec, board, weights.get(job.spec.backbone))
-                    running[ref] = (job, time.perf_counter())
+                    task = run_job_task.options(scheduling_strategy=on_this_node())
+                    running[task.remote(job.context, board)] = (job, time.perf_counter())
             if not running:
                 continue
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in ready:
                 job, started = running.pop(ref)
                 try:
-                    results[job.spec.key] = ray.get(ref)
-                except Exception as error:  # a failed job is reported, the others go on
-                    message = str(error).strip().splitlines()
-                    results[job.spec.key] = JobResult(
-                        job.spec.dataset,
-                        job.spec.method,
-                        "failed",
-                        seconds=time.perf_counter() - started,
-                        error=f"{type(error).__name__}: {message[-1] if message else ''}"[:500],
-                    )
+                    results[job.key] = ray.get(ref)
+                except Exception as error:  # a failed job is reported, others go on
+                    results[job.key] = _failure(job, error, time.perf_counter() - started)
             if on_progress is not None:
-                facts = ray.get(board.all.remote())
-                status = {}
-                for job in jobs:
-                    key = job.spec.key
-                    if key in results:
-                        status[key] = {
-                            "state": results[key].status,
-                            "epochs": job.spec.epochs,
-                            "epoch": results[key].epochs,
-                        }
-                    elif any(j.spec.key == key for j, _ in running.values()):
-                        status[key] = {
-                            "state": "running",
-                            "epochs": job.spec.epochs,
-                            "epoch": facts.get(key, {}).get("epoch", 0),
-                        }
-                    else:
-                        status[key] = {"state": "waiting", "epochs": job.spec.epochs, "epoch": 0}
-                on_progress(status)
-    ordered = [results[job.spec.key] for job in jobs]
-    write_summary(settings.runs, ordered)
+                on_progress(_status(jobs, results, running, board))
+    ordered = [results[job.key] for job in jobs]
+    write_summary(runs, ordered)
     return ordered
 
 
-def _manifest_weights(store: str, dataset: str, backbone: str) -> str:
-    from storage.feature_store import FeatureStore
-
-    return FeatureStore.open(store, dataset, backbone).manifest.weights_source
-
-
-def _existing_result(spec: JobSpec, files: JobFiles) -> JobResult:
-    metrics = read_json(files.path("metrics.json"))
-    return JobResult(
-        spec.dataset,
-        spec.method,
-        "done",
-        accuracy=metrics.get("accuracy"),
-        loss=metrics.get("loss"),
-        epochs=metrics.get("epochs", 0),
-        seconds=0.0,
-        seconds_per_epoch=metrics.get("seconds_per_epoch"),
-        workers_in_sync=metrics.get("workers_in_sync"),
-        model_path=files.model,
-        error="kept (exists)",
-    )
-
-
-def summary_rows(results: list[JobResult]) -> list[dict[str, str]]:
-    rows = []
-    for r in results:
-        reference = BLOG_REFERENCE.get(r.method) if r.dataset.startswith("cats_vs_dogs") else None
-        rows.append(
-            {
-                "dataset": r.dataset,
-                "method": r.method,
-                "status": r.status,
-                "val accuracy": f"{r.accuracy:.4f}" if r.accuracy is not None else "-",
-                "val loss": f"{r.loss:.4f}" if r.loss is not None else "-",
-                "blog": f"{reference:.2f}" if reference else "",
-                "epochs": str(r.epochs),
-                "s/epoch": f"{r.seconds_per_epoch:.2f}" if r.seconds_per_epoch else "-",
-                "note": r.error,
-            }
-        )
-    return rows
-
-
-def write_summary(runs: str, results: list[JobResult]) -> None:
-    rows = summary_rows(results)
-    if not rows:
-        return
-    columns = list(rows[0])
-    markdown = [
-        "# wf train-all summary",
-        "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
-    ]
-    markdown += ["| " + " | ".join(row[c] for c in columns) + " |" for row in rows]
-    markdown.append("")
-    markdown.append(
-        "Blog: validation accuracy in the Keras blog on the same cats-vs-dogs split sizes."
-    )
-    write_bytes(os.path.join(runs, "summary.md"), ("\n".join(markdown) + "\n").encode())
-    cells = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = []
-    for result, row in zip(results, rows, strict=True):
-        body.append("<tr>" + "".join(f"<td>{html.escape(row[c])}</td>" for c in columns) + "</tr>")
-        plots = [
-            f'<img src="{result.dataset}/{result.method}/{name}" height="240">'
-            for name in ("learning_curves.png", "confusion_matrix.png")
-            if os.path.exists(os.path.join(runs, result.dataset, result.method, name))
-        ]
-        if plots:
-            body.append(f'<tr><td colspan="{len(columns)}">{"".join(plots)}</td></tr>')
-    page = (
-        f"<!doctype html><meta charset=utf-8><title>wf summary</title><h1>wf train-all summary</h1>"
-        f"<table border=1 cellpadding=4><tr>{cells}</tr>{''.join(body)}</table>"
-    )
-    write_bytes(os.path.join(runs, "summary.html"), page.encode())
+def _status(
+    jobs: list[PlannedJob], results: dict[str, JobResult], running: dict, board: object
+) -> dict[str, dict]:
+    try:
+        facts = ray.get(board.all.remote(), timeout=5)  # type: ignore[attr-defined]
+    except Exception:  # progress is for people; the run goes on
+        facts = {}
+    active = {job.key for job, _ in running.values()}
+    status = {}
+    for job in jobs:
+        epochs = job.context.recipe.epochs if job.context else 0
+        if job.key in results:
+            status[job.key] = {"state": results[job.key].status, "epochs": epochs,
+                               "epoch": results[job.key].epochs}  # fmt: skip
+        else:
+            state = "running" if job.key in active else "waiting"
+            status[job.key] = {"state": state, "epochs": epochs,
+                               "epoch": facts.get(job.key, {}).get("epoch", 0)}  # fmt: skip
+    return status

@@ -1,4 +1,4 @@
-"""The real ``wf`` command on a real local Ray cluster, and its one-line errors."""
+"""The real ``wf`` command: its one-line errors and exit codes, its help, the demo."""
 
 import json
 import os
@@ -6,122 +6,136 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
-from storage.hashing import content_id
 from tests.conftest import make_dataset
+from tests.tasks.test_pth_reader import crafted
 
+ROOT = Path(__file__).resolve().parents[2]
 WF = [sys.executable, "-m", "workflows.cli"]
 
 
-def _wf(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([*WF, *args], capture_output=True, text=True, timeout=timeout, env=env)
+def wf(*args: str, timeout: int = 600, columns: int = 200, **env) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "COLUMNS": str(columns), "TF_CPP_MIN_LOG_LEVEL": "3", **env}
+    environment.pop("RAY_ADDRESS", None)
+    return subprocess.run([*WF, *args], capture_output=True, text=True, timeout=timeout,
+                          env=environment, cwd=ROOT)  # fmt: skip
 
 
-@pytest.mark.slow
-def test_extract_8_shards_end_to_end(tmp_path, cache_dir):
-    data = make_dataset(tmp_path / "toys", ("balls", "blocks", "cones"), 10, size=40)
-    (data / "blocks" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
-    store = tmp_path / "store"
-    result = _wf(
-        "extract", str(data), "--shards", "8", "--store", str(store), "--image-size", "64",
-        "--augment", "2", "--validation-fraction", "0.3", "--cache-dir", cache_dir,
-        "--num-cpus", "2",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "toys" in result.stdout and "rejected files" in result.stderr
+def _safe_mode_refused_model(folder: Path) -> Path:
+    import keras
 
-    root = store / "toys" / "efficientnet_lite0"
-    manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["classes"] == ["balls", "blocks", "cones"] and manifest["num_shards"] == 8
-    assert len(manifest["shards"]) == 16  # 8 train + 8 validation
-    assert manifest["weights_source"] == "imagenet" and len(manifest["weights_sha256"]) == 64
-    parts = sorted(root.glob("*/part-*.parquet"))
-    assert [p.name for p in parts if p.parent.name == "train"] == [
-        f"part-{i:05d}-of-00008.parquet" for i in range(8)
-    ]
-    rows = pq.read_table([str(p) for p in parts]).to_pylist()
-    expected = {}
-    for label_index, label in enumerate(manifest["classes"]):
-        for image in sorted((data / label).iterdir()):
-            if image.name != "broken.jpg":
-                expected[f"{label}/{image.name}"] = (
-                    content_id(image.read_bytes()),
-                    label,
-                    label_index,
-                )
-    seen: dict[str, set[int]] = {}
-    splits = {}
-    taps = manifest["taps"]
-    for row in rows:
-        image_id, label, label_index = expected[row["path"]]
-        assert (row["image_id"], row["label"], row["label_index"]) == (image_id, label, label_index)
-        seen.setdefault(row["path"], set()).add(row["copy"])
-        splits[row["path"]] = row["split"]
-        for tap, spec in taps.items():
-            values = np.asarray(row[f"tap_{tap}"], dtype=np.float32)
-            assert values.size == np.prod(spec["shape"]) and np.isfinite(values).all()
-    assert set(seen) == set(expected)  # every good image, and nothing else
-    for path, copies in seen.items():
-        assert copies == ({0, 1, 2} if splits[path] == "train" else {0})
-    assert 0 < sum(s == "validation" for s in splits.values()) < len(splits)
-    rejects = pq.read_table(root / "rejects.parquet").to_pylist()
-    assert [(r["path"], r["reason"]) for r in rejects] == [("blocks/broken.jpg", "corrupt")]
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    model.save(folder / "model.keras")
+    (folder / "classes.json").write_text('["a", "b"]')
+    return folder / "model.keras"
 
-    again = _wf("extract", str(data), "--shards", "8", "--store", str(store), "--image-size", "64",
-                "--augment", "2", "--validation-fraction", "0.3", "--cache-dir", cache_dir,
-                "--num-cpus", "2")  # fmt: skip
-    assert again.returncode == 0
-    line = next(x for x in again.stdout.splitlines() if "toys" in x)
-    assert "16" in line.split("│")[6]  # all 16 shards skipped
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    make_dataset(root / "d", ("a", "b"), 2, size=16)
+    (root / "afile").write_text("x")
+    (root / "evil.pth").write_bytes(crafted({"w": (0, (2, 4), (4, 1))}))
+    (root / "m").mkdir()
+    _safe_mode_refused_model(root / "m")
+    (root / "s" / "d" / "bb").mkdir(parents=True)
+    (root / "s" / "d" / "bb" / "manifest.json").write_text("[1, 2, 3]")
+    return root
+
+
+ERRORS = [
+    # (arguments, exit code, text in the message)
+    (["extract", "/no/such/folder"], 2, "is not a folder"),
+    (["extract", "{root}/d", "--backbone", "resnet9000"], 2, "unknown backbone"),
+    (["extract", "{root}/d", "--shards", "0"], 2, "--shards must be"),
+    (["extract", "{root}/d", "--weights", "/no/weights.h5"], 2, "existing file"),
+    (["extract"], 2, "no dataset given"),
+    (["extract", "{root}/d", "--store", "{root}/afile"], 2, "cannot write to"),
+    (["extract", "{root}/d", "--store", "{root}/afile/store"], 2, "cannot write to"),
+    (["extract", "{root}/d", "--store", "/proc/wf-store"], 2, "cannot write to"),
+    (
+        ["extract", "{root}/d", "--weights", "{root}/evil.pth", "--store", "{root}/w"],
+        2,
+        "reach past its storage",
+    ),
+    (["extract", "{root}/d", "--shardz", "3"], 2, "No such option"),
+    (["train-all", "--store", "{root}/nothing"], 2, "no feature store"),
+    (["train-all", "--store", "{root}/s", "--methods", "bottlenek"], 2, "unknown method"),
+    (["train-all", "--store", "{root}/s", "--epochs-for", "finetune"], 2, "METHOD=VALUE"),
+    (["train-all", "--store", "{root}/s", "--runs", "{root}/r"], 1, "expected a JSON object"),
+    (["predict", "{root}/m/model.keras", "{root}/d"], 2, "cannot load model"),
+    (["predict", "{root}/nomodel.keras", "{root}/d"], 2, "does not exist"),
+    (["evaluate", "{root}/m/model.keras", "/no/folder"], 2, "is not a folder"),
+    (["verify"], 2, "name a STORE"),
+]
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["extract", "/no/such/folder"], "is not a folder"),
-        (["extract", "{data}", "--backbone", "resnet9000"], "unknown backbone"),
-        (["extract", "{data}", "--shards", "0"], "--shards must be"),
-        (["extract", "{data}", "--weights", "/no/weights.h5"], "existing file"),
-        (["extract"], "no dataset given"),
-    ],
+    ("args", "code", "message"), ERRORS, ids=[" ".join(a[:3]) for a, _, _ in ERRORS]
 )
-def test_user_mistakes_are_one_line_errors(tmp_path, args, message):
-    data = make_dataset(tmp_path / "d", ("a", "b"), 2, size=16)
-    result = _wf(*[a.format(data=data) for a in args], "--store", str(tmp_path / "s"))
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_every_error_is_one_line_with_its_exit_code(inputs, args, code, message):
+    result = wf(*[a.format(root=inputs) for a in args])
+    assert result.returncode == code, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 or code == 1, result.stderr  # a failed run names each failure
+    assert lines[-1].startswith("error") or "Usage" in result.stderr
 
 
-def test_help_documents_every_option_with_an_example():
-    result = _wf("extract", "--help")
+def test_debug_shows_the_traceback(inputs):
+    result = wf("--debug", "extract", str(inputs / "d"), "--store", str(inputs / "afile"))
+    assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+def test_help_documents_every_option_with_its_default_and_an_example():
+    result = wf("extract", "--help")
     assert result.returncode == 0
     for option in ("--shards", "--augment", "--backbone", "--weights", "--store", "--address",
-                   "--config", "--taps", "--dtype", "--runtime", "Example:"):  # fmt: skip
+                   "--config", "--taps", "--dtype", "--runtime", "--wait", "Example:"):  # fmt: skip
         assert option in result.stdout
+    assert "(default: 8)" in " ".join(result.stdout.split())  # generated from the settings
+    for command in ("train-all", "predict", "evaluate", "verify", "backbones", "methods", "demo"):
+        assert "Example:" in wf(command, "--help").stdout, command
 
 
-def test_unknown_option_is_a_message_not_a_traceback(tmp_path):
-    result = _wf("extract", str(tmp_path), "--shardz", "3")
-    assert result.returncode == 2 and "No such option" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_methods_and_backbones_list_the_registries():
+    listed = wf("methods").stdout
+    for name in ("bottleneck", "finetune", "scratch", "fusion"):
+        assert name in listed
+    assert "efficientnet_lite2" in wf("backbones").stdout
 
 
 @pytest.mark.slow
 def test_demo_runs_on_a_fresh_machine(tmp_path, cache_dir):
     # The README's main job, end to end in its own process, with fewer epochs and shards.
-    result = _wf("demo", "--dir", str(tmp_path / "demo"), "--images-per-class", "8",
-                 "--epochs", "2", "--shards", "2",
-                 "--num-cpus", "2", "--cache-dir", cache_dir)  # fmt: skip
+    result = wf("demo", "--dir", str(tmp_path / "demo"), "--images-per-class", "8", "--epochs", "2",
+                "--shards", "2", "--num-cpus", "2", "--cache-dir", cache_dir)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
-        Path(tmp_path) / "demo" / "store" / "shapes" / "efficientnet_lite0" / "manifest.json"
+        tmp_path / "demo" / "store" / "shapes" / "efficientnet_lite0" / "manifest.json"
     ).exists()
-    summary = (Path(tmp_path) / "demo" / "runs" / "summary.md").read_text()
+    summary = (tmp_path / "demo" / "runs" / "summary.md").read_text()
     for method in ("bottleneck", "finetune", "scratch"):
         assert f"| shapes | {method} | done |" in summary, summary
+
+
+@pytest.mark.slow
+def test_extract_json_and_the_store_verified_by_wf_verify(tmp_path, cache_dir):
+    data = make_dataset(tmp_path / "toys", ("balls", "blocks"), 6, size=40)
+    (data / "blocks" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    store = tmp_path / "store"
+    result = wf("extract", str(data), "--shards", "2", "--store", str(store), "--image-size", "48",
+                "--cache-dir", cache_dir, "--num-cpus", "2", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (report,) = json.loads(result.stdout)
+    assert report["rejects"] == 1 and report["images"] == 12 and report["shards_done"] == 4
+    checked = wf("verify", str(store))
+    assert checked.returncode == 0 and "no problems" in checked.stdout
+    part = next((store / "toys" / "efficientnet_lite0" / "train").glob("part-*.parquet"))
+    data_bytes = bytearray(part.read_bytes())
+    data_bytes[100] ^= 0xFF
+    part.write_bytes(bytes(data_bytes))
+    broken = wf("verify", str(store))
+    assert broken.returncode == 1 and part.name in broken.stderr and "SHA-256" in broken.stderr

@@ -143,10 +143,69 @@ def test_extract_and_train_on_a_cluster_wf_did_not_start(separate_cluster, tmp_p
     assert extracted.returncode == 0, extracted.stderr[-3000:]
     trained = wf(
         ["train-all", "--store", str(tmp_path / "store"), "--runs", str(tmp_path / "runs"),
-         "--methods", "bottleneck", "--bottleneck-epochs", "2", "--address", address],
+         "--methods", "bottleneck", "--epochs", "2", "--address", address],
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=token,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs" / "shapes" / "bottleneck" / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["accuracy"] is not None
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    from workflows.reaper import _processes, descendants
+
+    return descendants(pid, _processes())
+
+
+def _listening_addresses(pids: set[int]) -> set[str]:
+    """The local addresses that ``pids`` listen on (TCP, from ``ss``)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    found = set()
+    for line in out.splitlines():
+        for pid in map(int, re.findall(r"pid=(\d+)", line)):
+            if pid in pids:
+                found.add(line.split()[3].rsplit(":", 1)[0])
+    return found
+
+
+@pytest.mark.slow
+def test_the_local_cluster_is_gone_within_seconds_of_a_killed_wf(tmp_path, cache_dir):
+    make_dataset(tmp_path / "shapes", ("circles", "squares"), 30, size=64)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workflows.cli", "extract", str(tmp_path / "shapes"), "--store",
+         str(tmp_path / "store"), "--augment", "60", "--image-size", "64", "--shards", "2",
+         "--cache-dir", cache_dir, "--num-cpus", "2"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    commits = tmp_path / "store" / "shapes" / "efficientnet_lite0" / "_lease.json"
+    deadline = time.time() + 240
+    seen: dict[int, str] = {}
+    while not commits.exists() or len(seen) < 6:  # the store is leased: Ray is up and working
+        assert process.poll() is None and time.time() < deadline
+        seen.update(_descendants(process.pid))
+        time.sleep(0.2)
+    time.sleep(2)
+    seen.update(_descendants(process.pid))
+    # Everything the local cluster listens on is bound to the loopback address: Ray's gRPC
+    # servers, its agents, the workers (no wildcard, no outward address, no dashboard).
+    addresses = _listening_addresses(set(seen))
+    assert addresses and addresses <= {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}, addresses
+    process.kill()  # SIGKILL of wf alone, as a crash or an OOM kill would
+    process.wait(30)
+    deadline = time.time() + 15
+    while True:
+        alive = {pid for pid, started in seen.items() if _started(pid) == started}
+        if not alive:
+            break
+        assert time.time() < deadline, f"still running after 15 s: {alive}"
+        time.sleep(0.5)
+
+
+def _started(pid: int) -> str | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]

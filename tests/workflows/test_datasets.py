@@ -2,8 +2,9 @@ import pytest
 
 from storage.errors import DatasetError, SettingsError
 from tests.conftest import make_dataset
+from workflows.config import load_config
 from workflows.datasets import discover_dataset, expand_dataset_paths
-from workflows.settings import ExtractSettings, load_config
+from workflows.settings import ExtractSettings
 
 
 def test_split_folders_and_class_indices(tmp_path):
@@ -54,7 +55,7 @@ def test_folder_of_datasets_expands(tmp_path):
     make_dataset(tmp_path / "all" / "shapes", ("a", "b"), 2)
     make_dataset(tmp_path / "all" / "split" / "train", ("a", "b"), 2)
     found = expand_dataset_paths([str(tmp_path / "all")])
-    assert [p.split("/")[-1] for p in found] == ["shapes", "split"]
+    assert [root.split("/")[-1] for root, _ in found] == ["shapes", "split"]
 
 
 def test_toml_config(tmp_path):
@@ -74,3 +75,21 @@ def test_toml_config(tmp_path):
         load_config(str(config))
     with pytest.raises(SettingsError, match="shards"):
         ExtractSettings(datasets=values["datasets"], shards=0)
+
+
+def test_any_file_name_is_planned_escaped_and_symlinks_are_listed(tmp_path):
+    import os
+
+    make_dataset(tmp_path / "ds", ("a", "b"), 2, size=16)
+    data = (tmp_path / "ds" / "a" / "a_0000.jpg").read_bytes()
+    with open(os.path.join(os.fsencode(tmp_path / "ds" / "a"), b"caf\xe9.jpg"), "wb") as handle:
+        handle.write(data)
+    os.symlink("nowhere.jpg", tmp_path / "ds" / "b" / "dangling.jpg")
+    (tmp_path / "ds" / "b" / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "ds" / "b" / "deep" / "er" / "x.jpg").write_bytes(data)
+    spec = discover_dataset(str(tmp_path / "ds"), 0.0)
+    paths = {i.relative_path for i in spec.images["train"]}
+    assert {"a/caf\\xe9.jpg", "b/dangling.jpg", "b/deep/er/x.jpg"} <= paths
+    item = next(i for i in spec.images["train"] if i.relative_path == "a/caf\\xe9.jpg")
+    assert os.fsencode(item.path).endswith(b"caf\xe9.jpg") and item.size == len(data)
+    assert spec.fingerprint  # hashable whatever the names

@@ -11,36 +11,35 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from storage.artifacts import JobFiles, load_named_weights
 from storage.feature_store import FeatureStore
+from storage.runs import RunsLayout
 from tasks.images import decode_image
-from tasks.training import build_trainable, job_context, set_named_weights
+from tasks.methods import METHODS, Recipe, TrainOptions
+from tasks.training.weights import set_named_weights
 from tests.conftest import make_colour_dataset, make_dataset
 from workflows.extract import run_extract
-from workflows.settings import (
-    DatasetSource,
-    ExtractSettings,
-    MethodSettings,
-    TrainSettings,
-    default_methods,
-)
-from workflows.train import run_train_all
+from workflows.settings import DatasetSource, ExtractSettings, TrainSettings, default_recipes
+from workflows.train import plan_jobs, run_train_all
 
 pytestmark = pytest.mark.slow
 SHAPES = ("circles", "squares", "triangles")
 
 
-def _methods(epochs: int = 4, scratch: int = 12) -> dict[str, MethodSettings]:
-    return {
-        "bottleneck": MethodSettings(epochs=epochs),
-        "finetune": default_methods(finetune=2)["finetune"],
-        "scratch": MethodSettings(epochs=scratch, batch_size=8),
-    }
+def _recipes(epochs: int = 4, scratch: int = 12, **more: Recipe) -> dict[str, Recipe]:
+    recipes = default_recipes()
+    return {**recipes, "bottleneck": Recipe(epochs=epochs),
+            "finetune": replace(recipes["finetune"], epochs=2),
+            "scratch": Recipe(epochs=scratch, batch_size=8), **more}  # fmt: skip
+
+
+def _files(runs, dataset, method):
+    return RunsLayout(str(runs)).job(dataset, method)
 
 
 def _extract(root: Path, cache_dir: str, shards: int) -> str:
@@ -71,7 +70,7 @@ def extracted(tmp_path_factory, cache_dir, ray_local):
     store = _extract(root, cache_dir, shards=2)
     broken = FeatureStore.open(store, "broken", "efficientnet_lite0")
     for path in broken.files("train"):
-        os.remove(path)
+        os.remove(path)  # a store whose manifest names files that are gone
     return root, store
 
 
@@ -79,13 +78,8 @@ def extracted(tmp_path_factory, cache_dir, ray_local):
 def trained(extracted):
     """One train-all over every dataset of the store."""
     root, store = extracted
-    settings = TrainSettings(
-        store=store,
-        runs=str(root / "runs"),
-        method_settings=_methods(),
-        scratch_image_size=64,
-        seed=1,
-    )
+    settings = TrainSettings(store=store, runs=str(root / "runs"), recipes=_recipes(),
+                             options=TrainOptions(scratch_image_size=64, seed=1))  # fmt: skip
     results = {f"{r.dataset}/{r.method}": r for r in run_train_all(settings)}
     return root, settings, results
 
@@ -109,8 +103,8 @@ def test_every_method_learns_well_above_chance(trained):
 def test_a_failed_job_does_not_stop_the_others(trained):
     root, _, results = trained
     assert results["broken/bottleneck"].status == "failed"
-    assert "FileNotFoundError" in results["broken/bottleneck"].error
-    assert results["broken/finetune"].status == "skipped"
+    assert "named by the manifest is missing" in results["broken/bottleneck"].error
+    assert results["broken/finetune"].status == "failed"  # its store is refused as well
     assert results["shapes/finetune"].status == "done"
     summary = (root / "runs" / "summary.md").read_text()
     assert (
@@ -123,7 +117,7 @@ def test_artifacts_and_plain_keras_loading(trained):
     import keras
 
     root, _, _ = trained
-    files = JobFiles(str(root / "runs"), "pairs", "bottleneck")
+    files = _files(root / "runs", "pairs", "bottleneck")
     for name in (
         "model.keras",
         "classes.json",
@@ -132,12 +126,13 @@ def test_artifacts_and_plain_keras_loading(trained):
         "settings.json",
         "learning_curves.png",
         "confusion_matrix.png",
+        "artifacts.json",
     ):
         assert os.path.exists(files.path(name)), name
     metrics = json.loads(Path(files.path("metrics.json")).read_text())
     assert set(metrics["per_class"]) == {"blue", "red"}
     assert np.array(metrics["confusion_matrix"]).sum() == metrics["examples"]
-    assert metrics["manifest_id"]
+    assert metrics["manifest_ids"]["efficientnet_lite0"] and metrics["nodes"]
     with open(files.path("history.csv")) as handle:
         assert len(list(csv.DictReader(handle))) == metrics["epochs"] == 4
     model = keras.saving.load_model(files.model)
@@ -149,18 +144,18 @@ def test_finetuned_model_on_images_matches_the_finetune_on_stored_taps(trained):
     import keras
 
     _, settings, _ = trained
-    spec_files = JobFiles(settings.runs, "shapes", "finetune")
+    spec_files = _files(settings.runs, "shapes", "finetune")
     store = FeatureStore.open(settings.store, "shapes", "efficientnet_lite0")
     table = store.read_table("validation", ["path", "copy"])
     taps, _ = store.read_numpy("validation", "last_block_input", copies=False)
-    context = job_context(_spec(settings, "shapes", "finetune"))
-    head = build_trainable(keras, _spec(settings, "shapes", "finetune"), context)
-    set_named_weights(head, load_named_weights(spec_files.weights))
+    context = _context(settings, "shapes", "finetune")
+    head = METHODS["finetune"].build_trainable(keras, context)
+    set_named_weights(head, spec_files.read_weights("trained_weights.npz"))
     on_taps = head.predict(taps.astype(np.float32), verbose=0)
     model = keras.saving.load_model(spec_files.model)
     images = np.stack(
         [
-            decode_image((Path(context["dataset_root"]) / p).read_bytes(), (64, 64))
+            decode_image((Path(context.dataset_root) / p).read_bytes(), (64, 64))
             for p in table["path"].to_pylist()
         ]
     ).astype(np.float32)
@@ -169,30 +164,23 @@ def test_finetuned_model_on_images_matches_the_finetune_on_stored_taps(trained):
     np.testing.assert_allclose(on_images, on_taps, atol=0.02)
 
 
-def _spec(settings, dataset, method):
-    from workflows.train import plan_jobs
-
-    return next(j.spec for j in plan_jobs(settings) if j.spec.key == f"{dataset}/{method}")
+def _context(settings, dataset, method):
+    return next(j.context for j in plan_jobs(settings) if j.key == f"{dataset}/{method}")
 
 
 def test_two_workers_train_one_model_in_sync(trained):
     root, settings, _ = trained
-    from dataclasses import replace
-
     two = replace(
         settings,
         runs=str(root / "runs-2w"),
         datasets=("pairs",),
         methods=("bottleneck",),
-        workers=2,
-        epoch_copies="one",  # each worker's shard has its own mix of copies; steps must match
+        options=replace(settings.options, workers=2, epoch_copies="one"),
     )
     (result,) = run_train_all(two)
     assert result.status == "done", result.error
     assert result.workers_in_sync is True and result.accuracy >= 0.9
-    metrics = json.loads(
-        Path(JobFiles(two.runs, "pairs", "bottleneck").path("metrics.json")).read_text()
-    )
+    metrics = _files(two.runs, "pairs", "bottleneck").read_json("metrics.json")
     assert metrics["workers"] == 2 and metrics["workers_in_sync"] is True
 
 
@@ -210,7 +198,7 @@ def _wf(*args):
 
 def test_predict_agrees_with_evaluate(trained, tmp_path):
     _, settings, _ = trained
-    model = JobFiles(settings.runs, "shapes", "bottleneck").model
+    model = _files(settings.runs, "shapes", "bottleneck").model
     folder = tmp_path / "unseen"
     make_dataset(folder, SHAPES, 5, size=80, seed=11)
     (folder / "circles" / "bad.jpg").write_text("not an image")
@@ -242,6 +230,13 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
 def _names_a_checkpoint(snapshot: Path) -> bool:
     """Whether Ray Train's snapshot file names a latest checkpoint yet."""
     try:
@@ -264,8 +259,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(extracted, tmp_path):
         "pairs",
         "--methods",
         "bottleneck",
-        "--bottleneck-epochs",
-        str(epochs),
+        "--epochs-for",
+        f"bottleneck={epochs}",
         "--num-cpus",
         "2",
     ]
@@ -298,6 +293,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(extracted, tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         process.wait(30)
+        deadline = time.time() + 30  # a killed process can take a moment to be gone
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in tree):
+            assert time.time() < deadline, "killed processes did not go"
+            time.sleep(0.1)
     assert not (runs / "pairs" / "bottleneck" / "metrics.json").exists()
     # The rerun, in this process's Ray cluster: the same settings as the killed command.
     (result,) = run_train_all(
@@ -306,7 +305,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(extracted, tmp_path):
             runs=str(runs),
             datasets=("pairs",),
             methods=("bottleneck",),
-            method_settings=default_methods(bottleneck=epochs),
+            recipes={**default_recipes(), "bottleneck": Recipe(epochs=epochs)},
         )
     )
     assert result.status == "done", result.error
@@ -335,16 +334,13 @@ def test_early_stopping_keeps_the_best_epoch_and_one_copy_per_epoch(ray_local, t
         store=store,
         runs=str(tmp_path / "runs"),
         methods=("bottleneck",),
-        method_settings=default_methods(bottleneck=30),
-        early_stopping_patience=2,
-        keep_best=True,
-        epoch_copies="one",
-        seed=1,
+        recipes={**default_recipes(), "bottleneck": Recipe(epochs=30)},
+        options=TrainOptions(early_stopping_patience=2, keep_best=True, epoch_copies="one", seed=1),
     )
     (result,) = run_train_all(noisy)
     assert result.status == "done", result.error
-    files = JobFiles(noisy.runs, "noise", "bottleneck")
-    metrics = json.loads(Path(files.path("metrics.json")).read_text())
+    files = _files(noisy.runs, "noise", "bottleneck")
+    metrics = files.read_json("metrics.json")
     with open(files.path("history.csv")) as handle:
         val_loss = [float(row["val_loss"]) for row in csv.DictReader(handle)]
     assert metrics["epochs"] == len(val_loss) < 30
@@ -357,3 +353,24 @@ def test_early_stopping_keeps_the_best_epoch_and_one_copy_per_epoch(ray_local, t
         "train", "bottleneck", copies=False
     )[1]
     assert metrics["rows_per_epoch"] == len(images)  # one copy of each image, not both
+
+
+def test_fusion_trains_on_every_backbone_and_predicts_from_images(extracted, tmp_path, cache_dir):
+    root, store = extracted
+    pairs = (DatasetSource(str(root / "data" / "pairs")),)
+    lite1 = ExtractSettings(datasets=pairs, store=store, shards=1, backbone="efficientnet_lite1",
+                            input_size=72, augment=1, validation_fraction=0.3,
+                            cache_dir=cache_dir)  # fmt: skip
+    run_extract(lite1)
+    recipes = _recipes(fusion=Recipe(epochs=6, optimizer="adam"))
+    settings = TrainSettings(store=store, runs=str(tmp_path / "runs"), datasets=("pairs",),
+                             methods=("fusion",), recipes=recipes)  # fmt: skip
+    (result,) = run_train_all(settings)
+    assert result.status == "done", result.error
+    assert result.accuracy >= 0.9
+    files = _files(settings.runs, "pairs", "fusion")
+    metrics = files.read_json("metrics.json")
+    assert set(metrics["manifest_ids"]) == {"efficientnet_lite0", "efficientnet_lite1"}
+    evaluated = _wf("evaluate", files.model, str(root / "data" / "pairs"), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert json.loads(evaluated.stdout)["accuracy"] >= 0.9  # one image in, both backbones inside

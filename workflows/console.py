@@ -1,0 +1,125 @@
+"""What people see: progress bars, and tables that never cut a name.
+
+A table wider than the terminal (an 80-column window, a CI log, a pipe) is printed as one block
+of ``key: value`` lines per row instead of being truncated; ``--json`` prints the same facts as
+one JSON document on stdout for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def say(kind: str, message: str, style: str = "red") -> None:
+    """One line on stderr: ``kind:`` in colour, then the message exactly as it is (no markup)."""
+    err.print(Text.assemble((f"{kind}: ", style), message), soft_wrap=True)
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def table_width(columns: list[str], rows: list[dict[str, str]]) -> int:
+    """The width rich needs to print every cell whole (borders and padding included)."""
+    widths = [max([len(c), *(len(str(r.get(c, ""))) for r in rows)]) for c in columns]
+    return sum(widths) + 3 * len(columns) + 1
+
+
+def print_table(title: str, rows: list[dict[str, str]], console: Console = out) -> None:
+    """A table when it fits the console's width, else one ``key: value`` block per row."""
+    if not rows:
+        console.print(f"{title}: nothing")
+        return
+    columns = list(rows[0])
+    if table_width(columns, rows) <= console.width:
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column, no_wrap=True, overflow="ignore")
+        for row in rows:
+            table.add_row(*(Text(str(row.get(c, ""))) for c in columns))
+        console.print(table)
+        return
+    console.print(Text(title, style="bold"))
+    for row in rows:
+        first, *rest = columns
+        console.print(Text(f"{first}: {row.get(first, '')}", style="bold"))
+        for column in rest:
+            if str(row.get(column, "")) != "":
+                console.print(Text(f"  {column}: {row.get(column, '')}"))
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+@contextmanager
+def extract_progress(
+    enabled: bool = True,
+) -> Iterator[Callable[[dict[str, tuple[int, int, int]]], None]]:
+    """A progress bar per dataset; yields the hook :func:`workflows.extract.run_extract` calls."""
+    if not enabled:
+        yield lambda totals: None
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]:>6.1f} img/s  rejects {task.fields[rejects]}"),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=err, transient=False) as progress:
+        bars: dict[str, Any] = {}
+        started = time.perf_counter()
+
+        def update(totals: dict[str, tuple[int, int, int]]) -> None:
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            for name, (done, planned, rejects) in totals.items():
+                if name not in bars:
+                    bars[name] = progress.add_task(name, total=planned, rate=0.0, rejects=0)
+                progress.update(
+                    bars[name], completed=done + rejects, rate=done / elapsed, rejects=rejects
+                )
+
+        yield update
+
+
+@contextmanager
+def train_progress(enabled: bool = True) -> Iterator[Callable[[dict[str, dict]], None]]:
+    """A live table of jobs: state and epochs; yields the hook train-all calls."""
+    if not enabled:
+        yield lambda status: None
+        return
+    colours = {
+        "running": "cyan",
+        "done": "green",
+        "kept": "green",
+        "failed": "red",
+        "skipped": "yellow",
+    }
+
+    def render(status: dict[str, dict]) -> Table:
+        table = Table(title="wf train-all: jobs")
+        for column in ("job", "state", "epoch"):
+            table.add_column(column, no_wrap=True)
+        for key, facts in status.items():
+            colour = colours.get(facts["state"], "white")
+            table.add_row(
+                key, f"[{colour}]{facts['state']}[/]", f"{facts['epoch']}/{facts['epochs']}"
+            )
+        return table
+
+    with Live(Table(title="wf train-all: starting"), console=err, refresh_per_second=2) as live:
+        yield lambda status: live.update(render(status))

@@ -1,0 +1,172 @@
+"""Planning an extraction: which shards of which dataset need computing, and a clean store to
+compute them into.
+
+Shards are planned by a stable hash of each image's relative path, so adding images never moves
+an existing one. A shard whose input fingerprint (its images' paths, sizes and times, their
+labels and every feature setting) matches its committed record, and whose file is still there
+at its recorded size, is skipped. A change of any setting that alters features, of the shard
+count or of the classes starts the store afresh. Planning runs under the store's lease, so it
+may delete what no manifest names: parts of killed or superseded runs, stale commit records and
+temporary files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from storage.filesystem import (
+    delete_file,
+    delete_folder,
+    list_files,
+    list_folders,
+    remove_temporaries,
+)
+from storage.hashing import fingerprint, fingerprint_fields, stable_bucket
+from storage.layout import StoreLayout, new_attempt
+from storage.manifest import (
+    FORMAT_VERSION,
+    Manifest,
+    TapRecord,
+    now_iso,
+    read_manifest,
+    shard_key,
+    write_manifest,
+)
+from tasks.backbones.runtime import PreparedBackbone
+from tasks.extract_shard import ImageItem, ShardJob
+from workflows import __version__
+from workflows.datasets import DatasetSpec
+from workflows.settings import NOT_FEATURE_SETTINGS, ExtractSettings
+
+_SHARD_SALT = "wf-shard"
+
+
+@dataclass
+class DatasetPlan:
+    spec: DatasetSpec
+    manifest: Manifest
+    jobs: list[ShardJob]
+    fingerprints: dict[str, str]
+    skipped: int
+    reset: bool
+
+
+def plan_shards(items: tuple[ImageItem, ...], num_shards: int) -> list[tuple[ImageItem, ...]]:
+    """Split ``items`` into ``num_shards`` by a stable hash of each relative path: adding
+    images never moves an existing one to another shard."""
+    shards: list[list[ImageItem]] = [[] for _ in range(num_shards)]
+    for item in items:
+        shards[stable_bucket(item.relative_path, num_shards, _SHARD_SALT)].append(item)
+    return [tuple(shard) for shard in shards]
+
+
+def feature_fingerprint(settings: ExtractSettings, prepared: PreparedBackbone) -> str:
+    """Every setting that changes the numbers in a store: all the settings' fields but those
+    named in :data:`NOT_FEATURE_SETTINGS`, and the backbone as resolved."""
+    return fingerprint(
+        [
+            FORMAT_VERSION,
+            fingerprint_fields(settings, NOT_FEATURE_SETTINGS),
+            prepared.weights.sha256,
+            list(prepared.input_size),
+            sorted(prepared.taps),
+        ]
+    )
+
+
+def _fresh_manifest(
+    spec: DatasetSpec, settings: ExtractSettings, prepared: PreparedBackbone, features: str
+) -> Manifest:
+    return Manifest(
+        dataset=spec.name,
+        dataset_root=spec.root,
+        dataset_fingerprint=spec.fingerprint,
+        classes=spec.classes,
+        backbone=prepared.backbone,
+        weights_source=prepared.weights.source,
+        weights_sha256=prepared.weights.sha256,
+        input_size=prepared.input_size,
+        runtime=prepared.runtime,
+        augment_copies=settings.augment,
+        augment_policy=settings.policy.to_dict(),
+        seed=settings.seed,
+        taps={tap: TapRecord(shape, settings.dtype) for tap, shape in prepared.taps.items()},
+        feature_fingerprint=features,
+        num_shards=settings.shards,
+        split_sizes={split: len(items) for split, items in spec.images.items()},
+        wf_version=__version__,
+        created_at=now_iso(),
+        updated_at=now_iso(),
+    )
+
+
+def plan_dataset(
+    spec: DatasetSpec, settings: ExtractSettings, prepared: PreparedBackbone, layout: StoreLayout
+) -> DatasetPlan:
+    """Decide the shards to compute and write the run's starting manifest (hold the lease)."""
+    features = feature_fingerprint(settings, prepared)
+    existing = read_manifest(layout, spec.name, prepared.backbone)
+    fresh = _fresh_manifest(spec, settings, prepared, features)
+    identity = (features, settings.shards, spec.classes)
+    reset = existing is None or (
+        (existing.feature_fingerprint, existing.num_shards, existing.classes) != identity
+    )
+    kept = {} if reset or existing is None else existing.shards
+    if existing is not None and not reset:
+        fresh = replace(fresh, created_at=existing.created_at)
+    folder = layout.backbone_dir(spec.name, prepared.backbone)
+    sizes = {info.path: info.size for info in list_files(layout.filesystem, folder)}
+    jobs, fingerprints, skipped = [], {}, 0
+    for split, items in spec.images.items():
+        for index, shard_items in enumerate(plan_shards(items, settings.shards)):
+            key = shard_key(split, index)
+            images = [[i.relative_path, *spec.signatures[i.relative_path], i.label]
+                      for i in shard_items]  # fmt: skip
+            fingerprints[key] = fingerprint(
+                [features, list(spec.classes), settings.max_pixels, images]
+            )
+            record = kept.get(key)
+            if (
+                record is not None
+                and record.input_fingerprint == fingerprints[key]
+                and sizes.get(layout.absolute(record.file)) == record.size_bytes
+            ):
+                skipped += 1
+                continue
+            jobs.append(
+                ShardJob(
+                    dataset=spec.name, split=split, shard=index, num_shards=settings.shards,
+                    items=shard_items, source=spec.source, layout=layout,
+                    output_path=layout.part_path(spec.name, prepared.backbone, split, index,
+                                                 settings.shards, new_attempt()),
+                    classes=spec.classes, augment_copies=settings.augment, policy=settings.policy,
+                    seed=settings.seed, dtype=settings.dtype, batch_size=settings.batch_size,
+                    max_pixels=settings.max_pixels, threads=settings.threads_per_task,
+                )
+            )  # fmt: skip
+    redo = {shard_key(job.split, job.shard) for job in jobs}
+    manifest = replace(
+        fresh, shards={k: r for k, r in kept.items() if k in fingerprints and k not in redo}
+    )
+    write_manifest(layout, manifest)  # from here on, only this run's commits count
+    remove_unreferenced(layout, manifest)
+    return DatasetPlan(spec, manifest, jobs, fingerprints, skipped, reset)
+
+
+def remove_unreferenced(layout: StoreLayout, manifest: Manifest) -> int:
+    """Delete every part file the manifest does not name, commit records of other runs and
+    temporary files: what killed or superseded runs left. Only under the store's lease."""
+    named = {layout.absolute(record.file) for record in manifest.shards.values()}
+    removed = 0
+    for path in layout.part_files(manifest.dataset, manifest.backbone):
+        if path not in named:
+            delete_file(layout.filesystem, path)
+            removed += 1
+    commits = layout.commits_dir(manifest.dataset, manifest.backbone)
+    for run in list_folders(layout.filesystem, commits):
+        if run != manifest.run_id:
+            delete_folder(
+                layout.filesystem, layout.commits_dir(manifest.dataset, manifest.backbone, run)
+            )
+    folder = layout.backbone_dir(manifest.dataset, manifest.backbone)
+    return removed + remove_temporaries(layout.filesystem, folder)
