@@ -123,3 +123,74 @@ def train_progress(enabled: bool = True) -> Iterator[Callable[[dict[str, dict]],
 
     with Live(Table(title="wf train-all: starting"), console=err, refresh_per_second=2) as live:
         yield lambda status: live.update(render(status))
+
+
+def show_extract(title: str, reports: list[Any], as_json: bool) -> None:
+    """The extract table (or JSON), then each warning, failure and rejects file."""
+    from dataclasses import asdict
+
+    if as_json:
+        print_json([asdict(r) for r in reports])
+    else:
+        print_table(title, [
+            {"dataset": r.dataset, "images": str(r.images), "rejects": str(r.rejects),
+             "rows": str(r.rows), "shards done": str(r.shards_done),
+             "skipped": str(r.shards_skipped), "failed": str(r.shards_failed),
+             "img/s": f"{r.images_per_second:.1f}" if r.shards_done else "-",
+             "store size": human_bytes(r.store_bytes)} for r in reports])  # fmt: skip
+    for r in reports:
+        for warning in r.warnings:
+            say("warning", warning, "yellow")
+        for failure in r.failures:
+            say("failed", f"{r.dataset} {failure}")
+        if r.rejects:
+            say(r.dataset, f"{r.rejects} rejected files listed in {r.rejects_path}", "bold")
+
+
+def show_train(runs: str, results: list[Any], as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from workflows.summary import summary_rows
+
+    if as_json:
+        print_json([asdict(r) for r in results])
+    else:
+        print_table(f"wf train-all: {runs}", summary_rows(results))
+        out.print(f"summary: {runs.rstrip('/')}/summary.md and summary.html", markup=False)
+    for result in results:
+        if result.status == "failed":
+            say("failed", f"{result.dataset}/{result.method}: {result.error}")
+
+
+def show_evaluation(folder: str, metrics: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(metrics)
+        return
+    print_table(f"wf evaluate: {folder}", [
+        {"class": name, **{k: str(v[k]) for k in ("precision", "recall", "f1", "support")}}
+        for name, v in metrics["per_class"].items()])  # fmt: skip
+    out.print(f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  "
+              f"examples {metrics['examples']}  rejected {len(metrics['rejects'])}")  # fmt: skip
+
+
+def show_registries(backbones: bool) -> None:
+    """``wf backbones`` or ``wf methods``: the registry as a table."""
+    if backbones:
+        from tasks.backbones import BACKBONES, DEFAULT_BACKBONE, TAP_DESCRIPTIONS
+
+        print_table("wf backbones", [
+            {"name": f"{b.name} (default)" if b.name == DEFAULT_BACKBONE else b.name,
+             "input": f"{b.default_input_size}px", "taps": ", ".join(b.taps),
+             "offline ImageNet": "yes" if b.offline_imagenet else "no", "about": b.summary}
+            for b in BACKBONES.values()])  # fmt: skip
+        for tap, text in TAP_DESCRIPTIONS.items():
+            out.print(f"  {tap}: {text}")
+        return
+    from tasks.methods import DEFAULT_METHODS, METHODS
+
+    print_table("wf methods", [
+        {"name": m.name, "default": "yes" if m.name in DEFAULT_METHODS else "no",
+         "reads": ", ".join(m.taps) or "images", "after": m.depends_on or "",
+         "recipe": f"{m.recipe.epochs} epochs, batch {m.recipe.batch_size}, {m.recipe.optimizer} "
+                   f"{m.recipe.learning_rate:g}", "about": m.summary}
+        for m in METHODS.values()])  # fmt: skip

@@ -82,39 +82,45 @@ class DemoSettings:
 @dataclass(frozen=True)
 class DemoResult:
     data: str
+    runs: str
     reports: list[Any]
     results: list[Any]
 
 
 def run_demo(
     settings: DemoSettings,
-    run_extract: Callable[[Any], list[Any]],
-    run_train_all: Callable[[Any], list[Any]],
+    extract: Callable[[Any], list[Any]] | None = None,
+    train: Callable[[Any], list[Any]] | None = None,
 ) -> DemoResult:
-    """Generate the shapes dataset, extract it and train every default method on it, on one
-    Ray cluster. The two pipeline calls are passed in so the caller can show their progress."""
+    """Draw the shapes dataset, extract it and train every default method on it, on one Ray
+    cluster. ``extract`` and ``train`` run the two pipelines (by default, plainly; the CLI
+    passes them with their progress displays)."""
     from workflows.cluster import ray_cluster
+    from workflows.extract import run_extract
     from workflows.settings import (
         DatasetSource,
         ExtractSettings,
         TrainSettings,
         recipes_from_options,
     )
+    from workflows.train import run_train_all
 
+    extract, train = extract or run_extract, train or run_train_all
     data = generate_shapes_dataset(
         os.path.join(settings.folder, "data", "shapes"), settings.images_per_class
     )
     extra = {"cache_dir": settings.cache_dir} if settings.cache_dir else {}
-    extract = ExtractSettings(
+    extract_settings = ExtractSettings(
         datasets=(DatasetSource(data),), store=os.path.join(settings.folder, "store"),
         shards=settings.shards, weights=settings.weights, cluster=settings.cluster, **extra,
     )  # fmt: skip
-    train = TrainSettings(
-        store=extract.store, runs=os.path.join(settings.folder, "runs"),
+    train_settings = TrainSettings(
+        store=extract_settings.store, runs=os.path.join(settings.folder, "runs"),
         recipes=recipes_from_options(settings.epochs, None, {}, {}), cluster=settings.cluster,
     )  # fmt: skip
-    train = replace(train, options=replace(train.options, scratch_image_size=96))
+    options = replace(train_settings.options, scratch_image_size=96)
+    train_settings = replace(train_settings, options=options)
     with ray_cluster(settings.cluster):  # one cluster for both halves
-        reports = run_extract(extract)
-        results = run_train_all(train)
-    return DemoResult(data, reports, results)
+        reports = extract(extract_settings)
+        results = train(train_settings)
+    return DemoResult(data, train_settings.runs, reports, results)

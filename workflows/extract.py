@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 
 import ray
 
-from storage.errors import DatasetError
+from storage.errors import DatasetError, RunFailed
 from storage.layout import StoreLayout
 from storage.lease import Lease
 from storage.logs import write_run_log
@@ -257,3 +257,20 @@ def _finish(layout: StoreLayout, plan: DatasetPlan, outcome: _Outcome, name: str
         nodes=tuple(sorted(n for n in {r.node for r in records} if n)),
         warnings=plan.spec.warnings, failures=tuple(outcome.failures[name]), empty_classes=empty,
     )  # fmt: skip
+
+
+def check_reports(reports: list[DatasetReport]) -> None:
+    """Raise what the run's outcome means for its exit: failed shards (1), empty classes (2)."""
+    failed = sum(r.shards_failed for r in reports)
+    if failed:
+        raise RunFailed(f"{failed} shards failed; run the same command again to retry them")
+    empty = [
+        f"{r.dataset}: class {', '.join(map(repr, r.empty_classes))}"
+        for r in reports
+        if r.empty_classes
+    ]
+    if empty:
+        raise DatasetError(
+            f"no usable training image in {'; '.join(empty)} (see the rejects); "
+            "fix the files, or pass --drop-empty-classes"
+        )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import ray
 
-from storage.errors import StoreError
+from storage.errors import RunFailed, StoreError
 from storage.feature_store import FeatureStore
 from storage.filesystem import delete_folder
 from storage.layout import StoreLayout
@@ -206,3 +206,10 @@ def _status(
             status[job.key] = {"state": state, "epochs": epochs,
                                "epoch": facts.get(job.key, {}).get("epoch", 0)}  # fmt: skip
     return status
+
+
+def check_results(results: list[JobResult]) -> None:
+    """Raise :class:`RunFailed` when any job failed (exit 1); the others' artifacts are kept."""
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        raise RunFailed(f"{len(failed)} of {len(results)} jobs failed")

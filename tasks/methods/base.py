@@ -18,7 +18,7 @@ import pyarrow as pa
 from storage.errors import SettingsError
 from storage.runs import RunsLayout
 from tasks.augment import AugmentPolicy
-from tasks.backbones import ResolvedWeights
+from tasks.backbones import ResolvedWeights, get_backbone
 
 OPTIMIZERS = ("rmsprop", "sgd", "adam")
 
@@ -146,6 +146,11 @@ class Method(ABC):
         weights: dict[str, ResolvedWeights],
     ) -> Any:  # fmt: skip
         """The Keras 3 model users get: RGB pixels in [0, 255] in, class probabilities out."""
+
+
+def pretrained_base(store: StoreFacts, weights: dict[str, ResolvedWeights]) -> Any:
+    """The Keras 3 model of ``store``'s backbone with its weights, at the store's input size."""
+    return get_backbone(store.backbone).build(store.input_size, weights[store.backbone])
 
 
 def stack_tap(column: pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.backbones import ResolvedWeights, get_backbone
+from tasks.backbones import ResolvedWeights
 from tasks.heads import build_top
-from tasks.methods.base import JobContext, Method, Recipe, stack_tap
+from tasks.methods.base import JobContext, Method, Recipe, pretrained_base, stack_tap
 from tasks.training.weights import set_named_weights
 
 
@@ -37,8 +37,7 @@ class Bottleneck(Method):
     ) -> Any:  # fmt: skip
         import keras
 
-        store = context.store
-        base = get_backbone(store.backbone).build(store.input_size, weights[store.backbone])
+        base = pretrained_base(context.store, weights)
         top = self.build_trainable(keras, context)
         set_named_weights(top, trained)
         return keras.Model(base.input, top(base.output["bottleneck"]), name=context.run_name)

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from tasks.backbones import ResolvedWeights, get_backbone
 from tasks.heads import build_top
-from tasks.methods.base import JobContext, Method, Recipe, stack_tap
+from tasks.methods.base import JobContext, Method, Recipe, pretrained_base, stack_tap
 from tasks.training.weights import named_weights, set_named_weights
 
 
@@ -45,8 +45,7 @@ class Finetune(Method):
     ) -> dict[str, list[np.ndarray]]:
         import keras
 
-        store = context.store
-        base = get_backbone(store.backbone).build(store.input_size, weights[store.backbone])
+        base = pretrained_base(context.store, weights)
         start = self.build_trainable(keras, context)
         set_named_weights(start, named_weights(base))  # the pretrained last block
         top = context.runs.job(context.dataset, self.depends_on).read_weights("trained_weights.npz")
@@ -58,8 +57,7 @@ class Finetune(Method):
     ) -> Any:  # fmt: skip
         import keras
 
-        store = context.store
-        base = get_backbone(store.backbone).build(store.input_size, weights[store.backbone])
+        base = pretrained_base(context.store, weights)
         if not set_named_weights(base, trained):
             raise RuntimeError("no fine-tuned layer matched the backbone's layers")
         top = self.build_trainable(keras, context).get_layer("top")

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.backbones import ResolvedWeights, get_backbone
+from tasks.backbones import ResolvedWeights
 from tasks.heads import output_layer
-from tasks.methods.base import JobContext, Method, Recipe, stack_tap
+from tasks.methods.base import JobContext, Method, Recipe, pretrained_base, stack_tap
 from tasks.training.weights import set_named_weights
 
 DROPOUT = 0.5
@@ -57,7 +57,7 @@ class Fusion(Method):
         image = keras.Input((side, side, 3), name="image")
         pooled = []
         for store in context.stores:
-            base = get_backbone(store.backbone).build(store.input_size, weights[store.backbone])
+            base = pretrained_base(store, weights)
             base = keras.Model(base.input, base.output["bottleneck"], name=store.backbone)
             resized = keras.layers.Resizing(*store.input_size, name=f"resize_{store.backbone}")(
                 image

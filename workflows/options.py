@@ -1,0 +1,115 @@
+"""The CLI's options, one alias each, their help and defaults taken from the settings.
+
+``wf CMD --help`` is generated from these: a default changes in ``workflows/settings.py`` (or a
+method's recipe) and the help follows.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from workflows.settings import (
+    ClusterSettings,
+    ExtractSettings,
+    TrainSettings,
+    option_help,
+    train_option_help,
+)
+
+
+def _extract(name: str, *flags: str, shown: str | None = None) -> Any:
+    return typer.Option(*flags, help=option_help(ExtractSettings, name, shown))
+
+
+def _train(name: str, *flags: str) -> Any:
+    return typer.Option(*flags, help=option_help(TrainSettings, name))
+
+
+def _job(name: str, *flags: str) -> Any:
+    return typer.Option(*flags, help=train_option_help(name))
+
+
+Text = str | None
+Number = int | None
+Flag = bool | None
+
+# Every command that starts or joins Ray.
+Address = Annotated[
+    Text,
+    typer.Option("--address", envvar="RAY_ADDRESS", help=option_help(ClusterSettings, "address")),
+]
+NumCpus = Annotated[
+    Number, typer.Option("--num-cpus", help=option_help(ClusterSettings, "num_cpus"))
+]
+Json = Annotated[
+    bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")
+]
+Verbose = Annotated[
+    bool, typer.Option("--verbose", help="Show Ray's and TensorFlow's own log lines.")
+]
+
+# wf extract
+DataRoots = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Dataset folders or URIs (CLASS/IMAGE or SPLIT/CLASS/IMAGE), or folders of them.",
+        show_default=False,
+    ),
+]
+Config = Annotated[
+    Text, typer.Option(help="TOML file of [[datasets]] and settings; options here win.")
+]
+Store = Annotated[Text, _extract("store")]
+Shards = Annotated[Number, _extract("shards")]
+Backbone = Annotated[Text, _extract("backbone")]
+Weights = Annotated[Text, _extract("weights")]
+ImageSize = Annotated[Number, _extract("input_size", "--image-size")]
+Taps = Annotated[Text, _extract("taps")]
+Dtype = Annotated[Text, _extract("dtype")]
+Augment = Annotated[Number, _extract("augment")]
+Seed = Annotated[Number, _extract("seed")]
+ValidationFraction = Annotated[float | None, _extract("validation_fraction")]
+Runtime = Annotated[Text, _extract("runtime")]
+BatchSize = Annotated[Number, _extract("batch_size")]
+Threads = Annotated[Number, _extract("threads_per_task", "--threads")]
+MaxPixels = Annotated[Number, _extract("max_pixels")]
+CacheDir = Annotated[Text, _extract("cache_dir", shown="~/.cache/wf")]
+Wait = Annotated[Flag, _extract("wait", "--wait")]
+DropEmptyClasses = Annotated[Flag, _extract("drop_empty_classes", "--drop-empty-classes")]
+
+# wf train-all
+TrainStore = Annotated[Text, _train("store")]
+Runs = Annotated[Text, _train("runs")]
+Datasets = Annotated[Text, _train("datasets")]
+Methods = Annotated[Text, _train("methods")]
+TrainBackbone = Annotated[Text, _train("backbone")]
+MaxConcurrent = Annotated[Number, _train("max_concurrent_jobs", "--max-concurrent")]
+Force = Annotated[bool, _train("force", "--force")]
+Epochs = Annotated[Number, typer.Option(help="Epochs of every method (default: each method's own)")]
+EpochsFor = Annotated[
+    list[str] | None, typer.Option(help="METHOD=N: epochs of one method, e.g. finetune=8")
+]
+LearningRateFor = Annotated[
+    list[str] | None, typer.Option(help="METHOD=RATE: learning rate of one method")
+]
+TrainBatchSize = Annotated[Number, typer.Option(help="Batch size per worker (default: 16)")]
+Workers = Annotated[Number, _job("workers")]
+TrainThreads = Annotated[Number, _job("threads")]
+Gpu = Annotated[Flag, _job("use_gpu", "--gpu")]
+EarlyStopping = Annotated[Number, _job("early_stopping_patience", "--early-stopping")]
+KeepBest = Annotated[Flag, _job("keep_best", "--keep-best")]
+EpochCopies = Annotated[Text, _job("epoch_copies")]
+ScratchImageSize = Annotated[Number, _job("scratch_image_size")]
+TrainSeed = Annotated[Number, _job("seed")]
+MaxFailures = Annotated[Number, _job("max_failures")]
+
+# wf predict, evaluate
+Model = Annotated[
+    str, typer.Argument(help="A model.keras written by `wf train-all` (path or URI).")
+]
+Paths = Annotated[list[str], typer.Argument(help="Image files or folders (paths or URIs).")]
+Output = Annotated[Text, typer.Option(help="Write here (.csv or .json; a path or URI).")]
+Format = Annotated[Text, typer.Option("--format", help="csv or json (default: from --output).")]
+Folder = Annotated[str, typer.Argument(help="A labelled folder: one sub-folder per class.")]
