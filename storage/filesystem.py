@@ -184,8 +184,10 @@ def write_stream(
             filesystem.move(target, path)
     except BaseException:
         # An object store completes even an upload that failed midway when the stream
-        # closes; delete what it made visible.
-        delete_file(filesystem, target)
+        # closes; delete what it made visible, if it can now (else the next run will: no
+        # manifest names it).
+        with contextlib.suppress(Exception):
+            filesystem.delete_file(target)
         raise
 
 

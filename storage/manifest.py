@@ -51,6 +51,7 @@ class ShardRecord:
     class_images: tuple[int, ...] = ()  # usable images per class index
     worker: str = ""  # host:pid of the process that wrote the part
     node: str = ""  # the Ray node it ran on
+    peak_rss_mib: float = 0.0  # that process's peak memory
 
     @property
     def key(self) -> str:
@@ -206,11 +207,13 @@ def write_manifest(layout: StoreLayout, manifest: Manifest) -> None:
     )
 
 
-def commit_shard(layout: StoreLayout, manifest: Manifest, record: ShardRecord) -> Manifest:
-    """Make a finished shard count: one small commit record, whatever the store's size."""
+def commit_shard(layout: StoreLayout, manifest: Manifest, record: ShardRecord) -> int:
+    """Make a finished shard count: one small commit record, whatever the store's size.
+    Returns the bytes written."""
     path = layout.commit_path(manifest.dataset, manifest.backbone, manifest.run_id, record.key)
-    write_bytes(layout.filesystem, path, json.dumps(asdict(record), sort_keys=True).encode())
-    return manifest.with_shard(record)
+    data = json.dumps(asdict(record), sort_keys=True).encode()
+    write_bytes(layout.filesystem, path, data)
+    return len(data)
 
 
 def compact(layout: StoreLayout, manifest: Manifest) -> None:

@@ -23,7 +23,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from storage.feature_store import feature_schema, rows_to_batch, tap_column, write_part
+from storage.feature_store import (
+    WrittenFile,
+    feature_schema,
+    rows_to_batch,
+    tap_column,
+    write_part,
+)
+from storage.filesystem import retrying
 from storage.hashing import content_id
 from storage.layout import StoreLayout
 from storage.manifest import Reject, TapRecord
@@ -156,12 +163,16 @@ def extract_shard(
     schema = feature_schema(taps, job.classes)
     rejects: list[Reject] = []
     class_images = [0] * len(job.classes)
-    written = write_part(
-        job.layout,
-        job.output_path,
-        schema,
-        _batches(job, prepared, schema, rejects, class_images, progress),
-    )
+
+    def attempt() -> WrittenFile:
+        rejects.clear()
+        class_images[:] = [0] * len(job.classes)
+        batches = _batches(job, prepared, schema, rejects, class_images, progress)
+        return write_part(job.layout, job.output_path, schema, batches)
+
+    # An object store that stops answering mid-upload: the shard is made again, after a
+    # backoff, until the store's retry policy gives up (then the task fails, one line).
+    written = retrying(job.layout.filesystem, attempt)
     return ShardResult(
         split=job.split,
         shard=job.shard,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import ray
 
@@ -50,6 +50,9 @@ class DatasetReport:
     warnings: tuple[str, ...]
     failures: tuple[str, ...]
     empty_classes: tuple[str, ...]
+    commits: int = 0  # shards committed by this run
+    commit_seconds: float = 0.0  # time the driver spent committing them
+    commit_bytes: int = 0  # bytes it wrote to commit them
 
     @property
     def images_per_second(self) -> float:
@@ -166,6 +169,8 @@ class _Outcome:
     nodes: dict[str, set[str]]
     failures: dict[str, list[str]]
     finished_at: dict[str, float]
+    commit_seconds: dict[str, float] = field(default_factory=dict)
+    commit_bytes: dict[str, int] = field(default_factory=dict)
 
 
 def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outcome:
@@ -200,7 +205,13 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
                     )
                     continue
                 leases[job.dataset].check()  # a lost lease stops before the manifest moves
-                _commit(layout, plan, result)
+                started = time.perf_counter()
+                written = _commit(layout, plan, result)
+                name = job.dataset
+                outcome.commit_seconds[name] = outcome.commit_seconds.get(name, 0.0) + (
+                    time.perf_counter() - started
+                )
+                outcome.commit_bytes[name] = outcome.commit_bytes.get(name, 0) + written
                 outcome.done[job.dataset] += 1
                 outcome.images[job.dataset] += result.images
                 outcome.peak_rss[job.dataset] = max(
@@ -219,7 +230,7 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
     return outcome
 
 
-def _commit(layout: StoreLayout, plan: DatasetPlan, result: ShardResult) -> None:
+def _commit(layout: StoreLayout, plan: DatasetPlan, result: ShardResult) -> int:
     """Make a finished shard count: one commit record."""
     key = shard_key(result.split, result.shard)
     record = ShardRecord(
@@ -228,8 +239,11 @@ def _commit(layout: StoreLayout, plan: DatasetPlan, result: ShardResult) -> None
         images=result.images, rows=result.rows, rejects=result.rejects, sha256=result.sha256,
         size_bytes=result.size_bytes, seconds=round(result.seconds, 3),
         class_images=result.class_images, worker=result.worker, node=result.node,
+        peak_rss_mib=round(result.peak_rss_mib, 1),
     )  # fmt: skip
-    plan.manifest = commit_shard(layout, plan.manifest, record)
+    written = commit_shard(layout, plan.manifest, record)
+    plan.manifest = plan.manifest.with_shard(record)
+    return written
 
 
 def _finish(layout: StoreLayout, plan: DatasetPlan, outcome: _Outcome, name: str) -> DatasetReport:
@@ -256,6 +270,8 @@ def _finish(layout: StoreLayout, plan: DatasetPlan, outcome: _Outcome, name: str
         rejects_path=layout.location.display(rejects_path),
         nodes=tuple(sorted(n for n in {r.node for r in records} if n)),
         warnings=plan.spec.warnings, failures=tuple(outcome.failures[name]), empty_classes=empty,
+        commits=outcome.done[name], commit_seconds=round(outcome.commit_seconds.get(name, 0.0), 4),
+        commit_bytes=outcome.commit_bytes.get(name, 0),
     )  # fmt: skip
 
 

@@ -52,10 +52,12 @@ def extract_without_ray(root, cache, backbones=("efficientnet_lite0",), size=40)
         for job in plan.jobs:
             result = extract_shard(job, prepared)
             key = f"{job.split}/{job.shard:05d}"
-            manifest = commit_shard(layout, manifest, ShardRecord(
+            record = ShardRecord(
                 job.split, job.shard, 1, layout.relative(result.path), plan.fingerprints[key],
                 result.images, result.rows, result.rejects, result.sha256, result.size_bytes,
-                result.seconds, result.class_images))  # fmt: skip
+                result.seconds, result.class_images)  # fmt: skip
+            commit_shard(layout, manifest, record)
+            manifest = manifest.with_shard(record)
         compact(layout, manifest)
     return store
 
