@@ -84,3 +84,17 @@ def verify_runs(runs: RunsLayout, report: VerifyReport) -> None:
             if len(data) != expected["bytes"] or sha256_stream([data]) != expected["sha256"]:
                 report.problems.append(f"{job.display(name)}: SHA-256 differs from artifacts.json")
             report.bytes += len(data)
+
+
+def verify(store: str | None, runs: str | None) -> VerifyReport:
+    """Check a store, a runs folder or both (paths or URIs)."""
+    from storage.errors import WfError
+
+    if store is None and runs is None:
+        raise WfError("name a STORE, --runs RUNS, or both")
+    report = VerifyReport()
+    if store is not None:
+        verify_store(StoreLayout.at(store), report)
+    if runs is not None:
+        verify_runs(RunsLayout(runs), report)
+    return report

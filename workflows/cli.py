@@ -14,7 +14,6 @@ from typing import Annotated, Any
 
 import typer
 
-from storage.errors import WfError
 from workflows import __version__
 from workflows import options as o
 from workflows.console import err, out, say
@@ -176,24 +175,69 @@ def verify(
 
     Example: wf verify store --runs runs
     """
-    from storage.layout import StoreLayout
-    from storage.runs import RunsLayout
-    from storage.verify import VerifyReport, verify_runs, verify_store
-    from workflows.console import human_bytes
+    from storage.verify import verify
+    from workflows.console import show_verify
 
-    if store is None and runs is None:
-        raise WfError("name a STORE, --runs RUNS, or both")
-    report = VerifyReport()
-    if store is not None:
-        verify_store(StoreLayout.at(store), report)
-    if runs is not None:
-        verify_runs(RunsLayout(runs), report)
-    for problem in report.problems:
-        say("mismatch", problem)
-    problems = len(report.problems) or "no"
-    out.print(f"checked {report.checked} files ({human_bytes(report.bytes)}): {problems} problems")
+    report = verify(store, runs)
+    show_verify(report)
     if report.problems:
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    runs: o.Runs = None, host: o.Host = "127.0.0.1", port: o.Port = 8000,
+    datasets: o.Datasets = None, methods: o.ServeMethods = None, replicas: o.Replicas = 1,
+    max_replicas: o.MaxReplicas = None,
+    max_batch_size: o.MaxBatchSize = 16, batch_wait_ms: o.BatchWaitMs = 10.0,
+    max_queued: o.MaxQueued = 64, max_body_mb: o.MaxBodyMb = 20.0, verbose: o.Verbose = False,
+    address: o.Address = None, num_cpus: o.NumCpus = None,
+) -> None:  # fmt: skip
+    """Serve every trained model of a runs folder over HTTP (Ray Serve), until stopped.
+
+    Example: wf serve --runs runs --port 8000
+    """
+    from workflows.console import show_serving
+    from workflows.serve import ServeSettings, serve_forever
+
+    settings = ServeSettings(
+        runs=runs or "runs", host=host, port=port, datasets=_csv(datasets), methods=_csv(methods),
+        replicas=replicas, max_replicas=max_replicas, max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms, max_queued_requests=max_queued,
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        cluster=ClusterSettings(address, num_cpus, verbose),
+    )  # fmt: skip
+    serve_forever(settings, show_serving)
+
+
+@app.command()
+def stores(
+    store: Annotated[str, typer.Argument(help="A feature store root (path or URI).")] = "store",
+    json_output: o.Json = False,
+) -> None:
+    """List what a feature store holds: datasets, backbones, images, rows, rejects, dates.
+
+    Example: wf stores store
+    """
+    from workflows.console import show_listing
+    from workflows.listing import list_stores
+
+    show_listing(f"wf stores: {store}", list_stores(store), json_output)
+
+
+@app.command()
+def runs(
+    folder: Annotated[str, typer.Argument(help="A runs folder (path or URI).")] = "runs",
+    json_output: o.Json = False,
+) -> None:
+    """List the trained jobs of a runs folder: accuracy, epochs, when, model.
+
+    Example: wf runs runs
+    """
+    from workflows.console import show_listing
+    from workflows.listing import list_runs
+
+    show_listing(f"wf runs: {folder}", list_runs(folder), json_output)
 
 
 @app.command()
@@ -235,7 +279,13 @@ def demo(
 
     Example: wf demo --dir wf-demo
     """
-    from workflows.console import extract_progress, show_extract, show_train, train_progress
+    from workflows.console import (
+        extract_progress,
+        show_extract,
+        show_next_steps,
+        show_train,
+        train_progress,
+    )
     from workflows.demo import DemoSettings, run_demo
     from workflows.extract import check_reports, run_extract
     from workflows.train import check_results, run_train_all
@@ -255,6 +305,7 @@ def demo(
     check_reports(result.reports)
     show_train(result.runs, result.results, False)
     check_results(result.results)
+    show_next_steps(result.runs)
 
 
 def main() -> None:
@@ -286,19 +337,9 @@ def main() -> None:
         err.print("interrupted")
         sys.exit(130)
     except Exception as error:  # the one place errors become messages
-        cause = getattr(error, "cause", None)  # a Ray task's error carries the original
-        shown = cause if isinstance(cause, WfError) else error
-        if debug:
-            import traceback
+        from workflows.console import show_error
 
-            traceback.print_exception(error)
-        if isinstance(shown, WfError):
-            say("error", " ".join(str(shown).split()))
-            sys.exit(shown.exit_code)
-        text = str(shown).strip().splitlines()
-        first = text[0] if text else ""
-        say("error", f"{type(shown).__name__}: {first} (wf --debug ... shows the traceback)")
-        sys.exit(1)
+        sys.exit(show_error(error, debug))
 
 
 if __name__ == "__main__":

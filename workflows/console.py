@@ -194,3 +194,79 @@ def show_registries(backbones: bool) -> None:
          "recipe": f"{m.recipe.epochs} epochs, batch {m.recipe.batch_size}, {m.recipe.optimizer} "
                    f"{m.recipe.learning_rate:g}", "about": m.summary}
         for m in METHODS.values()])  # fmt: skip
+
+
+def show_listing(title: str, entries: list[dict[str, Any]], as_json: bool) -> None:
+    """``wf stores`` / ``wf runs``: one row per entry (sizes in people's units)."""
+    if as_json:
+        print_json(entries)
+        return
+
+    def cell(key: str, value: Any) -> str:
+        if value is None:
+            return "-"
+        if key.endswith("bytes"):
+            return human_bytes(value)
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        if isinstance(value, dict):
+            return " ".join(f"{k} {v}" for k, v in value.items())
+        return str(value)
+
+    print_table(title, [{k.replace("_", " "): cell(k, v) for k, v in e.items()} for e in entries])
+
+
+def show_next_steps(runs: str) -> None:
+    """What the demo made and what to try next, on the user's own data."""
+    model = f"{runs}/shapes/finetune/model.keras"
+    lines = [
+        f"report: {runs}/summary.html (one file: open it in a browser)",
+        "next, on your own images (one folder per class):",
+        "  wf extract data/my_dataset --store store",
+        "  wf train-all --store store --runs runs",
+        f"  wf predict {model} some_photos/",
+        "  wf stores store; wf runs runs; wf --help",
+        f"serve these models: wf serve --runs {runs}",
+        f"  then: curl --data-binary @{runs.rsplit('/', 1)[0]}/data/shapes/circles/"
+        "circles_0000.jpg http://127.0.0.1:8000/v1/models/shapes/finetune:predict",
+    ]
+    for line in lines:
+        out.print(line, markup=False, highlight=False)
+
+
+def show_serving(url: str, models: list[Any]) -> None:
+    """Where `wf serve` listens, its models, and a request to try."""
+    out.print(f"serving {len(models)} models at {url} (Ctrl-C stops)", markup=False)
+    for facts in models:
+        out.print(f"  POST {url}/v1/models/{facts.dataset}/{facts.method}:predict"
+                  f"   ({', '.join(facts.classes)})", markup=False, highlight=False)  # fmt: skip
+    first = models[0]
+    out.print(f"try: curl --data-binary @photo.jpg {url}/v1/models/{first.dataset}/"
+              f"{first.method}:predict", markup=False, highlight=False)  # fmt: skip
+
+
+def show_verify(report: Any) -> None:
+    for problem in report.problems:
+        say("mismatch", problem)
+    problems = len(report.problems) or "no"
+    out.print(f"checked {report.checked} files ({human_bytes(report.bytes)}): {problems} problems")
+
+
+def show_error(error: BaseException, debug: bool) -> int:
+    """One line for any error (the traceback too with ``debug``); returns the exit code: the
+    error's own for a :class:`WfError` (2 bad input, 1 failed run), else 1."""
+    from storage.errors import WfError
+
+    cause = getattr(error, "cause", None)  # a Ray task's error carries the original
+    shown = cause if isinstance(cause, WfError) else error
+    if debug:
+        import traceback
+
+        traceback.print_exception(error)
+    if isinstance(shown, WfError):
+        say("error", " ".join(str(shown).split()))
+        return shown.exit_code
+    text = str(shown).strip().splitlines()
+    say("error", f"{type(shown).__name__}: {text[0] if text else ''} "
+                 "(wf --debug ... shows the traceback)")  # fmt: skip
+    return 1

@@ -113,3 +113,14 @@ Paths = Annotated[list[str], typer.Argument(help="Image files or folders (paths 
 Output = Annotated[Text, typer.Option(help="Write here (.csv or .json; a path or URI).")]
 Format = Annotated[Text, typer.Option("--format", help="csv or json (default: from --output).")]
 Folder = Annotated[str, typer.Argument(help="A labelled folder: one sub-folder per class.")]
+
+# wf serve
+Host = Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")]
+Port = Annotated[int, typer.Option(help="Port to listen on.")]
+ServeMethods = Annotated[Text, typer.Option(help="Comma-separated methods (default: every one).")]
+Replicas = Annotated[int, typer.Option(help="Replicas of each model.")]
+MaxReplicas = Annotated[Number, typer.Option(help="Autoscale each model up to this many replicas.")]
+MaxBatchSize = Annotated[int, typer.Option(help="Requests batched into one forward pass.")]
+BatchWaitMs = Annotated[float, typer.Option(help="Longest wait for a batch to fill, in ms.")]
+MaxQueued = Annotated[int, typer.Option(help="Requests queued per model; past it, HTTP 503.")]
+MaxBodyMb = Annotated[float, typer.Option(help="Largest request body, in MiB; past it, HTTP 413.")]

@@ -9,17 +9,15 @@ import io
 import json
 import os
 import posixpath
-import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 
-from storage.errors import SettingsError, StoreError
-from storage.filesystem import Location, file_info, read_bytes, write_bytes
+from storage.errors import SettingsError
+from storage.filesystem import Location, file_info, write_bytes
 from storage.names import escape_name
+from tasks.classifier import Classifier, load_classifier
 from tasks.evaluation import classification_metrics
-from tasks.heads import probabilities
 from tasks.images import ImageRejected, load_image
 from workflows.datasets import list_tree
 
@@ -33,52 +31,6 @@ class Prediction:
     probability: float = 0.0
     probabilities: dict[str, float] = field(default_factory=dict)
     error: str = ""
-
-
-@dataclass(frozen=True)
-class Classifier:
-    model: Any
-    classes: list[str]
-    sha256: str
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return tuple(int(d) for d in self.model.input_shape[1:3])  # type: ignore[return-value]
-
-
-def load_classifier(model_path: str) -> Classifier:
-    """The Keras 3 model at ``model_path`` (a path or URI) and its class names (``classes.json``
-    beside it); anything that stops it loading is one :class:`StoreError`."""
-    from storage.hashing import sha256_stream
-
-    location = Location.at(posixpath.dirname(model_path) if "://" in model_path
-                           else os.path.dirname(os.path.abspath(model_path)))  # fmt: skip
-    name = posixpath.basename(model_path)
-    if file_info(location.filesystem, location.path(name)) is None:
-        raise StoreError(f"model {model_path} does not exist")
-    try:
-        classes = json.loads(read_bytes(location.filesystem, location.path("classes.json")))
-    except FileNotFoundError:
-        raise StoreError(f"no classes.json beside {model_path}") from None
-    except ValueError as error:
-        raise StoreError(f"classes.json beside {model_path} is not valid JSON: {error}") from None
-    data = read_bytes(location.filesystem, location.path(name))
-    import keras
-
-    with tempfile.TemporaryDirectory() as folder:
-        local = os.path.join(folder, "model.keras")
-        with open(local, "wb") as handle:
-            handle.write(data)
-        try:
-            model = keras.saving.load_model(local, compile=False)
-        except Exception as error:  # Keras raises many kinds; all mean "cannot load"
-            first = str(error).strip().splitlines()[0][:240] if str(error).strip() else ""
-            raise StoreError(
-                f"cannot load model {model_path}: {type(error).__name__}: {first}"
-            ) from None
-    if not isinstance(classes, list):
-        raise StoreError(f"classes.json beside {model_path} is not a list")
-    return Classifier(model, [str(c) for c in classes], sha256_stream([data]))
 
 
 def image_files(paths: list[str]) -> list[tuple[str, Location, str]]:
@@ -110,11 +62,8 @@ def classify(classifier: Classifier, files: list[tuple[str, Location, str]]) -> 
             results[index] = Prediction(shown, error=f"{rejected.reason}: {rejected.detail}")
     for start in range(0, len(good), BATCH):
         chunk = good[start : start + BATCH]
-        pixels = np.stack([image for _, image in chunk]).astype(np.float32)
-        outputs = classifier.model.predict(pixels, verbose=0)
-        for (index, _), row in zip(
-            chunk, probabilities(outputs, len(classifier.classes)), strict=True
-        ):
+        rows = classifier.probabilities(np.stack([image for _, image in chunk]))
+        for (index, _), row in zip(chunk, rows, strict=True):
             best = int(row.argmax())
             results[index] = Prediction(
                 files[index][0], classifier.classes[best], round(float(row[best]), 6),

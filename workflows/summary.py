@@ -1,21 +1,37 @@
-"""The summary of a train-all run: one row per job, as Markdown and HTML beside the runs."""
+"""The summary of a train-all run, beside the runs: ``summary.md`` (one row per job) and
+``summary.html``, one self-contained page (no server, no internet: plots embedded, styles
+inline) that a user can send to a colleague.
+
+The page shows the numbers at a glance with the best method of each dataset marked, the Keras
+blog's figures beside cats_vs_dogs, then for each job its per-class precision and recall,
+learning curves and confusion matrix, the settings and stores it used, and links to its files.
+"""
 
 from __future__ import annotations
 
+import base64
 import html
+from datetime import UTC, datetime
+from typing import Any
 
-from storage.filesystem import file_info
-from storage.runs import RunsLayout
+from storage.errors import StoreError
+from storage.runs import JobFiles, RunsLayout
 from tasks.training.job import JobResult
 
 # Validation accuracy in the Keras blog on the same 2000/800 cats-vs-dogs split.
 BLOG_REFERENCE = {"scratch": 0.80, "bottleneck": 0.90, "finetune": 0.94}
+FILES = ("model.keras", "metrics.json", "history.csv", "settings.json", "classes.json",
+         "trained_weights.npz", "artifacts.json")  # fmt: skip
+
+
+def blog_reference(result: JobResult) -> float | None:
+    return BLOG_REFERENCE.get(result.method) if result.dataset.startswith("cats_vs_dogs") else None
 
 
 def summary_rows(results: list[JobResult]) -> list[dict[str, str]]:
     rows = []
     for r in results:
-        reference = BLOG_REFERENCE.get(r.method) if r.dataset.startswith("cats_vs_dogs") else None
+        reference = blog_reference(r)
         rows.append(
             {
                 "dataset": r.dataset,
@@ -45,21 +61,143 @@ def write_summary(runs: RunsLayout, results: list[JobResult]) -> None:
         "Blog: validation accuracy in the Keras blog on the same cats-vs-dogs split sizes.",
     ]
     runs.write("summary.md", ("\n".join(markdown) + "\n").encode())
-    cells = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = []
-    for result, row in zip(results, rows, strict=True):
-        body.append("<tr>" + "".join(f"<td>{html.escape(row[c])}</td>" for c in columns) + "</tr>")
-        job = runs.job(result.dataset, result.method)
-        folder = f"{html.escape(result.dataset)}/{html.escape(result.method)}"
-        plots = [
-            f'<img src="{folder}/{name}" height="240">'
-            for name in ("learning_curves.png", "confusion_matrix.png")
-            if file_info(runs.location.filesystem, job.path(name))
-        ]
-        if plots:
-            body.append(f'<tr><td colspan="{len(columns)}">{"".join(plots)}</td></tr>')
-    page = (
-        "<!doctype html><meta charset=utf-8><title>wf summary</title><h1>wf train-all summary</h1>"
-        f"<table border=1 cellpadding=4><tr>{cells}</tr>{''.join(body)}</table>"
+    runs.write("summary.html", render_html(runs, results).encode())
+
+
+def _best(results: list[JobResult]) -> dict[str, str]:
+    """The method with the highest validation accuracy of each dataset."""
+    best: dict[str, JobResult] = {}
+    for r in results:
+        if r.accuracy is not None and (
+            r.dataset not in best or r.accuracy > best[r.dataset].accuracy
+        ):
+            best[r.dataset] = r
+    return {dataset: r.method for dataset, r in best.items()}
+
+
+def _read(job: JobFiles, name: str) -> Any:
+    try:
+        return job.read_json(name)
+    except StoreError:
+        return None
+
+
+def _image(job: JobFiles, name: str, alt: str) -> str:
+    try:
+        data = job.read(name)
+    except StoreError:
+        return ""
+    encoded = base64.b64encode(data).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+def _per_class(metrics: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
+        f"<td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>"
+        for name, v in metrics.get("per_class", {}).items()
     )
-    runs.write("summary.html", page.encode())
+    return ("<table class=small><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>"
+            f"<th>images</th></tr>{rows}</table>") if rows else ""  # fmt: skip
+
+
+def _settings(settings: dict[str, Any] | None) -> str:
+    if not settings:
+        return ""
+    recipe, options = settings.get("recipe", {}), settings.get("options", {})
+    stores = ", ".join(f"{s['backbone']} ({s['input_size'][0]} px, manifest {s['manifest_id']})"
+                       for s in settings.get("stores", []))  # fmt: skip
+    facts = [
+        ("recipe", f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, "
+                   f"{recipe.get('optimizer')} {recipe.get('learning_rate')}"),
+        ("options", ", ".join(f"{k} {v}" for k, v in options.items() if k != "policy")),
+        ("stores", stores or "images only"),
+        ("images", settings.get("dataset_root", "")),
+    ]  # fmt: skip
+    return (
+        "<dl>" + "".join(f"<dt>{k}</dt><dd>{html.escape(str(v))}</dd>" for k, v in facts) + "</dl>"
+    )
+
+
+def _job_section(runs: RunsLayout, result: JobResult, best: bool) -> str:
+    job = runs.job(result.dataset, result.method)
+    metrics = _read(job, "metrics.json") or {}
+    title = f"{result.dataset} / {result.method}" + (" &#9733; best" if best else "")
+    if result.status not in ("done", "kept"):
+        return (f'<section class="job failed"><h3>{html.escape(result.dataset)} / '
+                f"{html.escape(result.method)}: {result.status}</h3>"
+                f"<p>{html.escape(result.error)}</p></section>")  # fmt: skip
+    headline = (f"validation accuracy <b>{metrics.get('accuracy', 0):.4f}</b>, loss "
+                f"{metrics.get('loss', 0):.4f}, {metrics.get('epochs')} epochs (kept: "
+                f"{metrics.get('kept', 'last')}, best epoch {metrics.get('best_epoch')}), "
+                f"{metrics.get('seconds_per_epoch')} s per epoch")  # fmt: skip
+    links = " ".join(
+        f'<a href="{html.escape(result.dataset)}/{html.escape(result.method)}/{name}">{name}</a>'
+        for name in FILES
+    )
+    plots = _image(job, "learning_curves.png", "learning curves") + _image(
+        job, "confusion_matrix.png", "confusion matrix"
+    )
+    return (f'<section class="job"><h3>{title}</h3><p>{headline}</p><div class=row>'
+            f"<div>{_per_class(metrics)}{_settings(_read(job, 'settings.json'))}</div>"
+            f"<div class=plots>{plots}</div></div>"
+            f"<p class=files>files: {links}</p></section>")  # fmt: skip
+
+
+STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em} .sub{color:#666;margin-top:0}
+table{border-collapse:collapse;margin:.5em 0} th,td{padding:.35em .7em;border-bottom:1px solid #ddd;
+text-align:right} th:first-child,td:first-child{text-align:left} th{background:#f4f4f6}
+td.best{font-weight:bold;background:#e7f6e7} td.failed{color:#b00020} td.blog{color:#666}
+section.job{border:1px solid #ddd;border-radius:8px;padding:.2em 1em 1em;margin:1em 0}
+section.failed{border-color:#e0a0a0;background:#fff6f6} .row{display:flex;gap:2em;flex-wrap:wrap}
+.plots img{max-width:520px;width:100%;display:block;margin-bottom:.5em}
+table.small td,table.small th{padding:.2em .5em} dl{display:grid;grid-template-columns:auto 1fr;
+gap:.2em 1em;max-width:560px} dt{color:#666} dd{margin:0;word-break:break-all}
+.files a{margin-right:.8em}
+"""
+
+
+def render_html(runs: RunsLayout, results: list[JobResult]) -> str:
+    datasets = list(dict.fromkeys(r.dataset for r in results))
+    methods = list(dict.fromkeys(r.method for r in results))
+    best = _best(results)
+    by_key = {(r.dataset, r.method): r for r in results}
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in methods)
+    blog_head = (
+        "<th>the blog (VGG16)</th>" if any(d.startswith("cats_vs_dogs") for d in datasets) else ""
+    )
+    rows = []
+    for dataset in datasets:
+        cells = []
+        for method in methods:
+            r = by_key.get((dataset, method))
+            if r is None:
+                cells.append("<td></td>")
+            elif r.accuracy is None:
+                cells.append(f"<td class=failed>{html.escape(r.status)}</td>")
+            else:
+                css = " class=best" if best.get(dataset) == method else ""
+                cells.append(f"<td{css}>{r.accuracy:.4f}</td>")
+        if blog_head:
+            references = [f"{m} {BLOG_REFERENCE[m]:.2f}" for m in methods if m in BLOG_REFERENCE]
+            blog = ", ".join(references) if dataset.startswith("cats_vs_dogs") else ""
+            cells.append(f"<td class=blog>{blog}</td>")
+        rows.append(f"<tr><td>{html.escape(dataset)}</td>{''.join(cells)}</tr>")
+    sections = "".join(
+        f"<h2>{html.escape(dataset)}</h2>"
+        + "".join(
+            _job_section(runs, r, best.get(dataset) == r.method)
+            for r in results
+            if r.dataset == dataset
+        )
+        for dataset in datasets
+    )
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        "<!doctype html><html lang=en><meta charset=utf-8><title>wf report</title>"
+        f"<style>{STYLE}</style><h1>wf report</h1><p class=sub>{html.escape(runs.location.uri)}, "
+        f"{stamp}: validation accuracy of every job; the best of each dataset is marked.</p>"
+        f"<table><tr><th>dataset</th>{head}{blog_head}</tr>{''.join(rows)}</table>{sections}</html>"
+    )

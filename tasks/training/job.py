@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -148,6 +149,7 @@ def run_job(context: JobContext, board: Any) -> JobResult:
             workers_in_sync=in_sync,
             nodes=list(nodes),
             seconds=round(time.perf_counter() - started, 3),
+            finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
             seconds_per_epoch=round(float(np.mean(seconds)), 4) if seconds else None,
             manifest_ids={s.backbone: s.manifest_id for s in context.stores},
         )
@@ -165,6 +167,7 @@ def _write_artifacts(
 ) -> None:  # fmt: skip
     files = context.runs.job(context.dataset, context.method)
     model = method.complete_model(context, trained, weights)
+    metrics["input_size"] = [int(d) for d in model.input_shape[1:3]]  # what `wf serve` decodes to
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.keras")
         model.save(path)
@@ -182,7 +185,39 @@ def _write_artifacts(
     if metrics.get("confusion_matrix"):
         files.write("confusion_matrix.png", plot_confusion_matrix(metrics, title))
         names.append("confusion_matrix.png")
+    for name, data in tensorboard_events(history).items():
+        files.write(f"tensorboard/{name}", data)
+        names.append(f"tensorboard/{name}")
     files.write_index(names)
+
+
+def tensorboard_events(history: dict[str, list[float]]) -> dict[str, bytes]:
+    """The job's history as TensorBoard event files (``train/`` and ``validation/`` runs, as
+    Keras's own TensorBoard callback lays them out), by relative name. Written with tensorboardX
+    (Ray Tune's dependency: TensorFlow's ``tf.summary`` needs the tensorboard package) to a
+    temporary folder, then stored through storage like every other artifact."""
+    from tensorboardX import SummaryWriter
+
+    out: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for run, prefix in (("train", ""), ("validation", "val_")):
+            writer = SummaryWriter(os.path.join(folder, run))
+            for key, values in history.items():
+                if (
+                    key == "seconds"
+                    or not key.startswith(prefix)
+                    or (not prefix and key.startswith("val_"))
+                ):
+                    continue
+                for epoch, value in enumerate(values):
+                    writer.add_scalar(f"epoch_{key.removeprefix(prefix)}", value, epoch)
+            writer.close()
+        for root, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(root, name)
+                with open(path, "rb") as handle:
+                    out[os.path.relpath(path, folder)] = handle.read()
+    return out
 
 
 def job_settings(context: JobContext) -> dict[str, Any]:

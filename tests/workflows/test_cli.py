@@ -100,19 +100,33 @@ def test_help_documents_every_option_with_its_default_and_an_example():
         assert "Example:" in wf(command, "--help").stdout, command
 
 
-def test_methods_and_backbones_list_the_registries():
-    listed = wf("methods").stdout
+def test_methods_and_backbones_list_the_registries_whole_at_80_columns():
+    listed = wf("methods", columns=80).stdout
+    assert "…" not in listed and max(map(len, listed.splitlines())) <= 80
     for name in ("bottleneck", "finetune", "scratch", "fusion"):
         assert name in listed
     assert "efficientnet_lite2" in wf("backbones").stdout
 
 
+NOISE = ("absl::InitializeLog", "oneDNN custom operations", "Could not find cuda drivers",
+         "cuInit", "Token authentication is enabled", "PYTHON worker processes have been started",
+         "XNNPACK delegate", "cpu_feature_guard",
+         "This TensorFlow binary is optimized")  # fmt: skip
+
+
 @pytest.mark.slow
-def test_demo_runs_on_a_fresh_machine(tmp_path, cache_dir):
-    # The README's main job, end to end in its own process, with fewer epochs and shards.
-    result = wf("demo", "--dir", str(tmp_path / "demo"), "--images-per-class", "8", "--epochs", "2",
-                "--shards", "2", "--num-cpus", "2", "--cache-dir", cache_dir)  # fmt: skip
+def test_demo_runs_on_a_fresh_machine_quietly_in_80_columns(tmp_path, cache_dir):
+    # The README's main job, end to end in its own process, with fewer epochs and shards, its
+    # output piped (as in a CI log) into 80 columns: wf's own lines only, no cell cut short.
+    result = wf("demo", "--dir", str(tmp_path / "demo"), "--images-per-class", "8",
+                "--epochs", "2", "--shards", "2", "--num-cpus", "2", "--cache-dir", cache_dir,
+                columns=80)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout + result.stderr
+    assert [noise for noise in NOISE if noise in printed] == []
+    assert "…" not in result.stdout and max(map(len, result.stdout.splitlines())) <= 80
+    for word in ("bottleneck", "finetune", "scratch", "val accuracy", "summary.html", "wf predict"):
+        assert word in result.stdout, word
     assert (
         tmp_path / "demo" / "store" / "shapes" / "efficientnet_lite0" / "manifest.json"
     ).exists()

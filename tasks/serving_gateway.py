@@ -1,0 +1,136 @@
+"""The HTTP gateway of `wf serve`: wf's own endpoints and the Open Inference Protocol (KServe
+v2) in front of one :class:`tasks.serving.Classifier` deployment per model.
+
+    GET  /v1/models                                    every model, its classes and metrics
+    POST /v1/models/<dataset>/<method>:predict         one image (raw bytes), or a multipart
+                                                       form of several: label and probabilities
+    GET  /v2/health/live, /v2/health/ready
+    GET  /v2/models/<dataset>-<method>                 metadata: inputs, outputs, classes
+    POST /v2/models/<dataset>-<method>/infer           BYTES (base64 images) or UINT8 pixels
+
+Every refusal is one line of JSON, ``{"error": ...}``, with its status. (No ``from __future__
+import annotations`` here: FastAPI reads the routes' annotations to find the ``Request``.)
+"""
+
+import asyncio
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from tasks.serving import ModelFacts, Rejected, decode_tensor_input
+
+api = FastAPI(title="wf serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(Rejected)
+async def _refused(_: Request, error: Rejected) -> JSONResponse:
+    return JSONResponse({"error": error.message}, status_code=error.status)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, facts: list[ModelFacts], handles: list[Any], max_body_bytes: int) -> None:
+        self.facts = {f.name: f for f in facts}
+        self.handles = {f.name: handle for f, handle in zip(facts, handles, strict=True)}
+        self.max_body_bytes = max_body_bytes
+
+    def _model(self, name: str) -> ModelFacts:
+        if name not in self.facts:
+            raise Rejected(404, f"no model {name!r}; served: {', '.join(sorted(self.facts))}")
+        return self.facts[name]
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise Rejected(
+                413, f"body of {declared} bytes is over the {self.max_body_bytes}-byte limit"
+            )
+        body = await request.body()
+        if len(body) > self.max_body_bytes:
+            raise Rejected(413, f"body is over the {self.max_body_bytes}-byte limit")
+        if not body:
+            raise Rejected(400, "empty body: send the image's bytes")
+        return body
+
+    async def _predict(self, name: str, items: list[bytes | np.ndarray]) -> list[np.ndarray]:
+        handle = self.handles[name]
+        try:
+            rows = await asyncio.gather(*(handle.predict.remote(item) for item in items))
+        except BackPressureError:
+            raise Rejected(503, f"model {name} is over capacity; retry later") from None
+        for row in rows:
+            if isinstance(row, Rejected):
+                raise row
+        return rows
+
+    def _answer(self, facts: ModelFacts, row: np.ndarray) -> dict[str, Any]:
+        best = int(np.argmax(row))
+        return {
+            "label": facts.classes[best],
+            "probabilities": {c: float(p) for c, p in zip(facts.classes, row, strict=True)},
+            "model": facts.describe(),
+        }
+
+    @api.get("/v2/health/live")
+    async def live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    async def ready(self) -> dict[str, bool]:
+        return {"ready": True}
+
+    @api.get("/v1/models")
+    async def models(self) -> list[dict[str, Any]]:
+        return [{**f.describe(), "name": f.name, "classes": list(f.classes), "metrics": f.metrics,
+                 "input_size": list(f.input_size)} for f in self.facts.values()]  # fmt: skip
+
+    @api.post("/v1/models/{dataset}/{method}:predict")
+    async def predict(self, dataset: str, method: str, request: Request) -> Any:
+        facts = self._model(f"{dataset}-{method}")
+        body = await self._body(request)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            images = [await part.read() for _, part in form.multi_items() if hasattr(part, "read")]
+            if not images:
+                raise Rejected(400, "the form holds no file")
+            rows = await self._predict(facts.name, images)
+            return [self._answer(facts, row) for row in rows]
+        (row,) = await self._predict(facts.name, [body])
+        return self._answer(facts, row)
+
+    @api.get("/v2/models/{name}")
+    async def metadata(self, name: str) -> dict[str, Any]:
+        facts = self._model(name)
+        height, width = facts.input_size
+        return {
+            "name": name,
+            "platform": "keras",
+            "inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]},
+                       {"name": "pixels", "datatype": "UINT8", "shape": [-1, height, width, 3]}],
+            "outputs": [{"name": "probabilities", "datatype": "FP64",
+                         "shape": [-1, len(facts.classes)]}],
+            "parameters": {"classes": list(facts.classes), **facts.describe()},
+        }  # fmt: skip
+
+    @api.post("/v2/models/{name}/infer")
+    async def infer(self, name: str, request: Request) -> dict[str, Any]:
+        facts = self._model(name)
+        try:
+            payload = __import__("json").loads(await self._body(request))
+            (entry,) = payload["inputs"]
+        except (ValueError, KeyError, TypeError):
+            raise Rejected(400, 'expected {"inputs": [one input]} as JSON') from None
+        rows = await self._predict(name, decode_tensor_input(entry, facts.input_size))
+        return {
+            "model_name": name,
+            "id": payload.get("id", ""),
+            "outputs": [{"name": "probabilities", "datatype": "FP64",
+                         "shape": [len(rows), len(facts.classes)],
+                         "data": [float(p) for row in rows for p in row]}],
+            "parameters": {"classes": list(facts.classes)},
+        }  # fmt: skip

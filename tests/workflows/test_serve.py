@@ -1,0 +1,166 @@
+"""`wf serve` for real: the command in its own process on a local Ray cluster, called over HTTP
+on 127.0.0.1 by a real client; answers equal `wf predict`'s; bad input refused in one line of
+JSON with its status while the server keeps serving; overload answered with 503."""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.images import decode_image
+from tests.conftest import make_dataset
+from tests.s3 import free_port
+from workflows.extract import run_extract
+from workflows.settings import DatasetSource, ExtractSettings, TrainSettings, recipes_from_options
+from workflows.train import run_train_all
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def http(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, object]:
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def multipart(files: dict[str, bytes]) -> tuple[bytes, dict[str, str]]:
+    boundary = "wf-test-boundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.jpg"'
+        f"\r\nContent-Type: image/jpeg\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for name, data in files.items()
+    ]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir, ray_local):
+    root = tmp_path_factory.mktemp("serve")
+    make_dataset(root / "data" / "shapes", ("circles", "squares"), 12, size=64)
+    store = str(root / "store")
+    run_extract(ExtractSettings(datasets=(DatasetSource(str(root / "data" / "shapes")),),
+                                store=store, shards=2, input_size=64, augment=0,
+                                validation_fraction=0.25, cache_dir=cache_dir))  # fmt: skip
+    settings = TrainSettings(store=store, runs=str(root / "runs"), methods=("bottleneck",),
+                             recipes=recipes_from_options(3, None, {}, {}))  # fmt: skip
+    assert all(r.status == "done" for r in run_train_all(settings))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workflows.cli", "serve", "--runs", str(runs / "runs"), "--port",
+         str(port), "--num-cpus", "2", "--max-queued", "4", "--max-body-mb", "1"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, "wf serve did not come up"
+        try:
+            if http(f"{url}/v2/health/ready") == (200, {"ready": True}):
+                break
+        except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+            pass
+        time.sleep(1)
+    yield url, process
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: it shuts down by itself
+    process.wait(60)
+
+
+def test_it_says_where_it_listens_and_lists_its_models(server):
+    url, _ = server
+    status, models = http(f"{url}/v1/models")
+    assert status == 200 and [m["name"] for m in models] == ["shapes-bottleneck"]
+    assert models[0]["classes"] == ["circles", "squares"] and models[0]["metrics"]["accuracy"] >= 0
+    assert http(f"{url}/v2/health/live") == (200, {"live": True})
+    status, meta = http(f"{url}/v2/models/shapes-bottleneck")
+    assert status == 200 and meta["inputs"][1]["shape"] == [-1, 64, 64, 3]
+
+
+def test_http_answers_equal_wf_predict(server, runs):
+    url, _ = server
+    files = sorted((runs / "data" / "shapes").rglob("*.jpg"))[:6]
+    predicted = subprocess.run(
+        [sys.executable, "-m", "workflows.cli", "predict",
+         str(runs / "runs" / "shapes" / "bottleneck" / "model.keras"), *map(str, files),
+         "--format", "json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    expected = {Path(p["path"]).name: p["probabilities"] for p in json.loads(predicted.stdout)}
+    for path in files:
+        status, answer = http(f"{url}/v1/models/shapes/bottleneck:predict", path.read_bytes())
+        assert status == 200 and answer["model"]["method"] == "bottleneck"
+        for name, p in answer["probabilities"].items():
+            assert abs(p - expected[path.name][name]) <= 1e-6
+    # several images in one multipart form; and the Open Inference Protocol, both input kinds
+    body, headers = multipart({f"f{i}": p.read_bytes() for i, p in enumerate(files[:3])})
+    status, answers = http(f"{url}/v1/models/shapes/bottleneck:predict", body, headers)
+    assert status == 200 and [a["label"] for a in answers] == [
+        max(expected[p.name], key=expected[p.name].get) for p in files[:3]]  # fmt: skip
+    encoded = [base64.b64encode(p.read_bytes()).decode() for p in files[:2]]
+    images = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2], "data": encoded}]}
+    pixels = np.stack([decode_image(p.read_bytes(), (64, 64)) for p in files[:2]])
+    tensor = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [2, 64, 64, 3],
+                          "data": pixels.reshape(-1).tolist()}]}  # fmt: skip
+    for payload in (images, tensor):
+        status, out = http(f"{url}/v2/models/shapes-bottleneck/infer", json.dumps(payload).encode())
+        assert status == 200 and out["outputs"][0]["shape"] == [2, 2]
+        first = dict(zip(out["parameters"]["classes"], out["outputs"][0]["data"][:2], strict=True))
+        assert all(abs(first[c] - expected[files[0].name][c]) <= 1e-6 for c in first)
+
+
+def test_bad_input_is_one_line_of_json_and_the_server_keeps_serving(server, runs):
+    import io
+
+    from PIL import Image
+
+    url, _ = server
+    bomb = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(bomb, "PNG")
+    cases = [
+        ("/v1/models/shapes/bottleneck:predict", b"not an image at all", 400, "not_an_image"),
+        ("/v1/models/shapes/bottleneck:predict", b"", 400, "empty body"),
+        ("/v1/models/shapes/bottleneck:predict", b"\0" * (2 * 1024 * 1024), 413, "limit"),
+        ("/v1/models/shapes/bottleneck:predict", bomb.getvalue(), 413, "too_large"),
+        ("/v1/models/shapes/nothing:predict", b"x", 404, "no model 'shapes-nothing'"),
+        ("/v2/models/shapes-bottleneck/infer", b"{not json", 400, "expected"),
+    ]
+    for path, body, code, text in cases:
+        status, answer = http(url + path, body)
+        assert status == code and text in answer["error"] and "\n" not in answer["error"], answer
+    good = next((runs / "data" / "shapes" / "circles").glob("*.jpg")).read_bytes()
+    assert http(f"{url}/v1/models/shapes/bottleneck:predict", good)[0] == 200
+
+
+def test_overload_is_refused_with_503_not_queued_without_end(server, runs):
+    url, _ = server
+    good = next((runs / "data" / "shapes" / "squares").glob("*.jpg")).read_bytes()
+    with ThreadPoolExecutor(120) as pool:  # far past 32 in flight + 4 queued
+        call = lambda _: http(f"{url}/v1/models/shapes/bottleneck:predict", good)[0]  # noqa: E731
+        statuses = list(pool.map(call, range(240)))
+    assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) > 0
+    assert http(f"{url}/v1/models/shapes/bottleneck:predict", good)[0] == 200

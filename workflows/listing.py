@@ -1,0 +1,63 @@
+"""`wf stores` and `wf runs`: what a store or a runs folder holds, without browsing folders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from storage.errors import StoreError
+from storage.feature_store import FeatureStore
+from storage.layout import StoreLayout
+from storage.runs import RunsLayout
+
+
+def list_stores(store: str) -> list[dict[str, Any]]:
+    """One entry per (dataset, backbone): classes, images and rows by split, rejects, size."""
+    layout = StoreLayout.at(store)
+    entries = []
+    for dataset, backbone in layout.stores():
+        try:
+            manifest = FeatureStore.open(layout, dataset, backbone).manifest
+        except StoreError as error:
+            entries.append({"dataset": dataset, "backbone": backbone, "problem": str(error)})
+            continue
+        records = manifest.shards.values()
+        splits = sorted(manifest.split_sizes)
+        entries.append({
+            "dataset": dataset,
+            "backbone": backbone,
+            "classes": len(manifest.classes),
+            "images": {s: sum(manifest.images_per_class(s)) for s in splits},
+            "rows": sum(r.rows for r in records),
+            "rejects": len(manifest.rejects),
+            "shards": f"{len(manifest.shards)}/{len(manifest.expected_keys())}",
+            "bytes": sum(r.size_bytes for r in records),
+            "augment": manifest.augment_copies,
+            "runtime": manifest.runtime,
+            "updated": manifest.updated_at,
+        })  # fmt: skip
+    return entries
+
+
+def list_runs(runs: str) -> list[dict[str, Any]]:
+    """One entry per finished job: accuracy, loss, epochs, seconds per epoch, when, model size."""
+    layout = RunsLayout(runs)
+    entries = []
+    for job in layout.jobs():
+        try:
+            metrics = job.read_json("metrics.json")
+            index = job.index()
+        except StoreError as error:
+            entries.append({"dataset": job.dataset, "method": job.method, "problem": str(error)})
+            continue
+        entries.append({
+            "dataset": job.dataset,
+            "method": job.method,
+            "accuracy": metrics.get("accuracy"),
+            "loss": metrics.get("loss"),
+            "epochs": metrics.get("epochs"),
+            "seconds_per_epoch": metrics.get("seconds_per_epoch"),
+            "finished": metrics.get("finished_at", ""),
+            "model_bytes": index.get("model.keras", {}).get("bytes"),
+            "model": job.display("model.keras"),
+        })  # fmt: skip
+    return entries
