@@ -99,6 +99,7 @@ class Manifest:
     num_shards: int
     split_sizes: dict[str, int]
     wf_version: str
+    calibration: str = ""  # fingerprint of the images an int8 runtime was calibrated on
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     shards: dict[str, ShardRecord] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)

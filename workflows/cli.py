@@ -58,6 +58,7 @@ def extract(
     image_size: o.ImageSize = None, taps: o.Taps = None, dtype: o.Dtype = None,
     augment: o.Augment = None, seed: o.Seed = None,
     validation_fraction: o.ValidationFraction = None, runtime: o.Runtime = None,
+    calibration: o.Calibration = None, calibration_images: o.CalibrationImages = None,
     batch_size: o.BatchSize = None, threads: o.Threads = None, max_pixels: o.MaxPixels = None,
     cache_dir: o.CacheDir = None, wait: o.Wait = None,
     drop_empty_classes: o.DropEmptyClasses = None, json_output: o.Json = False,
@@ -80,6 +81,7 @@ def extract(
         dtype=dtype, augment=augment, seed=seed, validation_fraction=validation_fraction,
         runtime=runtime, batch_size=batch_size, threads_per_task=threads, max_pixels=max_pixels,
         cache_dir=cache_dir, taps=_csv(taps), wait=wait, drop_empty_classes=drop_empty_classes,
+        calibration=calibration, calibration_images=calibration_images,
     ))  # fmt: skip
     values.setdefault("datasets", ())
     settings = ExtractSettings(**values, cluster=ClusterSettings(address, num_cpus, verbose))

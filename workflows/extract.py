@@ -21,8 +21,8 @@ from storage.logs import write_run_log
 from storage.manifest import ShardRecord, commit_shard, compact, now_iso, shard_key
 from storage.rejects import write_rejects
 from tasks.backbones import get_backbone
-from tasks.backbones.runtime import prepare_backbone
 from tasks.extract_shard import ProgressCounter, ShardResult, extract_shard_task
+from workflows.calibration import backbone_preparer
 from workflows.cluster import on_this_node, ray_cluster
 from workflows.datasets import DatasetSpec, discover_dataset, expand_dataset_paths
 from workflows.extract_plan import DatasetPlan, plan_dataset, remove_unreferenced
@@ -119,18 +119,16 @@ def run_extract(
     """
     backbone = get_backbone(settings.backbone)
     specs = discover_all(settings)
-    weights = backbone.resolve_weights(settings.weights)
-    prepared = prepare_backbone(backbone, weights, settings.image_size, settings.selected_taps,
-                                settings.runtime, settings.cache_dir)  # fmt: skip
     layout = StoreLayout.at(settings.store)
-    layout.location.ensure_writable()
-    reports = _extract(settings, specs, prepared, layout, on_progress, on_message)
+    layout.location.ensure_writable()  # before the slow conversion: a bad store fails at once
+    prepare = backbone_preparer(settings, backbone, backbone.resolve_weights(settings.weights))
+    reports = _extract(settings, specs, prepare, layout, on_progress, on_message)
     empty = {r.dataset: set(r.empty_classes) for r in reports if r.empty_classes}
     if empty and settings.drop_empty_classes:
         again = [s for s in discover_all(settings, empty) if s.name in empty]
         redone = {
             r.dataset: r
-            for r in _extract(settings, again, prepared, layout, on_progress, on_message)
+            for r in _extract(settings, again, prepare, layout, on_progress, on_message)
         }
         reports = [redone.get(r.dataset, r) for r in reports]
     write_run_log(layout, "extract", [
@@ -141,17 +139,18 @@ def run_extract(
     return reports
 
 
-def _extract(settings, specs, prepared, layout, on_progress, on_message) -> list[DatasetReport]:
+def _extract(settings, specs, prepare, layout, on_progress, on_message) -> list[DatasetReport]:
     with ExitStack() as stack:
         leases = {
             spec.name: stack.enter_context(Lease(
-                layout.filesystem, layout.lease_path(spec.name, prepared.backbone),
-                f"store {spec.name}/{prepared.backbone}", command="wf extract",
+                layout.filesystem, layout.lease_path(spec.name, settings.backbone),
+                f"store {spec.name}/{settings.backbone}", command="wf extract",
                 wait=settings.wait, on_wait=on_message,
             ))
             for spec in specs
         }  # fmt: skip
-        plans = {spec.name: plan_dataset(spec, settings, prepared, layout) for spec in specs}
+        prepared = {spec.name: prepare(spec) for spec in specs}
+        plans = {s.name: plan_dataset(s, settings, prepared[s.name], layout) for s in specs}
         outcome = _run_shards(settings, layout, plans, leases, prepared, on_progress)
         reports = []
         for name, plan in plans.items():
@@ -183,13 +182,13 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
     planned = {n: sum(len(j.items) for j in p.jobs) for n, p in plans.items()}
     with ray_cluster(settings.cluster):
         outcome.started = time.perf_counter()  # rates count extraction, not Ray's start-up
-        prepared_ref = ray.put(prepared)
+        refs = {p.key: ray.put(p) for p in prepared.values()}  # once each, to every node
         counter = ProgressCounter.options(scheduling_strategy=on_this_node()).remote()
         pending = {}
         for plan in plans.values():
             for job in plan.jobs:
                 task = extract_shard_task.options(num_cpus=settings.threads_per_task)
-                pending[task.remote(job, prepared_ref, counter)] = job
+                pending[task.remote(job, refs[prepared[job.dataset].key], counter)] = job
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:

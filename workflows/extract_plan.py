@@ -70,6 +70,7 @@ def feature_fingerprint(settings: ExtractSettings, prepared: PreparedBackbone) -
             prepared.weights.sha256,
             list(prepared.input_size),
             sorted(prepared.taps),
+            prepared.calibration,
         ]
     )
 
@@ -87,6 +88,7 @@ def _fresh_manifest(
         weights_sha256=prepared.weights.sha256,
         input_size=prepared.input_size,
         runtime=prepared.runtime,
+        calibration=prepared.calibration,
         augment_copies=settings.augment,
         augment_policy=settings.policy.to_dict(),
         seed=settings.seed,

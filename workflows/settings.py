@@ -102,7 +102,11 @@ class ExtractSettings:
     policy: AugmentPolicy = field(default_factory=AugmentPolicy)  # [augment_policy] in a config
     seed: int = setting(0, "Run seed for augmentation")
     validation_fraction: float = setting(0.2, "Held-out share when a dataset has no split folders")
-    runtime: str = setting(DEFAULT_RUNTIME, f"Backbone runtime: {' or '.join(RUNTIMES)}")
+    runtime: str = setting(DEFAULT_RUNTIME, f"Backbone runtime: {', '.join(RUNTIMES)}")
+    calibration: str | None = setting(
+        None, "litert-int8: a folder of images to calibrate on (default: the dataset's own)"
+    )
+    calibration_images: int = setting(100, "litert-int8: images to calibrate on")
     batch_size: int = setting(32, "Images per batch through the backbone")
     max_pixels: int = setting(
         DEFAULT_MAX_PIXELS, "Reject images with more pixels (decompression bombs)"
@@ -131,6 +135,8 @@ class ExtractSettings:
         for fraction in (self.validation_fraction, *(s.validation_fraction for s in self.datasets)):
             if fraction is not None and not 0 <= fraction < 1:
                 raise SettingsError(f"a validation fraction must be in [0, 1): {fraction}")
+        if self.calibration_images < 1:
+            raise SettingsError("--calibration-images must be >= 1")
         if self.batch_size < 1 or self.threads_per_task < 1 or self.max_pixels < 1:
             raise SettingsError("--batch-size, --threads and --max-pixels must be >= 1")
         if self.input_size is not None and self.input_size < 32:
@@ -155,6 +161,7 @@ NOT_FEATURE_SETTINGS = (
     "max_pixels",  # decides rejects: in the shards' fingerprints
     "batch_size", "threads_per_task",  # how fast, not what
     "weights", "input_size", "taps",  # fingerprinted as resolved: weights' SHA-256, size, taps
+    "calibration", "calibration_images",  # ... and the calibration images' fingerprint
 )  # fmt: skip
 
 

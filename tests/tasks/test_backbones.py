@@ -144,3 +144,34 @@ def test_every_registered_backbone_is_an_object_with_its_own_builders():
         assert isinstance(backbone, Backbone) and backbone.name == name
         assert {"bottleneck", "last_block_input"} <= set(backbone.taps)
         assert set(backbone.default_taps) <= set(backbone.taps)
+
+
+@pytest.mark.slow
+def test_int8_runtime_is_close_to_float32_on_every_tap_and_cached(cache_dir, tmp_path):
+    from tests.conftest import make_dataset
+
+    backbone = get_backbone("efficientnet_lite0")
+    weights = backbone.resolve_weights("imagenet")
+    data = make_dataset(tmp_path / "shapes", ("circles", "squares"), 12, size=64)
+    images = np.stack([decode_image(p.read_bytes(), (64, 64)) for p in sorted(data.rglob("*.jpg"))])
+    taps = ("bottleneck", "last_block_input", "features")
+    float32 = prepare_backbone(backbone, weights, (64, 64), taps, "litert", cache_dir)
+    int8 = prepare_backbone(
+        backbone, weights, (64, 64), taps, "litert-int8", cache_dir, images[:16]
+    )
+    assert (
+        int8.calibration
+        and int8.key != float32.key
+        and len(int8.model_bytes) < len(float32.model_bytes) / 2
+    )
+    exact, quantised = FeatureExtractor(float32)(images[16:]), FeatureExtractor(int8)(images[16:])
+    for tap in taps:  # the held-out images, not the calibration ones
+        a, b = exact[tap].reshape(8, -1), quantised[tap].reshape(8, -1)
+        cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cosine.mean() >= 0.95 and cosine.min() >= 0.9, (tap, cosine)
+    again = prepare_backbone(
+        backbone, weights, (64, 64), taps, "litert-int8", cache_dir, images[:16]
+    )
+    assert again.key == int8.key and again.model_bytes == int8.model_bytes  # from the cache
+    with pytest.raises(SettingsError, match="needs calibration images"):
+        prepare_backbone(backbone, weights, (64, 64), taps, "litert-int8", cache_dir)

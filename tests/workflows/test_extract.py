@@ -199,3 +199,17 @@ def test_what_a_killed_run_left_is_removed_by_the_next(tmp_path, cache_dir, ray_
         for f in FeatureStore.open(settings.store, "shapes", "efficientnet_lite0").files("train")
     )
     assert not (folder / "_commits").exists()
+
+
+@pytest.mark.slow
+def test_int8_runtime_is_recorded_and_its_store_reused(tmp_path, cache_dir, ray_local):
+    make_dataset(tmp_path / "shapes", ("circles", "squares"), 8)
+    settings = _settings(tmp_path, cache_dir, runtime="litert-int8", calibration_images=6, shards=2)
+    (first,) = run_extract(settings)
+    manifest = FeatureStore.open(settings.store, "shapes", "efficientnet_lite0").manifest
+    assert manifest.runtime == "litert-int8" and len(manifest.calibration) == 24
+    assert first.rows > 0 and first.shards_failed == 0
+    (again,) = run_extract(settings)  # the same calibration sample: nothing to redo
+    assert again.shards_skipped == 4 and again.shards_done == 0
+    (other,) = run_extract(replace(settings, calibration_images=5))  # another calibration set
+    assert other.shards_done == 4

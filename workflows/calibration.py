@@ -1,0 +1,60 @@
+"""The images an int8 backbone is calibrated on: a fixed, seeded sample of the dataset's own
+training images (or of a folder the user names), decoded as extraction decodes them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from storage.errors import DatasetError
+from storage.hashing import stable_unit_interval
+from tasks.backbones import Backbone, ResolvedWeights
+from tasks.backbones.runtime import PreparedBackbone, prepare_backbone
+from tasks.images import ImageRejected, load_image
+from workflows.datasets import DatasetSpec, list_tree
+from workflows.settings import ExtractSettings
+
+
+def calibration_images(spec: DatasetSpec, settings: ExtractSettings) -> np.ndarray:
+    """Up to ``calibration_images`` usable images, the same ones on every run: the training
+    images ordered by a hash of their path salted with the run seed (or a folder's images)."""
+    if settings.calibration:
+        tree = list_tree(settings.calibration)
+        candidates = [(tree.location.filesystem, e.path, "/".join(e.parts)) for e in tree.files]
+    else:
+        candidates = [(spec.source, i.path, i.relative_path) for i in spec.images["train"]]
+    salt = f"wf-calibration-{settings.seed}"
+    candidates.sort(key=lambda c: stable_unit_interval(c[2], salt))
+    images = []
+    for filesystem, path, _ in candidates:
+        try:
+            images.append(load_image(filesystem, path, settings.image_size, settings.max_pixels))
+        except ImageRejected:
+            continue
+        if len(images) == settings.calibration_images:
+            break
+    if not images:
+        raise DatasetError(f"{spec.name}: no usable image to calibrate the int8 backbone on")
+    return np.stack(images)
+
+
+def backbone_preparer(
+    settings: ExtractSettings, backbone: Backbone, weights: ResolvedWeights
+) -> Callable[[DatasetSpec], PreparedBackbone]:
+    """``prepare(spec)``: the converted backbone a dataset is extracted with; one for every
+    dataset with a float runtime, one per dataset's calibration set with ``litert-int8``."""
+    made: dict[str, PreparedBackbone] = {}
+
+    def prepare(spec: DatasetSpec) -> PreparedBackbone:
+        calibration = None
+        if settings.runtime == "litert-int8":
+            calibration = calibration_images(spec, settings)
+        key = "" if calibration is None else str(hash(calibration.tobytes()))
+        if key not in made:
+            made[key] = prepare_backbone(backbone, weights, settings.image_size,
+                                         settings.selected_taps, settings.runtime,
+                                         settings.cache_dir, calibration)  # fmt: skip
+        return made[key]
+
+    return prepare
