@@ -99,7 +99,7 @@ def run_ray_data(images: str, work: str) -> dict:
     }
 
 
-def run_wf(images: str, work: str) -> dict:
+def run_wf(images: str, work: str, runtime: str = "litert") -> dict:
     from workflows.extract import run_extract
     from workflows.settings import ClusterSettings, DatasetSource, ExtractSettings
 
@@ -110,6 +110,7 @@ def run_wf(images: str, work: str) -> dict:
             shards=8,
             augment=0,
             validation_fraction=0.0,
+            runtime=runtime,
             cache_dir=os.path.join(work, "cache"),
             cluster=ClusterSettings(num_cpus=2),
         )
@@ -127,7 +128,43 @@ def run_wf(images: str, work: str) -> dict:
     }
 
 
-METHODS = {"keras": run_keras, "ray_data": run_ray_data, "wf": run_wf}
+def run_wf_int8(images: str, work: str) -> dict:
+    return run_wf(images, work, "litert-int8")
+
+
+def runtime_alone(images: str, work: str) -> dict:
+    """Milliseconds per image of the backbone runtime alone (float32 and int8 LiteRT), one
+    thread, one image at a time (as the workers run it), on 200 decoded photos: the compute
+    limit of a worker, measured in the same run."""
+    import numpy as np
+
+    from tasks.backbones import get_backbone
+    from tasks.backbones.runtime import FeatureExtractor, prepare_backbone
+    from tasks.images import decode_image
+
+    paths = sorted(Path(images).rglob("*.jpg"))[:300]
+    pixels = np.stack([decode_image(p.read_bytes(), SIZE) for p in paths])
+    backbone = get_backbone("efficientnet_lite0")
+    weights = backbone.resolve_weights("imagenet")
+    out = {}
+    for runtime in ("litert", "litert-int8"):
+        calibration = pixels[:100] if runtime == "litert-int8" else None
+        prepared = prepare_backbone(backbone, weights, SIZE, TAPS, runtime,
+                                    os.path.join(work, "cache"), calibration)  # fmt: skip
+        extract = FeatureExtractor(prepared, threads=1)
+        extract(pixels[:8])  # warm up
+        started = time.perf_counter()
+        extract(pixels[100:])
+        out[f"{runtime}_ms"] = (time.perf_counter() - started) * 1000 / len(pixels[100:])
+    started = time.perf_counter()
+    for path in paths[:200]:
+        decode_image(path.read_bytes(), SIZE)
+    out["decode_ms"] = (time.perf_counter() - started) * 1000 / 200
+    return {**out, "images": 200, "seconds": 1.0, "peak_rss_mib": _rss_mib()}
+
+
+METHODS = {"keras": run_keras, "ray_data": run_ray_data, "wf": run_wf, "wf_int8": run_wf_int8,
+           "runtime_alone": runtime_alone}  # fmt: skip
 
 
 def print_table(results: dict) -> None:
@@ -136,7 +173,7 @@ def print_table(results: dict) -> None:
     header = ("method", "images", "seconds", "img/s", "vs keras", "peak RSS/worker")
     print("\n{:<16} {:>7} {:>8} {:>7} {:>9} {:>16}".format(*header))
     for method, r in results.items():
-        if method == "machine":
+        if method in ("machine", "runtime_alone"):
             continue
         if "error" in r:
             print(f"{method:<16} failed: {r['error']}")
@@ -157,7 +194,7 @@ def print_table(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", default=str(DEFAULT_IMAGES))
-    parser.add_argument("--methods", default="keras,ray_data,wf")
+    parser.add_argument("--methods", default="keras,ray_data,wf,wf_int8,runtime_alone")
     parser.add_argument("--out", default=str(HERE / "results" / "extract_throughput.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,6 +221,23 @@ def main() -> None:
 
     print(banner())
     print_table(results)
+    alone = results.get("runtime_alone", {})
+    if "litert_ms" in alone:
+        print(f"\nruntime alone, one thread, batch 1: float32 {alone['litert_ms']:.2f} ms, "
+              f"int8 {alone['litert-int8_ms']:.2f} ms per image; "
+              f"decoding {alone['decode_ms']:.2f} ms")  # fmt: skip
+        for method, runtime in (("wf", "litert"), ("wf_int8", "litert-int8")):
+            if "seconds" in results.get(method, {}):
+                limit = 2 * 1000 / alone[f"{runtime}_ms"]  # two one-thread workers
+                rate = results[method]["images"] / results[method]["seconds"]
+                only = results[method]["images"] / results[method]["extract_seconds"]
+                print(
+                    f"{method}: compute limit {limit:.1f} img/s; end to end {rate:.1f} "
+                    f"({rate / limit:.0%}), extraction only {only:.1f} ({only / limit:.0%})"
+                )
+        if "seconds" in results.get("wf_int8", {}) and "seconds" in results.get("wf", {}):
+            speedup = results["wf"]["seconds"] / results["wf_int8"]["seconds"]
+            print(f"litert-int8 end to end: {speedup:.2f}x float32 (target >= 1.8x)")
     results["machine"] = describe()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as handle:

@@ -7,7 +7,6 @@ failed); ``--debug`` adds the traceback. Options and their help live in
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import replace
 from typing import Annotated, Any
@@ -213,6 +212,34 @@ def serve(
 
 
 @app.command()
+def audit(
+    store: o.TrainStore = None, output: o.AuditOutput = "audit", datasets: o.Datasets = None,
+    backbone: o.AuditBackbone = "efficientnet_lite0", similarity: o.Similarity = 0.85,
+    relative: o.Relative = 0.35, exact_only: o.ExactOnly = False, neighbours: o.Neighbours = 10,
+    folds: o.Folds = 5, outlier_score: o.OutlierScore = 1.6, fail_on: o.FailOn = None,
+    resplit: o.Resplit = False, json_output: o.Json = False, verbose: o.Verbose = False,
+    address: o.Address = None, num_cpus: o.NumCpus = None,
+) -> None:  # fmt: skip
+    """Find duplicates, leaks across splits, outliers and label errors from a feature store.
+
+    Example: wf audit --store store --output audit --fail-on leakage,conflicting_labels
+    """
+    from workflows.audit import AuditSettings, check_fail_on, run_audit
+    from workflows.console import show_audit
+
+    settings = AuditSettings(
+        store=store or "store", output=output, datasets=_csv(datasets), backbone=backbone,
+        neighbours=neighbours, similarity=similarity or None, relative=relative or None,
+        exact_only=exact_only, outlier_score=outlier_score, folds=folds,
+        fail_on=_csv(fail_on) or (), resplit=resplit,
+        cluster=ClusterSettings(address, num_cpus, verbose),
+    )  # fmt: skip
+    summaries = run_audit(settings)
+    show_audit(output, summaries, json_output)
+    check_fail_on(settings, summaries)
+
+
+@app.command()
 def stores(
     store: Annotated[str, typer.Argument(help="A feature store root (path or URI).")] = "store",
     json_output: o.Json = False,
@@ -281,28 +308,14 @@ def demo(
 
     Example: wf demo --dir wf-demo
     """
-    from workflows.console import (
-        extract_progress,
-        show_extract,
-        show_next_steps,
-        show_train,
-        train_progress,
-    )
-    from workflows.demo import DemoSettings, run_demo
-    from workflows.extract import check_reports, run_extract
-    from workflows.train import check_results, run_train_all
-
-    def extract_step(extract_settings: ExtractSettings) -> list[Any]:
-        with extract_progress() as progress:
-            return run_extract(extract_settings, progress)
-
-    def train_step(train_settings: TrainSettings) -> list[Any]:
-        with train_progress() as progress:
-            return run_train_all(train_settings, progress)
+    from workflows.console import show_extract, show_next_steps, show_train
+    from workflows.demo import DemoSettings, run_demo_with_progress
+    from workflows.extract import check_reports
+    from workflows.train import check_results
 
     cluster = ClusterSettings(address, num_cpus, verbose)
     settings = DemoSettings(folder, images_per_class, shards, weights, epochs, cache_dir, cluster)
-    result = run_demo(settings, extract_step, train_step)
+    result = run_demo_with_progress(settings)
     show_extract(f"wf demo: {result.data}", result.reports, False)
     check_reports(result.reports)
     show_train(result.runs, result.results, False)
@@ -310,39 +323,7 @@ def demo(
     show_next_steps(result.runs)
 
 
-def main() -> None:
-    """Entry point: every error is one line on stderr with its exit code."""
-    debug = "--debug" in sys.argv[1:]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from workflows.settings import worker_env
-
-    os.environ.update(worker_env())
-    if "--verbose" not in sys.argv[1:]:
-        from workflows.quiet import filter_native_stderr
-
-        filter_native_stderr()
-    # typer vendors click: its usage errors are typer._click's (no public name for them).
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError
-
-    try:
-        code = app(standalone_mode=False)
-        sys.exit(code if isinstance(code, int) else 0)
-    except NoArgsIsHelpError as error:
-        out.print(error.ctx.get_help() if error.ctx else "", markup=False)
-        sys.exit(0)
-    except ClickException as error:  # a wrong option or argument: one line, as the others
-        command = error.ctx.command_path if getattr(error, "ctx", None) else "wf"
-        command = command.replace("python -m workflows.cli", "wf")
-        say("error", f"{error.format_message()} (see {command} --help)")
-        sys.exit(error.exit_code)
-    except (KeyboardInterrupt, typer.Abort):
-        err.print("interrupted")
-        sys.exit(130)
-    except Exception as error:  # the one place errors become messages
-        from workflows.console import show_error
-
-        sys.exit(show_error(error, debug))
-
-
 if __name__ == "__main__":
+    from workflows.main import main
+
     main()

@@ -270,3 +270,19 @@ def show_error(error: BaseException, debug: bool) -> int:
     say("error", f"{type(shown).__name__}: {text[0] if text else ''} "
                  "(wf --debug ... shows the traceback)")  # fmt: skip
     return 1
+
+
+def show_audit(output: str, summaries: dict[str, dict], as_json: bool) -> None:
+    if as_json:
+        print_json(summaries)
+        return
+    kinds = ("exact_duplicate", "near_duplicate", "leakage", "conflicting_labels", "label_issue",
+             "outlier")  # fmt: skip
+    rows = [{"dataset": d, "images": str(s["images"]),
+             **{k.replace("_", " "): str(s["counts"].get(k, 0)) for k in kinds}}
+            for d, s in summaries.items()]  # fmt: skip
+    print_table(f"wf audit: {output}", rows)
+    for dataset in summaries:
+        out.print(
+            f"{dataset}: {output.rstrip('/')}/{dataset}/report.html and issues.csv", markup=False
+        )

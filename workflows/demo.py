@@ -124,3 +124,20 @@ def run_demo(
         reports = extract(extract_settings)
         results = train(train_settings)
     return DemoResult(data, train_settings.runs, reports, results)
+
+
+def run_demo_with_progress(settings: DemoSettings) -> DemoResult:
+    """:func:`run_demo` with each pipeline's progress display, one after the other."""
+    from workflows.console import extract_progress, train_progress
+    from workflows.extract import run_extract
+    from workflows.train import run_train_all
+
+    def extract(extract_settings: Any) -> list[Any]:
+        with extract_progress() as progress:
+            return run_extract(extract_settings, progress)
+
+    def train(train_settings: Any) -> list[Any]:
+        with train_progress() as progress:
+            return run_train_all(train_settings, progress)
+
+    return run_demo(settings, extract, train)

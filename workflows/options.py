@@ -126,3 +126,19 @@ MaxBatchSize = Annotated[int, typer.Option(help="Requests batched into one forwa
 BatchWaitMs = Annotated[float, typer.Option(help="Longest wait for a batch to fill, in ms.")]
 MaxQueued = Annotated[int, typer.Option(help="Requests queued per model; past it, HTTP 503.")]
 MaxBodyMb = Annotated[float, typer.Option(help="Largest request body, in MiB; past it, HTTP 413.")]
+
+# wf audit
+AuditOutput = Annotated[
+    str, typer.Option(help="Where issues.csv, summary.json and report.html go.")
+]
+AuditBackbone = Annotated[str, typer.Option(help="Whose stored embeddings to audit.")]
+Similarity = Annotated[float, typer.Option(help="Near duplicates: cosine at least this (0: off).")]
+Relative = Annotated[
+    float, typer.Option(help="... and distance at most this x the typical one (0: off).")
+]
+ExactOnly = Annotated[bool, typer.Option("--exact-only", help="Only byte-identical duplicates.")]
+Neighbours = Annotated[int, typer.Option(help="Neighbours per image (outliers, near duplicates).")]
+Folds = Annotated[int, typer.Option(help="Cross-validation folds for the label issues.")]
+OutlierScore = Annotated[float, typer.Option(help="Outliers: score at least this (1: typical).")]
+FailOn = Annotated[Text, typer.Option(help="Exit 1 when any of these issues is found (for CI).")]
+Resplit = Annotated[bool, typer.Option("--resplit", help="Write a group-aware split proposal.")]

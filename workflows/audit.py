@@ -1,0 +1,270 @@
+"""`wf audit`: duplicates, leakage across splits, outliers and label errors, found from a
+feature store's stored embeddings and image ids (copy 0 of each image); no image is decoded
+again except to draw the report's thumbnails.
+
+For each dataset, under ``<output>/<dataset>/``: ``issues.csv`` and ``issues.parquet`` (one row
+per flagged image: ``issue``, ``path``, ``split``, ``label``, ``score``, ``group``,
+``suggested_label``, ``keep``), ``summary.json`` (counts, thresholds, timings), ``report.html``
+(thumbnails of every group and label issue), and with ``resplit`` a group-aware split proposal,
+``resplit.csv``. Nothing in the dataset is moved.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from storage.errors import RunFailed, SettingsError
+from storage.feature_store import FeatureStore, tap_column, tap_to_numpy
+from storage.filesystem import Location, write_bytes
+from storage.layout import StoreLayout
+from tasks.audit import (
+    groups,
+    near_pairs,
+    nearest,
+    normalise,
+    out_of_sample_probabilities,
+    outlier_scores,
+    relative_scale,
+)
+from workflows.settings import ClusterSettings
+
+ISSUES = ("exact_duplicate", "near_duplicate", "leakage", "outlier", "label_issue",
+          "conflicting_labels")  # fmt: skip
+COLUMNS = ("issue", "path", "split", "label", "score", "group", "suggested_label", "keep")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    store: str = "store"
+    output: str = "audit"
+    datasets: tuple[str, ...] | None = None
+    backbone: str = "efficientnet_lite0"
+    neighbours: int = 10
+    similarity: float | None = 0.85  # cosine at least this, and ...
+    relative: float | None = 0.35  # ... distance at most this x the typical (10th-neighbour) one
+    exact_only: bool = False
+    outlier_score: float = 1.6  # times the median distance to neighbours and class centre
+    folds: int = 5
+    fail_on: tuple[str, ...] = ()
+    resplit: bool = False
+    seed: int = 0
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.fail_on) - set(ISSUES)
+        if unknown:
+            raise SettingsError(f"--fail-on takes {', '.join(ISSUES)}; not {', '.join(unknown)}")
+        if self.similarity is not None and not 0 < self.similarity <= 1:
+            raise SettingsError("--similarity must be in (0, 1]")
+        if self.neighbours < 2 or self.folds < 2:
+            raise SettingsError("--neighbours and --folds must be at least 2")
+
+
+@dataclass
+class Images:
+    """The audited images (copy 0 of every split), in one order."""
+
+    path: list[str]
+    split: list[str]
+    label: list[str]
+    label_index: np.ndarray
+    image_id: list[str]
+    embedding: np.ndarray
+
+
+def load_images(store: FeatureStore) -> Images:
+    tables = [store.read_table(s, ["path", "split", "label", "label_index", "image_id", "copy",
+                                   tap_column("bottleneck")])
+              for s in ("train", "validation", "test") if store.manifest.files(s)]  # fmt: skip
+    table = pa.concat_tables(tables)
+    table = table.filter(pc.equal(table["copy"], 0))
+    shape = store.manifest.taps["bottleneck"].shape
+    return Images(table["path"].to_pylist(), table["split"].to_pylist(), table["label"].to_pylist(),
+                  table["label_index"].to_numpy(), table["image_id"].to_pylist(),
+                  normalise(tap_to_numpy(table[tap_column("bottleneck")], shape)))  # fmt: skip
+
+
+def _keep(members: list[int], images: Images, sizes: dict[str, int]) -> int:
+    """The one image of a duplicate group to keep: the largest file, then the first path."""
+    return min(members, key=lambda i: (-sizes.get(images.path[i], 0), images.path[i]))
+
+
+def audit_images(
+    images: Images, classes: tuple[str, ...], settings: AuditSettings, sizes: dict[str, int],
+    on_ray: bool = True,
+) -> tuple[list[dict], dict]:  # fmt: skip
+    """Every issue of one dataset's images, and the facts of the audit (thresholds, counts)."""
+    started = time.perf_counter()
+    neighbours = nearest(images.embedding, settings.neighbours)
+    by_id: dict[str, list[int]] = {}
+    for i, image_id in enumerate(images.image_id):
+        by_id.setdefault(image_id, []).append(i)
+    exact = [(m[0], j) for m in by_id.values() if len(m) > 1 for j in m[1:]]
+    near = [] if settings.exact_only else [
+        (i, j, s) for i, j, s in near_pairs(neighbours, settings.similarity, settings.relative)
+        if images.image_id[i] != images.image_id[j]]  # fmt: skip
+    closeness = {(i, j): s for i, j, s in near}
+    issues: list[dict] = []
+
+    def add(issue: str, i: int, score: float, group: int | None = None, **extra: object) -> None:
+        issues.append({"issue": issue, "path": images.path[i], "split": images.split[i],
+                       "label": images.label[i], "score": round(float(score), 6), "group": group,
+                       "suggested_label": None, "keep": None, **extra})  # fmt: skip
+
+    for number, members in enumerate(
+        groups(len(images.path), exact + [(i, j) for i, j, _ in near])
+    ):
+        kept = _keep(members, images, sizes)
+        same_bytes = len({images.image_id[i] for i in members}) == 1
+        for i in members:
+            score = (
+                1.0
+                if same_bytes
+                else max(
+                    (s for (a, b), s in closeness.items() if i in (a, b) and a in members),
+                    default=1.0,
+                )
+            )
+            kind = (
+                "exact_duplicate"
+                if same_bytes or len(by_id[images.image_id[i]]) > 1
+                else "near_duplicate"
+            )
+            add(kind, i, score, number, keep=i == kept)
+        if len({images.split[i] for i in members}) > 1:
+            for i in members:
+                add("leakage", i, 1.0, number, keep=i == kept)
+        if len({images.label[i] for i in members}) > 1:
+            for i in members:
+                add("conflicting_labels", i, 1.0, number, keep=i == kept)
+    scores = outlier_scores(neighbours, images.embedding, images.label_index)
+    for i in np.nonzero(scores >= settings.outlier_score)[0]:
+        add("outlier", int(i), scores[i])
+    train = np.array([i for i, s in enumerate(images.split) if s == "train"])
+    flagged = _label_issues(images, train, classes, settings, on_ray)
+    for i, score, suggested in flagged:
+        add("label_issue", i, score, suggested_label=classes[suggested])
+    facts = {
+        "images": len(images.path), "counts": dict(Counter(i["issue"] for i in issues)),
+        "thresholds": {"similarity": settings.similarity, "relative": settings.relative,
+                       "relative_distance": round(settings.relative * relative_scale(neighbours), 6)
+                       if settings.relative is not None else None,
+                       "outlier_score": settings.outlier_score, "neighbours": settings.neighbours,
+                       "exact_only": settings.exact_only},
+        "seconds": round(time.perf_counter() - started, 3),
+    }  # fmt: skip
+    return issues, facts
+
+
+def _label_issues(
+    images: Images, train: np.ndarray, classes: tuple[str, ...], settings: AuditSettings,
+    on_ray: bool,
+) -> list[tuple[int, float, int]]:  # fmt: skip
+    """Training images whose label confident learning doubts (cleanlab's find_label_issues on
+    out-of-sample probabilities), most doubtful first: ``(row, score, suggested class)``."""
+    from cleanlab.filter import find_label_issues
+
+    labels = images.label_index[train]
+    if len(train) < 2 * settings.folds or len(np.unique(labels)) < 2:
+        return []
+    probabilities = out_of_sample_probabilities(images.embedding[train], labels, len(classes),
+                                                settings.folds, settings.seed, on_ray)  # fmt: skip
+    ranked = find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence")
+    return [
+        (int(train[r]), 1.0 - float(probabilities[r, labels[r]]), int(np.argmax(probabilities[r])))
+        for r in ranked
+    ]
+
+
+def resplit(images: Images, issues: list[dict]) -> list[dict]:
+    """A group-aware split: every duplicate group goes whole to the split most of it is in
+    (train on a tie); every other image stays where it is."""
+    members: dict[int, list[str]] = {}
+    for issue in issues:
+        if issue["group"] is not None:
+            members.setdefault(issue["group"], []).append(issue["path"])
+    target = {}
+    for paths in members.values():
+        splits = Counter(images.split[images.path.index(p)] for p in set(paths))
+        best = max(splits.items(), key=lambda kv: (kv[1], kv[0] == "train"))[0]
+        target.update(dict.fromkeys(paths, best))
+    return [{"path": p, "split": s, "proposed_split": target.get(p, s)}
+            for p, s in zip(images.path, images.split, strict=True)]  # fmt: skip
+
+
+def _write(location: Location, name: str, data: bytes) -> None:
+    write_bytes(location.filesystem, location.path(name), data)
+
+
+def write_outputs(location: Location, issues: list[dict], facts: dict, report: str,
+                  proposal: list[dict] | None) -> None:  # fmt: skip
+    table = pa.Table.from_pylist(issues or [], schema=pa.schema(
+        [("issue", pa.string()), ("path", pa.string()), ("split", pa.string()),
+         ("label", pa.string()), ("score", pa.float64()), ("group", pa.int64()),
+         ("suggested_label", pa.string()), ("keep", pa.bool_())]))  # fmt: skip
+    buffer = io.BytesIO()
+    pacsv.write_csv(table, buffer)
+    _write(location, "issues.csv", buffer.getvalue())
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    _write(location, "issues.parquet", buffer.getvalue())
+    _write(location, "summary.json", (json.dumps(facts, indent=2) + "\n").encode())
+    _write(location, "report.html", report.encode())
+    if proposal is not None:
+        buffer = io.BytesIO()
+        pacsv.write_csv(pa.Table.from_pylist(proposal), buffer)
+        _write(location, "resplit.csv", buffer.getvalue())
+
+
+def run_audit(settings: AuditSettings) -> dict[str, dict]:
+    """Audit every selected dataset of the store; returns each one's summary facts."""
+    from workflows.audit_report import file_sizes, render_report
+    from workflows.cluster import ray_cluster
+
+    layout = StoreLayout.at(settings.store)
+    chosen = sorted({d for d, b in layout.stores() if b == settings.backbone})
+    if settings.datasets:
+        missing = set(settings.datasets) - set(chosen)
+        if missing:
+            raise SettingsError(f"no {settings.backbone} store for {', '.join(sorted(missing))}")
+        chosen = [d for d in chosen if d in settings.datasets]
+    summaries = {}
+    with ray_cluster(settings.cluster):
+        for dataset in chosen:
+            store = FeatureStore.open(layout, dataset, settings.backbone)
+            store.verify_parts()
+            images = load_images(store)
+            sizes = file_sizes(store.manifest.dataset_root)
+            issues, facts = audit_images(images, store.manifest.classes, settings, sizes)
+            facts.update(
+                dataset=dataset, backbone=settings.backbone, manifest_id=store.manifest.manifest_id
+            )
+            location = Location.at(settings.output.rstrip("/") + "/" + dataset)
+            report = render_report(dataset, store.manifest.dataset_root, images, issues, facts)
+            write_outputs(
+                location,
+                issues,
+                facts,
+                report,
+                resplit(images, issues) if settings.resplit else None,
+            )
+            summaries[dataset] = facts
+    return summaries
+
+
+def check_fail_on(settings: AuditSettings, summaries: dict[str, dict]) -> None:
+    found = {
+        kind: sum(s["counts"].get(kind, 0) for s in summaries.values()) for kind in settings.fail_on
+    }
+    if any(found.values()):
+        raise RunFailed("audit found " + ", ".join(f"{k} ({v})" for k, v in found.items() if v))
