@@ -21,7 +21,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=20
 
 bench: setup
 	$(BIN)/python benchmarks/extract_throughput.py

@@ -44,8 +44,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         data = self.rfile.read(int(self.headers["Content-Length"]))
         image = Image.open(io.BytesIO(data)).convert("RGB").resize((size[1], size[0]))
-        p = float(model.predict(np.asarray(image, np.float32)[None], verbose=0).reshape(-1)[0])
-        body = json.dumps({"label": classes[int(p > 0.5)], "probabilities": [1 - p, p]}).encode()
+        p = model.predict(np.asarray(image, np.float32)[None], verbose=0).reshape(-1)
+        p = np.array([1 - p[0], p[0]]) if len(p) == 1 else p
+        body = json.dumps({"label": classes[int(p.argmax())],
+                           "probabilities": dict(zip(classes, p.tolist()))}).encode()
         self.send_response(200); self.send_header("Content-Length", str(len(body)))
         self.end_headers(); self.wfile.write(body)
     def log_message(self, *args): pass
@@ -85,11 +87,14 @@ async def load(
             body = photos[sent % len(photos)]
             sent += 1
             begun = time.perf_counter()
-            async with session.post(url, data=body) as response:
-                await response.read()
-                statuses.append(response.status)
-                if response.status == 200:
-                    latencies.append(time.perf_counter() - begun)
+            try:
+                async with session.post(url, data=body) as response:
+                    await response.read()
+                    statuses.append(response.status)
+                    if response.status == 200:
+                        latencies.append(time.perf_counter() - begun)
+            except (TimeoutError, aiohttp.ClientError):
+                statuses.append(0)  # refused, reset or timed out: counted as an error
 
     timeout = aiohttp.ClientTimeout(total=120)
     connector = aiohttp.TCPConnector(limit=in_flight)
@@ -102,6 +107,7 @@ async def load(
         "rps": round(len(latencies) / elapsed, 1),
         **{f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)},
         "rejected_503": round(statuses.count(503) / max(len(statuses), 1), 3),
+        "errors": statuses.count(0),
     }  # fmt: skip
 
 

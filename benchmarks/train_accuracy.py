@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument(
         "--image-size", type=int, default=None, help="backbone input size [default: its own]"
     )
+    parser.add_argument(
+        "--runtime", default=None, help="backbone runtime for extraction (see wf extract --help)"
+    )
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--keep-best", action="store_true", help="keep each job's best epoch")
     args = parser.parse_args()
@@ -96,6 +99,7 @@ def main() -> None:
                     input_size=args.image_size if backbone == backbones[0] else None,
                     backbone=backbone,
                     cluster=cluster,
+                    **({"runtime": args.runtime} if args.runtime else {}),
                 )
             )
         timings["extract_seconds"] = round(time.perf_counter() - started, 1)

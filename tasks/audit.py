@@ -117,24 +117,31 @@ def outlier_scores(
 def fold_probabilities(
     train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, classes: int, seed: int
 ) -> np.ndarray:
-    """A cheap dense top (multinomial logistic regression on the standardised embeddings) fitted
-    on one fold's training rows: class probabilities of its held-out rows,
-    ``(len(test_x), classes)``. (Unit-length embeddings have tiny coordinates: without the
-    scaling, the default regularisation leaves every probability near uniform.)"""
+    """A cheap dense top (multinomial logistic regression on the unit-length embeddings, weakly
+    regularised: ``C=10``) fitted on one fold's training rows: class probabilities of its
+    held-out rows, ``(len(test_x), classes)``. (Measured on planted label errors in
+    cats_vs_dogs and flowers: better than ``C=1`` and than standardised features, which
+    overfit.)"""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(
-        StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
-    )
+    model = LogisticRegression(C=10.0, max_iter=2000, random_state=seed)
     model.fit(train_x, train_y)
     probabilities = np.zeros((len(test_x), classes))
-    probabilities[:, model[-1].classes_] = model.predict_proba(test_x)
+    probabilities[:, model.classes_] = model.predict_proba(test_x)
     return probabilities
 
 
 fold_task = ray.remote(num_cpus=1)(fold_probabilities)
+
+
+def neighbour_votes(neighbours: Neighbours, labels: np.ndarray, classes: int) -> np.ndarray:
+    """Each row's class probabilities from the labels of its ``k`` nearest other rows (one vote
+    each, itself excluded: out of sample by construction), as cleanlab's Datalab does."""
+    votes = np.zeros((len(labels), classes))
+    rows = np.arange(len(labels))
+    for slot in range(neighbours.index.shape[1]):
+        np.add.at(votes, (rows, labels[neighbours.index[:, slot]]), 1.0)
+    return votes / votes.sum(axis=1, keepdims=True)
 
 
 def out_of_sample_probabilities(

@@ -28,9 +28,11 @@ from storage.feature_store import FeatureStore, tap_column, tap_to_numpy
 from storage.filesystem import Location, write_bytes
 from storage.layout import StoreLayout
 from tasks.audit import (
+    Neighbours,
     groups,
     near_pairs,
     nearest,
+    neighbour_votes,
     normalise,
     out_of_sample_probabilities,
     outlier_scores,
@@ -151,7 +153,7 @@ def audit_images(
     for i in np.nonzero(scores >= settings.outlier_score)[0]:
         add("outlier", int(i), scores[i])
     train = np.array([i for i, s in enumerate(images.split) if s == "train"])
-    flagged = _label_issues(images, train, classes, settings, on_ray)
+    flagged = _label_issues(images, train, neighbours, classes, settings, on_ray)
     for i, score, suggested in flagged:
         add("label_issue", i, score, suggested_label=classes[suggested])
     facts = {
@@ -167,18 +169,23 @@ def audit_images(
 
 
 def _label_issues(
-    images: Images, train: np.ndarray, classes: tuple[str, ...], settings: AuditSettings,
-    on_ray: bool,
+    images: Images, train: np.ndarray, neighbours: Neighbours, classes: tuple[str, ...],
+    settings: AuditSettings, on_ray: bool,
 ) -> list[tuple[int, float, int]]:  # fmt: skip
-    """Training images whose label confident learning doubts (cleanlab's find_label_issues on
-    out-of-sample probabilities), most doubtful first: ``(row, score, suggested class)``."""
+    """Training images whose label confident learning doubts (cleanlab's find_label_issues),
+    most doubtful first: ``(row, score, suggested class)``. The out-of-sample probabilities are
+    the mean of two: a logistic top cross-validated in k folds on the training rows, and the
+    votes of each image's nearest labelled images in every split. (Measured on planted label
+    errors: the mean finds more of them than either alone.)"""
     from cleanlab.filter import find_label_issues
 
     labels = images.label_index[train]
     if len(train) < 2 * settings.folds or len(np.unique(labels)) < 2:
         return []
-    probabilities = out_of_sample_probabilities(images.embedding[train], labels, len(classes),
-                                                settings.folds, settings.seed, on_ray)  # fmt: skip
+    folds = out_of_sample_probabilities(images.embedding[train], labels, len(classes),
+                                        settings.folds, settings.seed, on_ray)  # fmt: skip
+    votes = neighbour_votes(neighbours, images.label_index, len(classes))[train]
+    probabilities = (folds + votes) / 2
     ranked = find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence")
     return [
         (int(train[r]), 1.0 - float(probabilities[r, labels[r]]), int(np.argmax(probabilities[r])))

@@ -75,7 +75,8 @@ def render_report(dataset: str, root: str, images: Any, issues: list[dict], fact
             for g, m in list(by_group.items())[:SHOWN]
         ]
         if blocks:
-            sections.append(f"<h2>{title} ({len(by_group)} groups)</h2>" + "".join(blocks))
+            count = f"{len(by_group)} group{'s' if len(by_group) != 1 else ''}"
+            sections.append(f"<h2>{title} ({count})</h2>" + "".join(blocks))
     for kind, title in (
         ("label_issue", "Label issues, most doubtful first"),
         ("outlier", "Outliers"),
@@ -92,9 +93,25 @@ def render_report(dataset: str, root: str, images: Any, issues: list[dict], fact
                 f"<h2>{title} ({len(chosen)})</h2><div class=group>{''.join(cards)}</div>"
             )
     name = html.escape(dataset)
+    thresholds = describe_thresholds(facts["thresholds"])
     return (f"<!doctype html><html lang=en><meta charset=utf-8><title>wf audit: {name}</title>"
             f"<style>{STYLE}</style><h1>wf audit: {name}</h1>"
-            f"<p>{facts['images']} images; thresholds {html.escape(str(facts['thresholds']))}. "
+            f"<p>{facts['images']} images; {html.escape(thresholds)}. "
             "A green frame marks the image to keep of each group; the CSV holds every flagged "
             f"image.</p><table><tr><th>issue</th><th>images</th></tr>{counts}</table>"
             f"{''.join(sections)}</html>")  # fmt: skip
+
+
+def describe_thresholds(t: dict) -> str:
+    """The thresholds of an audit, as a sentence."""
+    if t.get("exact_only"):
+        near = "exact duplicates only"
+    else:
+        parts = []
+        if t.get("similarity") is not None:
+            parts.append(f"cosine at least {t['similarity']}")
+        if t.get("relative") is not None:
+            parts.append(f"distance at most {t['relative']} x the typical one "
+                         f"({t['relative_distance']})")  # fmt: skip
+        near = "near duplicates: " + (" and ".join(parts) or "off")
+    return f"{near}; outliers: score at least {t['outlier_score']}; {t['neighbours']} neighbours"

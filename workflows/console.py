@@ -223,6 +223,7 @@ def show_next_steps(runs: str) -> None:
         f"report: {runs}/summary.html (one file: open it in a browser)",
         "next, on your own images (one folder per class):",
         "  wf extract data/my_dataset --store store",
+        "  wf audit --store store   (duplicates, leaks across splits, label errors)",
         "  wf train-all --store store --runs runs",
         f"  wf predict {model} some_photos/",
         "  wf stores store; wf runs runs; wf --help",

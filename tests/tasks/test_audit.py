@@ -6,6 +6,7 @@ from tasks.audit import (
     groups,
     near_pairs,
     nearest,
+    neighbour_votes,
     normalise,
     out_of_sample_probabilities,
     outlier_scores,
@@ -69,3 +70,12 @@ def test_out_of_sample_probabilities_never_see_their_row():
     assert (
         probabilities[3, 0] > 0.8 and (probabilities.argmax(1) == np.r_[[0] * 30, [1] * 30]).all()
     )
+
+
+def test_neighbour_votes_are_out_of_sample_class_shares():
+    x = normalise(np.array([[1.0, 0.0], [0.99, 0.1], [0.98, 0.2], [0.0, 1.0], [0.1, 0.99]]))
+    labels = np.array([0, 0, 1, 1, 1])  # row 2 sits among class 0 with the label 1
+    votes = neighbour_votes(nearest(x, k=2), labels, 2)
+    assert np.allclose(votes.sum(1), 1)
+    np.testing.assert_allclose(votes[2], [1.0, 0.0])  # its own label never votes for it
+    np.testing.assert_allclose(votes[3], [0.0, 1.0])
