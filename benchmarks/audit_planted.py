@@ -234,7 +234,8 @@ def main() -> None:
                      else f", datalab {r['datalab']['leaks']['recall'][change_]}"))  # fmt: skip
         print(
             f"{'':<13} planted: {r['planted']}; wf counts {r['wf']['summary']['counts']}; "
-            f"wf audit wall {r['wf']['summary']['wall_seconds']} s (Ray start included)"
+            f"wf audit wall {r['wf']['summary']['wall_seconds']} s (Ray start included); "
+            f"wf stages {r['wf']['summary']['timings']}"
         )
     out = work / "audit_planted.json"
     out.write_text(json.dumps({"results": results, "machine": describe(), "args": vars(args)},

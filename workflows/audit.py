@@ -107,7 +107,13 @@ def audit_images(
 ) -> tuple[list[dict], dict]:  # fmt: skip
     """Every issue of one dataset's images, and the facts of the audit (thresholds, counts)."""
     started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(stage: str) -> None:
+        timings[stage] = round(time.perf_counter() - started - sum(timings.values()), 3)
+
     neighbours = nearest(images.embedding, settings.neighbours)
+    lap("neighbours")
     by_id: dict[str, list[int]] = {}
     for i, image_id in enumerate(images.image_id):
         by_id.setdefault(image_id, []).append(i)
@@ -149,13 +155,16 @@ def audit_images(
         if len({images.label[i] for i in members}) > 1:
             for i in members:
                 add("conflicting_labels", i, 1.0, number, keep=i == kept)
+    lap("duplicates")
     scores = outlier_scores(neighbours, images.embedding, images.label_index)
     for i in np.nonzero(scores >= settings.outlier_score)[0]:
         add("outlier", int(i), scores[i])
+    lap("outliers")
     train = np.array([i for i, s in enumerate(images.split) if s == "train"])
     flagged = _label_issues(images, train, neighbours, classes, settings, on_ray)
     for i, score, suggested in flagged:
         add("label_issue", i, score, suggested_label=classes[suggested])
+    lap("label_issues")
     facts = {
         "images": len(images.path), "counts": dict(Counter(i["issue"] for i in issues)),
         "thresholds": {"similarity": settings.similarity, "relative": settings.relative,
@@ -163,7 +172,7 @@ def audit_images(
                        if settings.relative is not None else None,
                        "outlier_score": settings.outlier_score, "neighbours": settings.neighbours,
                        "exact_only": settings.exact_only},
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": round(time.perf_counter() - started, 3), "timings": timings,
     }  # fmt: skip
     return issues, facts
 

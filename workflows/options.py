@@ -137,7 +137,9 @@ Relative = Annotated[
     float, typer.Option(help="... and distance at most this x the typical one (0: off).")
 ]
 ExactOnly = Annotated[bool, typer.Option("--exact-only", help="Only byte-identical duplicates.")]
-Neighbours = Annotated[int, typer.Option(help="Neighbours per image (outliers, near duplicates).")]
+Neighbours = Annotated[
+    int, typer.Option(help="Neighbours per image (near duplicates, outliers, label votes).")
+]
 Folds = Annotated[int, typer.Option(help="Cross-validation folds for the label issues.")]
 OutlierScore = Annotated[float, typer.Option(help="Outliers: score at least this (1: typical).")]
 FailOn = Annotated[Text, typer.Option(help="Exit 1 when any of these issues is found (for CI).")]

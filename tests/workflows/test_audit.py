@@ -115,7 +115,13 @@ def test_outputs_the_contract_promises(audited):
     import pyarrow.parquet as pq
 
     assert pq.read_table(folder / "issues.parquet").num_rows == len(table)
-    assert json.loads((folder / "summary.json").read_text())["counts"] == summary["counts"]
+    facts = json.loads((folder / "summary.json").read_text())
+    assert facts["counts"] == summary["counts"] and set(facts["timings"]) == {
+        "neighbours",
+        "duplicates",
+        "outliers",
+        "label_issues",
+    }
     report = (folder / "report.html").read_text()
     assert report.count("data:image/jpeg;base64,") >= 8 and "http" not in report.replace(
         "https://", ""

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,9 @@ def separate_cluster():
 
 
 @pytest.mark.slow
-def test_extract_and_train_on_a_cluster_wf_did_not_start(separate_cluster, tmp_path, cache_dir):
+def test_extract_train_and_serve_on_a_cluster_wf_did_not_start(
+    separate_cluster, tmp_path, cache_dir
+):
     address, token = separate_cluster
     make_dataset(tmp_path / "data" / "shapes", ("circles", "squares"), 12, size=64)
     extract = [
@@ -150,6 +153,39 @@ def test_extract_and_train_on_a_cluster_wf_did_not_start(separate_cluster, tmp_p
     assert trained.returncode == 0, trained.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs" / "shapes" / "bottleneck" / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["accuracy"] is not None
+    # and its model served from that cluster, called over HTTP
+    from tests.s3 import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "workflows.cli", "serve", "--runs", str(tmp_path / "runs"),
+         "--port", str(port), "--address", address],
+        env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/v1/models/shapes/bottleneck:predict"
+        photo = next((tmp_path / "data" / "shapes" / "circles").iterdir()).read_bytes()
+        deadline, answer = time.time() + 240, None
+        while answer is None:
+            assert server.poll() is None, server.communicate()[1][-3000:]
+            assert time.time() < deadline, "wf serve --address did not come up"
+            try:
+                with urllib.request.urlopen(
+                    urllib.request.Request(url, data=photo), timeout=60
+                ) as r:
+                    answer = json.loads(r.read())
+            except OSError:
+                time.sleep(1)
+        assert (
+            answer["label"] in ("circles", "squares") and answer["model"]["method"] == "bottleneck"
+        )
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
 
 
 def _descendants(pid: int) -> dict[int, str]:
