@@ -121,7 +121,10 @@ def audit_images(
     near = [] if settings.exact_only else [
         (i, j, s) for i, j, s in near_pairs(neighbours, settings.similarity, settings.relative)
         if images.image_id[i] != images.image_id[j]]  # fmt: skip
-    closeness = {(i, j): s for i, j, s in near}
+    closest: dict[int, float] = {}  # each image's highest similarity in a near pair
+    for i, j, similarity in near:
+        for k in (i, j):
+            closest[k] = max(closest.get(k, 0.0), similarity)
     issues: list[dict] = []
 
     def add(issue: str, i: int, score: float, group: int | None = None, **extra: object) -> None:
@@ -135,14 +138,7 @@ def audit_images(
         kept = _keep(members, images, sizes)
         same_bytes = len({images.image_id[i] for i in members}) == 1
         for i in members:
-            score = (
-                1.0
-                if same_bytes
-                else max(
-                    (s for (a, b), s in closeness.items() if i in (a, b) and a in members),
-                    default=1.0,
-                )
-            )
+            score = 1.0 if same_bytes else closest.get(i, 1.0)  # a pair never spans two groups
             kind = (
                 "exact_duplicate"
                 if same_bytes or len(by_id[images.image_id[i]]) > 1
@@ -209,9 +205,10 @@ def resplit(images: Images, issues: list[dict]) -> list[dict]:
     for issue in issues:
         if issue["group"] is not None:
             members.setdefault(issue["group"], []).append(issue["path"])
+    split_of = dict(zip(images.path, images.split, strict=True))
     target = {}
     for paths in members.values():
-        splits = Counter(images.split[images.path.index(p)] for p in set(paths))
+        splits = Counter(split_of[p] for p in set(paths))
         best = max(splits.items(), key=lambda kv: (kv[1], kv[0] == "train"))[0]
         target.update(dict.fromkeys(paths, best))
     return [{"path": p, "split": s, "proposed_split": target.get(p, s)}
