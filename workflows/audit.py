@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from storage.errors import RunFailed, SettingsError
+from storage.errors import RunFailed, SettingsError, StoreError
 from storage.feature_store import FeatureStore, tap_column, tap_to_numpy
 from storage.filesystem import Location, write_bytes
 from storage.layout import StoreLayout
@@ -246,6 +246,10 @@ def run_audit(settings: AuditSettings) -> dict[str, dict]:
 
     layout = StoreLayout.at(settings.store)
     chosen = sorted({d for d, b in layout.stores() if b == settings.backbone})
+    if not chosen:
+        raise StoreError(
+            f"no {settings.backbone} feature store under {settings.store}: run `wf extract` first"
+        )
     if settings.datasets:
         missing = set(settings.datasets) - set(chosen)
         if missing:

@@ -69,6 +69,8 @@ ERRORS = [
     (["predict", "{root}/nomodel.keras", "{root}/d"], 2, "does not exist"),
     (["evaluate", "{root}/m/model.keras", "/no/folder"], 2, "is not a folder"),
     (["verify"], 2, "name a STORE"),
+    (["audit", "--store", "{root}/nothing"], 2, "no efficientnet_lite0 feature store"),
+    (["audit", "--store", "{root}/s", "--fail-on", "leaks"], 2, "--fail-on takes"),
 ]
 
 
