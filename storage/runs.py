@@ -5,8 +5,10 @@ so a runs folder may be a local path or an object-store URI.
 ``classes.json``, ``metrics.json``, ``history.csv``, ``settings.json``, the PNG plots,
 ``trained_weights.npz`` (the trained layers, by name, for the jobs that build on this one) and,
 written last, ``artifacts.json``: the size and SHA-256 of every other file, which makes the job
-count as done. ``<runs>/summary.md`` and ``summary.html`` compare every job; Ray Train's
-checkpoints go under ``<runs>/_ray/``.
+count as done. ``<runs>/summary.md`` and ``summary.html`` compare every job. A job trained by
+the run's worker pool checkpoints every epoch under ``<runs>/_checkpoints/<dataset>-<method>/``
+(:class:`JobCheckpoints`); a job trained in sync on several Ray Train workers checkpoints under
+``<runs>/_ray/``.
 """
 
 from __future__ import annotations
@@ -123,6 +125,9 @@ class RunsLayout:
     def ray_run_dir(self, run_name: str) -> str:
         return self.location.path("_ray", run_name)
 
+    def checkpoints(self, dataset: str, method: str) -> JobCheckpoints:
+        return JobCheckpoints(self.location, f"{dataset}-{method}")
+
     def summary_path(self, name: str) -> str:
         return self.location.path(name)
 
@@ -140,6 +145,46 @@ class RunsLayout:
                 if job.exists():
                     found.append(job)
         return found
+
+
+class JobCheckpoints:
+    """One job's epoch checkpoints: each epoch's files in a folder of their own
+    (``epoch-000007/``), then ``latest.json`` naming it, written last; so a job killed while it
+    writes one finds the one before, whole. Older folders are deleted once the pointer moves."""
+
+    POINTER = "latest.json"
+
+    def __init__(self, location: Location, name: str) -> None:
+        self.location = location
+        self.dir = location.path("_checkpoints", name)
+
+    def save(self, epoch: int, files: dict[str, bytes]) -> None:
+        folder = f"epoch-{epoch:06d}"
+        fs = self.location.filesystem
+        for name, data in files.items():
+            write_bytes(fs, f"{self.dir}/{folder}/{name}", data)
+        previous = self._pointer()
+        write_bytes(fs, f"{self.dir}/{self.POINTER}",
+                    json.dumps({"folder": folder, "files": sorted(files)}).encode())  # fmt: skip
+        if previous and previous["folder"] != folder:
+            delete_folder(fs, f"{self.dir}/{previous['folder']}")
+
+    def _pointer(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(read_bytes(self.location.filesystem, f"{self.dir}/{self.POINTER}"))
+        except FileNotFoundError:
+            return None
+
+    def latest(self) -> dict[str, bytes] | None:
+        """The files of the last whole checkpoint, or None when there is none."""
+        pointer = self._pointer()
+        if pointer is None:
+            return None
+        fs = self.location.filesystem
+        return {n: read_bytes(fs, f"{self.dir}/{pointer['folder']}/{n}") for n in pointer["files"]}
+
+    def remove(self) -> None:
+        delete_folder(self.location.filesystem, self.dir)
 
 
 def named_weights_to_bytes(weights: dict[str, list[np.ndarray]]) -> bytes:

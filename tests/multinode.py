@@ -8,7 +8,7 @@ driver would, with ``--address``:
 
     add NAME CPUS      -> {"added": NAME, "node": NODE_ID}
     kill NAME          -> {"killed": NAME}
-    actors             -> {"actors": [[CLASS NAME, NODE NAME], ...]} (the live ones)
+    actors             -> {"actors": [[CLASS NAME, NODE NAME, PID], ...]} (the live ones)
     quit
 
 Run as ``python -m tests.multinode --workers 2 --cpus 1``; it first prints
@@ -49,8 +49,8 @@ def main() -> None:
         elif command == "actors":
             names = {node.node_id: name for name, node in nodes.items()}
             table = cluster.global_state.actor_table(None).values()
-            say({"actors": [[a["ActorClassName"], names.get(a["Address"]["NodeID"], "?")]
-                            for a in table if a["State"] == "ALIVE"]})  # fmt: skip
+            say({"actors": [[a["ActorClassName"], names.get(a["Address"]["NodeID"], "?"),
+                             a.get("Pid")] for a in table if a["State"] == "ALIVE"]})  # fmt: skip
         elif command == "quit":
             break
     cluster.shutdown()
@@ -92,7 +92,12 @@ class MultiNode:
 
     def actors(self, class_name: str) -> list[str]:
         """The node names of the live actors of ``class_name``."""
-        return [node for cls, node in self.send("actors")["actors"] if cls == class_name]
+        return [node for cls, node, _ in self.send("actors")["actors"] if cls == class_name]
+
+    def node_of(self, class_name: str, pid: int) -> str | None:
+        """The node name of the live actor of ``class_name`` in process ``pid``."""
+        found = [n for c, n, p in self.send("actors")["actors"] if c == class_name and p == pid]
+        return found[0] if found else None
 
     def close(self) -> None:
         import subprocess

@@ -1,9 +1,11 @@
 """The training pipeline: every (dataset, method) job of a feature store, concurrently.
 
 plan jobs (each store verified: every part at its recorded size and row count, every class
-with training rows) -> start each job's runner as a Ray task on the driver's node, as many at
-once as the cluster's CPUs allow, a job after the one it depends on -> collect results ->
-summary (Markdown and HTML beside the runs).
+with training rows) -> a pool of long-lived training workers for the whole run, as many as the
+cluster's CPUs allow (:class:`~tasks.training.engine.TrainingPool`), each job queued for it once
+the job it depends on is done -> collect results -> summary (Markdown and HTML beside the runs).
+A run whose jobs train in sync on several workers (``--workers 2``) starts a Ray Train run per
+job instead, its runner a Ray task on the driver's node.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from storage.layout import StoreLayout
 from storage.runs import RunsLayout
 from tasks.backbones import DEFAULT_BACKBONE
 from tasks.methods import JobContext, StoreFacts, in_dependency_order
+from tasks.training.engine import TrainingPool
 from tasks.training.job import JobBoard, JobResult, run_job_task
 from workflows.cluster import on_this_node, ray_cluster
 from workflows.settings import TrainSettings
@@ -142,6 +145,7 @@ def run_train_all(
         for job in jobs:
             runs.job(job.dataset, job.method).remove()
             delete_folder(runs.location.filesystem, runs.ray_run_dir(f"{job.dataset}-{job.method}"))
+            runs.checkpoints(job.dataset, job.method).remove()
     results: dict[str, JobResult] = {}
     with ray_cluster(settings.cluster):
         options = settings.options
@@ -149,52 +153,129 @@ def run_train_all(
             1, int(ray.cluster_resources().get("CPU", 1)) // (options.workers * options.threads)
         )
         board = JobBoard.options(scheduling_strategy=on_this_node()).remote()
-        waiting, planned = list(jobs), {job.key for job in jobs}
-        running: dict[ray.ObjectRef, tuple[PlannedJob, float]] = {}
-        while waiting or running:
-            for job in list(waiting):
-                if len(running) >= limit:
-                    break
-                if job.depends_on in planned and job.depends_on not in results:
-                    continue  # what it starts from is not there yet
-                waiting.remove(job)
-                needed = results.get(job.depends_on) if job.depends_on else None
-                if job.context is None:
-                    results[job.key] = JobResult(
-                        job.dataset, job.method, "failed", error=job.problem
-                    )
-                elif needed is not None and needed.status not in ("done", "kept"):
-                    reason = f"{job.depends_on} did not finish"
-                    results[job.key] = JobResult(job.dataset, job.method, "skipped", error=reason)
-                elif runs.job(job.dataset, job.method).exists():
-                    results[job.key] = _kept(job, runs)
-                else:
-                    task = run_job_task.options(scheduling_strategy=on_this_node())
-                    running[task.remote(job.context, board)] = (job, time.perf_counter())
-            if not running:
-                continue
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            for ref in ready:
-                job, started = running.pop(ref)
-                try:
-                    results[job.key] = ray.get(ref)
-                except Exception as error:  # a failed job is reported, others go on
-                    results[job.key] = _failure(job, error, time.perf_counter() - started)
-            if on_progress is not None:
-                on_progress(_status(jobs, results, running, board))
+        runner = (_PoolRunner(limit, options.threads, options.max_failures)
+                  if options.workers == 1 else _TrainerPerJob(limit))  # fmt: skip
+        try:
+            _run_jobs(jobs, runs, runner, board, results, on_progress)
+        finally:
+            runner.close()
     ordered = [results[job.key] for job in jobs]
     write_summary(runs, ordered)
     return ordered
 
 
+class _PoolRunner:
+    """Jobs on the run's pool of long-lived workers (one worker a job)."""
+
+    def __init__(self, size: int, threads: int, max_failures: int) -> None:
+        self.pool = TrainingPool(size, threads, max_failures)
+        self.started: dict[str, float] = {}
+
+    def has_room(self) -> bool:
+        return self.pool.free > 0
+
+    def start(self, job: PlannedJob, board: object) -> None:
+        self.started[job.key] = time.perf_counter()
+        self.pool.submit(job.key, "run_job", job.context, board)
+
+    @property
+    def active(self) -> set[str]:
+        return self.pool.running
+
+    @property
+    def busy(self) -> bool:
+        return self.pool.busy
+
+    def wait(self) -> list[tuple[str, JobResult | None, BaseException | None, float]]:
+        return [(o.key, o.value, o.error, time.perf_counter() - self.started[o.key])
+                for o in self.pool.wait(timeout=1.0)]  # fmt: skip
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class _TrainerPerJob:
+    """Jobs trained in sync on several workers: a Ray Train run each, its runner a task on the
+    driver's node (so losing a worker node never takes the runner)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running: dict[ray.ObjectRef, tuple[str, float]] = {}
+
+    def has_room(self) -> bool:
+        return len(self.running) < self.limit
+
+    def start(self, job: PlannedJob, board: object) -> None:
+        task = run_job_task.options(scheduling_strategy=on_this_node())
+        self.running[task.remote(job.context, board)] = (job.key, time.perf_counter())
+
+    @property
+    def active(self) -> set[str]:
+        return {key for key, _ in self.running.values()}
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running)
+
+    def wait(self) -> list[tuple[str, JobResult | None, BaseException | None, float]]:
+        if not self.running:
+            return []
+        ready, _ = ray.wait(list(self.running), num_returns=1, timeout=1.0)
+        out: list[tuple[str, JobResult | None, BaseException | None, float]] = []
+        for ref in ready:
+            key, started = self.running.pop(ref)
+            try:
+                out.append((key, ray.get(ref), None, time.perf_counter() - started))
+            except Exception as error:  # a failed job is reported, others go on
+                out.append((key, None, error, time.perf_counter() - started))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _run_jobs(
+    jobs: list[PlannedJob], runs: RunsLayout, runner: _PoolRunner | _TrainerPerJob,
+    board: object, results: dict[str, JobResult], on_progress: ProgressHook | None,
+) -> None:  # fmt: skip
+    """Start each job once what it depends on is done and the runner has room; collect."""
+    waiting, planned = list(jobs), {job.key for job in jobs}
+    by_key = {job.key: job for job in jobs}
+    while waiting or runner.busy:
+        for job in list(waiting):
+            if not runner.has_room():
+                break
+            if job.depends_on in planned and job.depends_on not in results:
+                continue  # what it starts from is not there yet
+            waiting.remove(job)
+            needed = results.get(job.depends_on) if job.depends_on else None
+            if job.context is None:
+                results[job.key] = JobResult(job.dataset, job.method, "failed", error=job.problem)
+            elif needed is not None and needed.status not in ("done", "kept"):
+                reason = f"{job.depends_on} did not finish"
+                results[job.key] = JobResult(job.dataset, job.method, "skipped", error=reason)
+            elif runs.job(job.dataset, job.method).exists():
+                results[job.key] = _kept(job, runs)
+            else:
+                runner.start(job, board)
+        if not runner.busy:
+            continue
+        for key, value, error, seconds in runner.wait():
+            if error is not None:  # a failed job is reported, others go on
+                results[key] = _failure(by_key[key], error, seconds)
+            else:
+                results[key] = value
+        if on_progress is not None:
+            on_progress(_status(jobs, results, runner.active, board))
+
+
 def _status(
-    jobs: list[PlannedJob], results: dict[str, JobResult], running: dict, board: object
+    jobs: list[PlannedJob], results: dict[str, JobResult], active: set[str], board: object
 ) -> dict[str, dict]:
     try:
         facts = ray.get(board.all.remote(), timeout=5)  # type: ignore[attr-defined]
     except Exception:  # progress is for people; the run goes on
         facts = {}
-    active = {job.key for job, _ in running.values()}
     status = {}
     for job in jobs:
         epochs = job.context.recipe.epochs if job.context else 0

@@ -134,6 +134,14 @@ class Method(ABC):
     def build_trainable(self, keras_module: Any, context: JobContext) -> Any:
         """The model the job trains, with ``keras_module`` (tf-keras on workers, Keras 3 after)."""
 
+    def build_on_rows(
+        self, keras_module: Any, feature_shape: tuple[int, ...], num_classes: int
+    ) -> Any:
+        """The model the method trains on stored rows of ``feature_shape``, with no job around
+        it: what :mod:`tasks.training.small_fits` fits (k-fold folds, learning-curve points).
+        Only methods whose model starts from nothing on stored rows have one."""
+        raise SettingsError(f"{self.name} has no small fits: it trains on images or from a job")
+
     def initial_weights(
         self, context: JobContext, weights: dict[str, ResolvedWeights]
     ) -> dict[str, list[np.ndarray]] | None:

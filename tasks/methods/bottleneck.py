@@ -28,8 +28,14 @@ class Bottleneck(Method):
     def features(self, context: JobContext, tables: list[pa.Table]) -> np.ndarray:
         return stack_tap(tables[0]["tap_bottleneck"], context.store.taps["bottleneck"])
 
+    def build_on_rows(
+        self, keras_module: Any, feature_shape: tuple[int, ...], num_classes: int
+    ) -> Any:
+        return build_top(keras_module, feature_shape, num_classes)
+
     def build_trainable(self, keras_module: Any, context: JobContext) -> Any:
-        return build_top(keras_module, context.store.taps["bottleneck"], len(context.classes))
+        return self.build_on_rows(keras_module, context.store.taps["bottleneck"],
+                                  len(context.classes))  # fmt: skip
 
     def complete_model(
         self, context: JobContext, trained: dict[str, list[np.ndarray]],

@@ -40,12 +40,17 @@ class Fusion(Method):
             axis=1,
         )
 
+    def build_on_rows(
+        self, keras_module: Any, feature_shape: tuple[int, ...], num_classes: int
+    ) -> Any:
+        inputs = keras_module.Input((int(np.prod(feature_shape)),), name="fused")
+        x = keras_module.layers.Dropout(DROPOUT, name="fusion_dropout")(inputs)
+        outputs = output_layer(keras_module, num_classes, "fusion_output")(x)
+        return keras_module.Model(inputs, outputs, name="fusion_top")
+
     def build_trainable(self, keras_module: Any, context: JobContext) -> Any:
         width = sum(int(np.prod(store.taps["bottleneck"])) for store in context.stores)
-        inputs = keras_module.Input((width,), name="fused")
-        x = keras_module.layers.Dropout(DROPOUT, name="fusion_dropout")(inputs)
-        outputs = output_layer(keras_module, len(context.classes), "fusion_output")(x)
-        return keras_module.Model(inputs, outputs, name="fusion_top")
+        return self.build_on_rows(keras_module, (width,), len(context.classes))
 
     def complete_model(
         self, context: JobContext, trained: dict[str, list[np.ndarray]],

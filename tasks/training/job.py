@@ -1,10 +1,16 @@
-"""The runner of one (dataset, method) job: train it on Ray Train, then write its artifacts.
+"""One (dataset, method) job from its rows to its artifacts, two ways.
 
-:func:`run_job` is a plain function; :data:`run_job_task` is its thin ``ray.remote`` wrapper,
-which the workflow pins to the driver's node (with the :class:`JobBoard`), so losing a worker
-node never takes a job's runner with it. The workers checkpoint every epoch under
-``<runs>/_ray/<dataset>-<method>/``: Ray Train restarts lost workers from there
-(``max_failures``), and running the same command again resumes a job that was killed.
+:func:`run_job_here` trains, scores and saves the job in the calling process: a long-lived
+worker of the run's pool (:mod:`tasks.training.engine`), which imported TensorFlow once for
+every job it runs. It checkpoints every epoch in the runs folder (:class:`JobCheckpoints`), so
+a job whose worker died (its node lost) goes on from there on another worker, and the same
+command run again resumes a job that was killed.
+
+:func:`run_job` is for a job on several workers that train one model in sync: it starts a Ray
+Train run for it (checkpoints under ``<runs>/_ray/<dataset>-<method>/``; Ray Train restarts
+lost workers from there, ``max_failures``), then scores and saves the trained weights.
+:data:`run_job_task` is its thin ``ray.remote`` wrapper, which the workflow pins to the
+driver's node (with the :class:`JobBoard`), so losing a worker node never takes it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from tasks.heads import probabilities
 from tasks.methods import JobContext, Method, get_method
 from tasks.training.inputs import read_rows
 from tasks.training.weights import set_named_weights
-from tasks.training.worker import Checkpoint, train_loop_per_worker
+from tasks.training.worker import Checkpoint, train_loop_per_worker, train_model
 
 
 @dataclass(frozen=True)
@@ -85,38 +91,45 @@ def _train(context: JobContext, board: Any, initial: Any) -> Checkpoint:
         return Checkpoint.load(folder)
 
 
-def validation_metrics(
-    context: JobContext, method: Method, trained: dict[str, list[np.ndarray]]
-) -> dict[str, Any]:
+def validation_metrics(context: JobContext, method: Method, model: Any) -> dict[str, Any]:
     """Accuracy, loss, per-class metrics and the confusion matrix on the validation split's
-    original images, from the trained part of the model (the same numbers the complete model
-    gives on the images: tested)."""
-    import keras
-
+    original images, from the trained part of the model (``model``, holding the weights the
+    job keeps: the same numbers the complete model gives on the images, tested)."""
     if not context.has_split("validation"):
         return {}
     rows = read_rows(context, method, "validation", first_copy_only=True)
-    model = method.build_trainable(keras, context)
-    set_named_weights(model, trained)
-    outputs = model.predict(rows.x, batch_size=64, verbose=0)
     return classification_metrics(
-        rows.y, probabilities(outputs, len(context.classes)), context.classes
+        rows.y, probabilities(predict_in_batches(model, rows.x), len(context.classes)),
+        context.classes,
+    )  # fmt: skip
+
+
+def predict_in_batches(model: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """``model(x)`` in inference mode, a batch at a time: no ``predict`` function to trace for a
+    model that is called once (a fresh job's or a small fit's)."""
+    outputs = [np.asarray(model(x[i : i + batch], training=False)) for i in range(0, len(x), batch)]
+    return np.concatenate(outputs) if outputs else np.zeros((0,))
+
+
+def _lease(context: JobContext, wait: bool = False) -> Lease:
+    runs = context.runs
+    return Lease(
+        runs.location.filesystem,
+        runs.lease_path(context.dataset, context.method),
+        f"runs {runs.job(context.dataset, context.method).display('')}",
+        command="wf train-all",
+        wait=wait,
     )
 
 
 def run_job(context: JobContext, board: Any) -> JobResult:
-    """Train one job on Ray Train and write its artifacts; raises on failure."""
+    """Train one job on several Ray Train workers in sync and write its artifacts; raises on
+    failure."""
+    import keras
+
     started = time.perf_counter()
     method = get_method(context.method)
-    files = context.runs.job(context.dataset, context.method)
-    runs = context.runs
-    lease = Lease(
-        runs.location.filesystem,
-        runs.lease_path(context.dataset, context.method),
-        f"runs {files.display('')}",
-        command="wf train-all",
-    )
-    with lease:
+    with _lease(context) as lease:
         weights = backbone_weights(context, method)
         initial = method.initial_weights(context, weights)
         checkpoint = _train(context, board, ray.put(initial) if initial is not None else None)
@@ -128,36 +141,102 @@ def run_job(context: JobContext, board: Any) -> JobResult:
         nodes = tuple(sorted({v for k, v in facts.items() if k.startswith("node/")}))
         in_sync = (len(set(digests)) == 1 and len(digests) == context.options.workers
                    if context.options.workers > 1 else None)  # fmt: skip
-        metrics = validation_metrics(context, method, trained)
-        state = checkpoint.state
-        history = state["log"]["history"]
-        seconds = history.get("seconds") or []
-        metrics.update(
-            dataset=context.dataset,
-            method=context.method,
-            epochs=state["log"]["epoch"],
-            best_epoch=state["best"]["best_epoch"],
-            best_val_loss=state["best"]["best_val_loss"],
-            kept="best" if kept_best else "last",
-            **{
-                k: state["final"][k]
-                for k in ("rows_per_epoch", "steps_per_epoch", "optimizer_steps")
-            },
-            resumed_from_epoch=state["final"]["resumed_from"],
-            epoch_copies=context.options.epoch_copies,
-            workers=context.options.workers,
-            workers_in_sync=in_sync,
-            nodes=list(nodes),
-            seconds=round(time.perf_counter() - started, 3),
-            finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            seconds_per_epoch=round(float(np.mean(seconds)), 4) if seconds else None,
-            manifest_ids={s.backbone: s.manifest_id for s in context.stores},
-        )
-        _write_artifacts(context, method, trained, weights, metrics, history)
+        scored = method.build_trainable(keras, context)
+        set_named_weights(scored, trained)
+        return finish_job(context, method, checkpoint, scored, weights, started,
+                          workers_in_sync=in_sync, nodes=nodes)  # fmt: skip
+
+
+def run_job_here(
+    context: JobContext, board: Any, weights_cache: dict | None = None, retry: bool = False
+) -> JobResult:
+    """Train, score and save one job in this process (a worker of the run's pool), from its
+    last checkpoint in the runs folder if it has one; raises on failure. ``retry``: a worker
+    that ran it before died, so wait for that worker's lease to lapse rather than refuse."""
+    started = time.perf_counter()
+    method = get_method(context.method)
+    checkpoints = context.runs.checkpoints(context.dataset, context.method)
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    with _lease(context, wait=retry) as lease:
+        weights = _cached_weights(context, method, weights_cache)
+        saved = checkpoints.latest()
+        restored = Checkpoint.from_files(saved) if saved else None
+        if restored is not None and restored.state.get("final"):
+            restored.state.pop("final")  # a finished fit killed before its artifacts: refit none
+        initial = method.initial_weights(context, weights) if restored is None else None
+
+        def save(epoch: int, logs: dict[str, float], checkpoint: Checkpoint) -> None:
+            lease.check()  # a worker that lost its lease stops before it writes
+            checkpoints.save(epoch, checkpoint.to_files())
+            board.set.remote(context.key, "epoch", epoch)
+
+        done = train_model(context, method, initial=initial, restored=restored, save=save)
+        lease.check()
+        checkpoint = done.checkpoint
+        if context.options.keep_best and checkpoint.best_weights is not None:
+            set_named_weights(done.model, checkpoint.best_weights)
+        result = finish_job(context, method, checkpoint, done.model, weights, started,
+                            workers_in_sync=None, nodes=(node,) if node else ())  # fmt: skip
+        checkpoints.remove()
+    return result
+
+
+def _cached_weights(
+    context: JobContext, method: Method, cache: dict | None
+) -> dict[str, ResolvedWeights]:
+    """:func:`backbone_weights`, resolved once per worker process for every job that uses
+    them (reading a backbone's packaged weights costs about a second)."""
+    if cache is None:
+        return backbone_weights(context, method)
+    stores = context.stores if method.all_backbones else context.stores[:1]
+    out = {}
+    for store in stores if method.taps else ():
+        key = (store.backbone, store.weights_source)
+        if key not in cache:
+            cache[key] = get_backbone(store.backbone).resolve_weights(store.weights_source)
+        out[store.backbone] = cache[key]
+    return out
+
+
+def finish_job(
+    context: JobContext, method: Method, checkpoint: Checkpoint, scored: Any,
+    weights: dict[str, ResolvedWeights], started: float, workers_in_sync: bool | None,
+    nodes: tuple[str, ...],
+) -> JobResult:  # fmt: skip
+    """Score the trained model (``scored``: the trainable part with the weights kept), write
+    every artifact, and say what was done."""
+    files = context.runs.job(context.dataset, context.method)
+    kept_best = context.options.keep_best and checkpoint.best_weights is not None
+    trained = checkpoint.best_weights if kept_best else checkpoint.weights
+    metrics = validation_metrics(context, method, scored)
+    state = checkpoint.state
+    history = state["log"]["history"]
+    seconds = history.get("seconds") or []
+    metrics.update(
+        dataset=context.dataset,
+        method=context.method,
+        epochs=state["log"]["epoch"],
+        best_epoch=state["best"]["best_epoch"],
+        best_val_loss=state["best"]["best_val_loss"],
+        kept="best" if kept_best else "last",
+        **{k: state["final"][k] for k in ("rows_per_epoch", "steps_per_epoch", "optimizer_steps")},
+        resumed_from_epoch=state["final"]["resumed_from"],
+        epoch_copies=context.options.epoch_copies,
+        workers=context.options.workers,
+        workers_in_sync=workers_in_sync,
+        nodes=list(nodes),
+        seconds=round(time.perf_counter() - started, 3),
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        seconds_per_epoch=round(float(np.mean(seconds)), 4) if seconds else None,
+        manifest_ids={s.backbone: s.manifest_id for s in context.stores},
+    )
+    _write_artifacts(context, method, trained, weights, metrics, history)
+    metrics["seconds"] = round(time.perf_counter() - started, 3)
     return JobResult(
         context.dataset, context.method, "done", metrics.get("accuracy"), metrics.get("loss"),
         metrics["epochs"], metrics["resumed_from_epoch"], metrics["seconds"],
-        metrics["seconds_per_epoch"], in_sync, nodes, model_path=files.display("model.keras"),
+        metrics["seconds_per_epoch"], workers_in_sync, nodes,
+        model_path=files.display("model.keras"),
     )  # fmt: skip
 
 

@@ -148,9 +148,19 @@ def test_a_worker_node_lost_mid_extract_changes_nothing(
 
 
 def _snapshot_names_a_checkpoint(filesystem: pafs.FileSystem, path: str) -> bool:
+    """Whether Ray Train's snapshot (a job on several workers) names a checkpoint yet."""
     try:
         with filesystem.open_input_stream(path) as stream:
             return bool(json.loads(stream.read()).get("latest_checkpoint_result"))
+    except (OSError, ValueError):
+        return False
+
+
+def _pointer_names_a_checkpoint(filesystem: pafs.FileSystem, path: str) -> bool:
+    """Whether a pool job's checkpoint pointer (written after its epoch's files) is there."""
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return bool(json.loads(stream.read()).get("folder"))
     except (OSError, ValueError):
         return False
 
@@ -172,7 +182,35 @@ def test_a_worker_node_lost_mid_train_all_goes_on_from_its_checkpoint(reference,
         metrics = json.loads((runs / "shapes" / "bottleneck" / "metrics.json").read_text())
         assert metrics["epochs"] == epochs and metrics["workers_in_sync"] is True
         assert metrics["optimizer_steps"] == epochs * metrics["steps_per_epoch"]
+        assert 1 <= metrics["resumed_from_epoch"] < epochs  # from its checkpoint, not epoch 0
         assert set(metrics["nodes"]) <= set(cluster.nodes.values())  # it ended on nodes left
+    finally:
+        cluster.close()
+
+
+def test_a_worker_node_lost_under_the_pool_moves_its_job_to_a_node_left(reference, tmp_path):
+    cluster = MultiNode(workers=3, head_cpus=0)  # a pool of three one-CPU workers, one a node
+    try:
+        runs, epochs = tmp_path / "runs", 40
+        run = wf_background("train-all", "--store", reference, "--runs", str(runs), "--methods",
+                            "bottleneck", "--epochs", str(epochs), "--epoch-copies", "one",
+                            "--address", cluster.address)  # fmt: skip
+        pointer = str(runs / "_checkpoints" / "shapes-bottleneck" / "latest.json")
+        wait_for(lambda: _pointer_names_a_checkpoint(pafs.LocalFileSystem(), pointer), run)
+        assert len(cluster.actors("TrainingWorker")) == 3
+        lease = json.loads((runs / "shapes" / "bottleneck" / "_lease.json").read_text())
+        host = cluster.node_of("TrainingWorker", lease["pid"])  # the worker that holds the job
+        assert host is not None and host != "head"
+        killed = cluster.nodes[host]
+        cluster.kill(host)
+        _, stderr = run.communicate(timeout=900)
+        assert run.returncode == 0, stderr[-3000:]
+        metrics = json.loads((runs / "shapes" / "bottleneck" / "metrics.json").read_text())
+        assert metrics["epochs"] == epochs
+        assert metrics["optimizer_steps"] == epochs * metrics["steps_per_epoch"]
+        assert 1 <= metrics["resumed_from_epoch"] < epochs  # from its checkpoint, not epoch 0
+        assert set(metrics["nodes"]) <= set(cluster.nodes.values())  # it ended on a node left
+        assert killed not in metrics["nodes"]
     finally:
         cluster.close()
 
@@ -258,8 +296,8 @@ def test_a_driver_killed_mid_train_all_on_s3_resumes_from_its_checkpoint(s3, ref
             "--epochs", str(epochs), "--num-cpus", "2"]  # fmt: skip
     run = wf_background(*args, env=env)
     s3fs = s3.filesystem()
-    snapshot = f"{BUCKET}/trained-runs/_ray/shapes-bottleneck/checkpoint_manager_snapshot.json"
-    wait_for(lambda: _snapshot_names_a_checkpoint(s3fs, snapshot), run)
+    pointer = f"{BUCKET}/trained-runs/_checkpoints/shapes-bottleneck/latest.json"
+    wait_for(lambda: _pointer_names_a_checkpoint(s3fs, pointer), run)
     _kill_tree(run)
     again = wf(*args, env=env)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -237,10 +237,10 @@ def _state(pid: int) -> str:
         return "gone"
 
 
-def _names_a_checkpoint(snapshot: Path) -> bool:
-    """Whether Ray Train's snapshot file names a latest checkpoint yet."""
+def _names_a_checkpoint(pointer: Path) -> bool:
+    """Whether the job's checkpoint pointer (written after the epoch's files) is there yet."""
     try:
-        return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
+        return bool(json.loads(pointer.read_text()).get("folder"))
     except (OSError, ValueError):  # not written yet, or being written
         return False
 
@@ -273,13 +273,12 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(extracted, tmp_path):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    snapshot = runs / "_ray" / "pairs-bottleneck" / "checkpoint_manager_snapshot.json"
+    pointer = runs / "_checkpoints" / "pairs-bottleneck" / "latest.json"
     try:
         deadline = time.time() + 300
-        # Kill only once Ray Train has registered a checkpoint in its snapshot: a checkpoint
-        # folder alone is not yet one the rerun can restore (the controller writes the snapshot
-        # after the upload), and with sub-second epochs killing on folders alone is a race.
-        while not _names_a_checkpoint(snapshot):
+        # Kill only once the pointer names a checkpoint: an epoch folder alone is not yet one
+        # the rerun restores (the pointer is written after its files).
+        while not _names_a_checkpoint(pointer):
             assert process.poll() is None, "the run ended before it could be killed"
             assert time.time() < deadline, "no checkpoint in time"
             time.sleep(0.1)
@@ -314,6 +313,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(extracted, tmp_path):
     # The optimiser's state came back with the weights: its step count runs on from the
     # checkpoint instead of restarting at 0 (RMSprop's moving averages come with it).
     assert metrics["optimizer_steps"] == epochs * metrics["steps_per_epoch"] > 0
+    assert not (runs / "_checkpoints" / "pairs-bottleneck").exists()  # gone once it is done
     shutil.rmtree(runs, ignore_errors=True)
 
 
