@@ -156,9 +156,28 @@ class Method(ABC):
         """The Keras 3 model users get: RGB pixels in [0, 255] in, class probabilities out."""
 
 
-def pretrained_base(store: StoreFacts, weights: dict[str, ResolvedWeights]) -> Any:
-    """The Keras 3 model of ``store``'s backbone with its weights, at the store's input size."""
-    return get_backbone(store.backbone).build(store.input_size, weights[store.backbone])
+_BASES: dict[tuple, Any] = {}
+_BASES_KEPT = 4
+
+
+def pretrained_base(
+    store: StoreFacts, weights: dict[str, ResolvedWeights], fresh: bool = False
+) -> Any:
+    """The Keras 3 model of ``store``'s backbone with its weights, at the store's input size.
+
+    Built once per process for each (backbone, size, weights) and shared by the jobs of a
+    long-lived training worker that only read it (building Lite0 takes about 2 s, most of a
+    bottleneck job's cost beyond its epochs); ``fresh`` builds one of the caller's own, for a
+    caller that changes its weights (finetune's saved model)."""
+    resolved = weights[store.backbone]
+    if fresh:
+        return get_backbone(store.backbone).build(store.input_size, resolved)
+    key = (store.backbone, tuple(store.input_size), resolved.source, resolved.sha256)
+    if key not in _BASES:
+        while len(_BASES) >= _BASES_KEPT:
+            _BASES.pop(next(iter(_BASES)))
+        _BASES[key] = get_backbone(store.backbone).build(store.input_size, resolved)
+    return _BASES[key]
 
 
 def stack_tap(column: pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:

@@ -3,8 +3,8 @@
 Start from the pretrained last block (Lite0: block 15 and the head; VGG16: block 5) and the
 ``bottleneck`` job's trained top, and train both slowly: SGD 1e-4, momentum 0.9, batch 16,
 with BatchNorm in inference mode. The block reads the stored ``last_block_input`` tap, so the
-frozen layers never run again. The saved model is the whole base with the fine-tuned block
-copied in by layer name, and the top.
+frozen layers never run again. The saved model is the frozen base up to the last block's
+input, then the trained block and top: the model that was trained, on images.
 """
 
 from __future__ import annotations
@@ -55,11 +55,16 @@ class Finetune(Method):
         self, context: JobContext, trained: dict[str, list[np.ndarray]],
         weights: dict[str, ResolvedWeights],
     ) -> Any:  # fmt: skip
+        """The frozen base up to the last block's input, then the trained model itself (the
+        fine-tuned block and the top), so the saved model is the one that was trained, on the
+        base's own ``last_block_input``. The base is shared and never changed: its own last
+        block is not on this model's path."""
         import keras
 
         base = pretrained_base(context.store, weights)
-        if not set_named_weights(base, trained):
-            raise RuntimeError("no fine-tuned layer matched the backbone's layers")
-        top = self.build_trainable(keras, context).get_layer("top")
-        set_named_weights(top, trained)
-        return keras.Model(base.input, top(base.output["bottleneck"]), name=context.run_name)
+        trainable = self.build_trainable(keras, context)
+        if set_named_weights(trainable, trained) != len(named_weights(trainable)):
+            raise RuntimeError("the trained weights do not cover the fine-tuned block and top")
+        return keras.Model(
+            base.input, trainable(base.output["last_block_input"]), name=context.run_name
+        )

@@ -28,6 +28,8 @@ import ray
 
 from tasks.methods import JobContext
 
+CLEAR_KERAS_EVERY = 8  # jobs
+
 
 class TrainingWorker:
     """One long-lived training process: TensorFlow and both Kerases imported once, the job's
@@ -69,12 +71,14 @@ class TrainingWorker:
         return [fit_and_predict(problem, train, held, self._fits) for train, held in splits]
 
     def _clear(self) -> None:
-        """Free the finished job's graphs: a worker lives for many jobs."""
+        """Free the finished job's graphs: a worker lives for many jobs. Keras 3's
+        ``clear_session`` runs a full garbage collection (0.6 s here), so every few jobs."""
         import keras
         import tf_keras
 
         tf_keras.backend.clear_session()
-        keras.backend.clear_session()
+        if self.jobs_run % CLEAR_KERAS_EVERY == 0:
+            keras.backend.clear_session()
 
 
 TrainingWorkerActor = ray.remote(max_restarts=0, max_task_retries=0)(TrainingWorker)

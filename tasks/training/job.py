@@ -166,6 +166,8 @@ def run_job_here(
         initial = method.initial_weights(context, weights) if restored is None else None
 
         def save(epoch: int, logs: dict[str, float], checkpoint: Checkpoint) -> None:
+            if "final" in logs:  # the last epoch's checkpoint is written; artifacts come next
+                return
             lease.check()  # a worker that lost its lease stops before it writes
             checkpoints.save(epoch, checkpoint.to_files())
             board.set.remote(context.key, "epoch", epoch)
