@@ -34,6 +34,21 @@ from storage.hashing import sha256_stream
 ARTIFACT_INDEX = "artifacts.json"
 
 
+class Artifact:
+    """The file names of a job's artifacts: spelled here and nowhere else."""
+
+    MODEL = "model.keras"
+    METRICS = "metrics.json"
+    CLASSES = "classes.json"
+    SETTINGS = "settings.json"
+    HISTORY = "history.csv"
+    TRAINED_WEIGHTS = "trained_weights.npz"
+    LEARNING_CURVES = "learning_curves.png"
+    CONFUSION_MATRIX = "confusion_matrix.png"
+    TENSORBOARD = "tensorboard"
+    INDEX = ARTIFACT_INDEX
+
+
 class JobFiles:
     """The artifacts of one (dataset, method) job."""
 
@@ -49,7 +64,14 @@ class JobFiles:
 
     @property
     def model(self) -> str:
-        return self.path("model.keras")
+        return self.path(Artifact.MODEL)
+
+    def metrics(self) -> dict[str, Any]:
+        """``metrics.json``: what the job measured and how it ran."""
+        return self.read_json(Artifact.METRICS)
+
+    def classes(self) -> list[str]:
+        return list(self.read_json(Artifact.CLASSES))
 
     def exists(self) -> bool:
         """Done: its artifact index (written last) is there."""
@@ -82,7 +104,7 @@ class JobFiles:
             writer.writerow(
                 [epoch + 1, *(history[k][epoch] if epoch < len(history[k]) else "" for k in keys)]
             )
-        self.write("history.csv", out.getvalue().encode())
+        self.write(Artifact.HISTORY, out.getvalue().encode())
 
     def write_weights(self, name: str, weights: dict[str, list[np.ndarray]]) -> None:
         self.write(name, named_weights_to_bytes(weights))

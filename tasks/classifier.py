@@ -16,6 +16,7 @@ import numpy as np
 from storage.errors import StoreError
 from storage.filesystem import Location, file_info, read_bytes
 from storage.hashing import sha256_stream
+from storage.runs import Artifact
 from tasks.heads import probabilities
 
 
@@ -44,7 +45,7 @@ def load_classifier(model_path: str) -> Classifier:
     if file_info(location.filesystem, location.path(name)) is None:
         raise StoreError(f"model {model_path} does not exist")
     try:
-        classes = json.loads(read_bytes(location.filesystem, location.path("classes.json")))
+        classes = json.loads(read_bytes(location.filesystem, location.path(Artifact.CLASSES)))
     except FileNotFoundError:
         raise StoreError(f"no classes.json beside {model_path}") from None
     except ValueError as error:
@@ -55,7 +56,7 @@ def load_classifier(model_path: str) -> Classifier:
     import keras
 
     with tempfile.TemporaryDirectory() as temporary:
-        local = os.path.join(temporary, "model.keras")
+        local = os.path.join(temporary, Artifact.MODEL)
         with open(local, "wb") as handle:
             handle.write(data)
         try:

@@ -7,7 +7,7 @@ from typing import Any
 from storage.errors import StoreError
 from storage.feature_store import FeatureStore
 from storage.layout import StoreLayout
-from storage.runs import RunsLayout
+from storage.runs import Artifact, RunsLayout
 
 
 def list_stores(store: str) -> list[dict[str, Any]]:
@@ -44,7 +44,7 @@ def list_runs(runs: str) -> list[dict[str, Any]]:
     entries = []
     for job in layout.jobs():
         try:
-            metrics = job.read_json("metrics.json")
+            metrics = job.metrics()
             index = job.index()
         except StoreError as error:
             entries.append({"dataset": job.dataset, "method": job.method, "problem": str(error)})
@@ -57,7 +57,7 @@ def list_runs(runs: str) -> list[dict[str, Any]]:
             "epochs": metrics.get("epochs"),
             "seconds_per_epoch": metrics.get("seconds_per_epoch"),
             "finished": metrics.get("finished_at", ""),
-            "model_bytes": index.get("model.keras", {}).get("bytes"),
-            "model": job.display("model.keras"),
+            "model_bytes": index.get(Artifact.MODEL, {}).get("bytes"),
+            "model": job.display(Artifact.MODEL),
         })  # fmt: skip
     return entries

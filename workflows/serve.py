@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from storage.errors import SettingsError, StoreError
-from storage.runs import RunsLayout
+from storage.runs import Artifact, RunsLayout
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.serving import MAX_BODY_BYTES, ModelFacts
 from workflows.settings import ClusterSettings
@@ -57,11 +57,11 @@ def find_models(settings: ServeSettings) -> list[ModelFacts]:
             continue
         if settings.methods and job.method not in settings.methods:
             continue
-        metrics = job.read_json("metrics.json")
+        metrics = job.metrics()
         found.append(ModelFacts(
-            dataset=job.dataset, method=job.method, model_uri=job.display("model.keras"),
-            classes=tuple(job.read_json("classes.json")),
-            sha256=job.index()["model.keras"]["sha256"],
+            dataset=job.dataset, method=job.method, model_uri=job.display(Artifact.MODEL),
+            classes=tuple(job.classes()),
+            sha256=job.index()[Artifact.MODEL]["sha256"],
             input_size=tuple(metrics["input_size"]),
             metrics={k: metrics.get(k) for k in ("accuracy", "loss", "epochs", "per_class")},
         ))  # fmt: skip

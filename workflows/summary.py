@@ -15,13 +15,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from storage.errors import StoreError
-from storage.runs import JobFiles, RunsLayout
+from storage.runs import Artifact, JobFiles, RunsLayout
 from tasks.training.job import JobResult
 
 # Validation accuracy in the Keras blog on the same 2000/800 cats-vs-dogs split.
 BLOG_REFERENCE = {"scratch": 0.80, "bottleneck": 0.90, "finetune": 0.94}
-FILES = ("model.keras", "metrics.json", "history.csv", "settings.json", "classes.json",
-         "trained_weights.npz", "artifacts.json")  # fmt: skip
+FILES = (Artifact.MODEL, Artifact.METRICS, Artifact.HISTORY, Artifact.SETTINGS, Artifact.CLASSES,
+         Artifact.TRAINED_WEIGHTS, Artifact.INDEX)  # fmt: skip
 
 
 def blog_reference(result: JobResult) -> float | None:
@@ -121,7 +121,7 @@ def _settings(settings: dict[str, Any] | None) -> str:
 
 def _job_section(runs: RunsLayout, result: JobResult, best: bool) -> str:
     job = runs.job(result.dataset, result.method)
-    metrics = _read(job, "metrics.json") or {}
+    metrics = _read(job, Artifact.METRICS) or {}
     title = f"{result.dataset} / {result.method}" + (" &#9733; best" if best else "")
     if result.status not in ("done", "kept"):
         return (f'<section class="job failed"><h3>{html.escape(result.dataset)} / '

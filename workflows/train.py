@@ -20,7 +20,7 @@ from storage.errors import RunFailed, StoreError
 from storage.feature_store import FeatureStore
 from storage.filesystem import delete_folder
 from storage.layout import StoreLayout
-from storage.runs import RunsLayout
+from storage.runs import Artifact, RunsLayout
 from tasks.backbones import DEFAULT_BACKBONE
 from tasks.methods import JobContext, StoreFacts, in_dependency_order
 from tasks.training.engine import TrainingPool
@@ -118,12 +118,12 @@ ProgressHook = Callable[[dict[str, dict]], None]
 
 def _kept(job: PlannedJob, runs: RunsLayout) -> JobResult:
     files = runs.job(job.dataset, job.method)
-    metrics = files.read_json("metrics.json")
+    metrics = files.metrics()
     return JobResult(
         job.dataset, job.method, "kept", metrics.get("accuracy"), metrics.get("loss"),
         metrics.get("epochs", 0), seconds_per_epoch=metrics.get("seconds_per_epoch"),
         workers_in_sync=metrics.get("workers_in_sync"), nodes=tuple(metrics.get("nodes", ())),
-        error="kept: it has artifacts (--force retrains)", model_path=files.display("model.keras"),
+        error="kept: it has artifacts (--force retrains)", model_path=files.display(Artifact.MODEL),
     )  # fmt: skip
 
 
@@ -153,7 +153,9 @@ def run_train_all(
             1, int(ray.cluster_resources().get("CPU", 1)) // (options.workers * options.threads)
         )
         board = JobBoard.options(scheduling_strategy=on_this_node()).remote()
-        runner = (_PoolRunner(limit, options.threads, options.max_failures)
+        # No more pool workers than jobs to train: each one imports TensorFlow.
+        to_train = sum(1 for j in jobs if j.context and not runs.job(j.dataset, j.method).exists())
+        runner = (_PoolRunner(min(limit, max(1, to_train)), options.threads, options.max_failures)
                   if options.workers == 1 else _TrainerPerJob(limit))  # fmt: skip
         try:
             _run_jobs(jobs, runs, runner, board, results, on_progress)

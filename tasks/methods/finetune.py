@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from storage.runs import Artifact
 from tasks.backbones import ResolvedWeights, get_backbone
 from tasks.heads import build_top
 from tasks.methods.base import JobContext, Method, Recipe, pretrained_base, stack_tap
@@ -48,7 +49,9 @@ class Finetune(Method):
         base = pretrained_base(context.store, weights)
         start = self.build_trainable(keras, context)
         set_named_weights(start, named_weights(base))  # the pretrained last block
-        top = context.runs.job(context.dataset, self.depends_on).read_weights("trained_weights.npz")
+        top = context.runs.job(context.dataset, self.depends_on).read_weights(
+            Artifact.TRAINED_WEIGHTS
+        )
         return {**named_weights(start), **top}
 
     def complete_model(

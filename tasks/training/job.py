@@ -27,6 +27,7 @@ import numpy as np
 import ray
 
 from storage.lease import Lease
+from storage.runs import Artifact
 from tasks.backbones import ResolvedWeights, get_backbone
 from tasks.evaluation import classification_metrics, plot_confusion_matrix, plot_learning_curves
 from tasks.heads import probabilities
@@ -238,7 +239,7 @@ def finish_job(
         context.dataset, context.method, "done", metrics.get("accuracy"), metrics.get("loss"),
         metrics["epochs"], metrics["resumed_from_epoch"], metrics["seconds"],
         metrics["seconds_per_epoch"], workers_in_sync, nodes,
-        model_path=files.display("model.keras"),
+        model_path=files.display(Artifact.MODEL),
     )  # fmt: skip
 
 
@@ -250,25 +251,25 @@ def _write_artifacts(
     model = method.complete_model(context, trained, weights)
     metrics["input_size"] = [int(d) for d in model.input_shape[1:3]]  # what `wf serve` decodes to
     with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "model.keras")
+        path = os.path.join(folder, Artifact.MODEL)
         model.save(path)
         with open(path, "rb") as handle:
-            files.write("model.keras", handle.read())
-    files.write_weights("trained_weights.npz", trained)
-    files.write_json("metrics.json", metrics)
-    files.write_json("classes.json", list(context.classes))
-    files.write_json("settings.json", job_settings(context))
+            files.write(Artifact.MODEL, handle.read())
+    files.write_weights(Artifact.TRAINED_WEIGHTS, trained)
+    files.write_json(Artifact.METRICS, metrics)
+    files.write_json(Artifact.CLASSES, list(context.classes))
+    files.write_json(Artifact.SETTINGS, job_settings(context))
     files.write_history(history)
     title = f"{context.dataset} / {context.method}"
-    files.write("learning_curves.png", plot_learning_curves(history, title))
-    names = ["model.keras", "trained_weights.npz", "metrics.json", "classes.json",
-             "settings.json", "history.csv", "learning_curves.png"]  # fmt: skip
+    files.write(Artifact.LEARNING_CURVES, plot_learning_curves(history, title))
+    names = [Artifact.MODEL, Artifact.TRAINED_WEIGHTS, Artifact.METRICS, Artifact.CLASSES,
+             Artifact.SETTINGS, Artifact.HISTORY, Artifact.LEARNING_CURVES]  # fmt: skip
     if metrics.get("confusion_matrix"):
-        files.write("confusion_matrix.png", plot_confusion_matrix(metrics, title))
-        names.append("confusion_matrix.png")
+        files.write(Artifact.CONFUSION_MATRIX, plot_confusion_matrix(metrics, title))
+        names.append(Artifact.CONFUSION_MATRIX)
     for name, data in tensorboard_events(history).items():
-        files.write(f"tensorboard/{name}", data)
-        names.append(f"tensorboard/{name}")
+        files.write(f"{Artifact.TENSORBOARD}/{name}", data)
+        names.append(f"{Artifact.TENSORBOARD}/{name}")
     files.write_index(names)
 
 
