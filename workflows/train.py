@@ -155,7 +155,8 @@ def run_train_all(
         board = JobBoard.options(scheduling_strategy=on_this_node()).remote()
         # No more pool workers than jobs to train: each one imports TensorFlow.
         to_train = sum(1 for j in jobs if j.context and not runs.job(j.dataset, j.method).exists())
-        runner = (_PoolRunner(min(limit, max(1, to_train)), options.threads, options.max_failures)
+        runner = (_PoolRunner(min(limit, max(1, to_train)), options.threads, options.max_failures,
+                              gpus=1 if options.use_gpu else 0)
                   if options.workers == 1 else _TrainerPerJob(limit))  # fmt: skip
         try:
             _run_jobs(jobs, runs, runner, board, results, on_progress)
@@ -167,33 +168,40 @@ def run_train_all(
 
 
 class _PoolRunner:
-    """Jobs on the run's pool of long-lived workers (one worker a job)."""
+    """Jobs on the run's pool of long-lived workers (one worker a job), started at the first
+    job to train (a run whose jobs are all kept starts none)."""
 
-    def __init__(self, size: int, threads: int, max_failures: int) -> None:
-        self.pool = TrainingPool(size, threads, max_failures)
+    def __init__(self, size: int, threads: int, max_failures: int, gpus: float = 0) -> None:
+        self.settings = (size, threads, max_failures, gpus)
+        self.pool: TrainingPool | None = None
         self.started: dict[str, float] = {}
 
     def has_room(self) -> bool:
-        return self.pool.free > 0
+        return self.pool is None or self.pool.free > 0
 
     def start(self, job: PlannedJob, board: object) -> None:
+        if self.pool is None:
+            self.pool = TrainingPool(*self.settings)
         self.started[job.key] = time.perf_counter()
         self.pool.submit(job.key, "run_job", job.context, board)
 
     @property
     def active(self) -> set[str]:
-        return self.pool.running
+        return self.pool.running if self.pool else set()
 
     @property
     def busy(self) -> bool:
-        return self.pool.busy
+        return bool(self.pool and self.pool.busy)
 
     def wait(self) -> list[tuple[str, JobResult | None, BaseException | None, float]]:
+        if self.pool is None:
+            return []
         return [(o.key, o.value, o.error, time.perf_counter() - self.started[o.key])
                 for o in self.pool.wait(timeout=1.0)]  # fmt: skip
 
     def close(self) -> None:
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()
 
 
 class _TrainerPerJob:

@@ -18,6 +18,7 @@ goes to the next free worker: a job resumes from its last epoch checkpoint in th
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -106,10 +107,14 @@ class TrainingPool:
     """``size`` :class:`TrainingWorker` actors of ``threads`` CPUs each, spread over the
     cluster's nodes, and a queue of work for them: :meth:`submit`, then :meth:`wait` for what
     finished. A worker that dies is replaced and its work queued again, up to
-    ``max_failures`` times for one piece of work (then it is reported as failed)."""
+    ``max_failures`` times for one piece of work (then it is reported as failed). Workers
+    that keep dying as they start (more than twice the pool's size in a row) end the queued
+    work with that error rather than waiting for ever. ``gpus``: GPUs per worker."""
 
-    def __init__(self, size: int, threads: int = 1, max_failures: int = 2) -> None:
+    def __init__(self, size: int, threads: int = 1, max_failures: int = 2, gpus: float = 0) -> None:
         self.size, self.threads, self.max_failures = max(1, size), threads, max_failures
+        self.gpus = gpus
+        self.start_failures = 0  # in a row
         self._starting: dict[ray.ObjectRef, Any] = {}
         self._idle: list[Any] = []
         self._running: dict[ray.ObjectRef, tuple[_Work, Any]] = {}
@@ -121,7 +126,7 @@ class TrainingPool:
 
     def _start_worker(self) -> None:
         actor = TrainingWorkerActor.options(
-            num_cpus=self.threads, scheduling_strategy="SPREAD"
+            num_cpus=self.threads, num_gpus=self.gpus, scheduling_strategy="SPREAD"
         ).remote(self.threads)
         self._starting[actor.ready.remote()] = actor
 
@@ -168,8 +173,15 @@ class TrainingPool:
                 try:
                     self.workers[actor] = ray.get(ref)
                     self._idle.append(actor)
-                except ray.exceptions.RayActorError:  # it died starting: another one
-                    self._replace(actor)
+                    self.start_failures = 0
+                except ray.exceptions.RayActorError as error:  # it died starting
+                    self.start_failures += 1
+                    if self.start_failures <= 2 * self.size:
+                        self._replace(actor)
+                    elif not (self._idle or self._running or self._starting):
+                        while self._queue:  # no worker can start: say so, do not hang
+                            work = self._queue.popleft()
+                            done.append(Outcome(work.key, error=error, attempts=work.attempts))
                 continue
             work, actor = self._running.pop(ref)
             try:
@@ -192,6 +204,9 @@ class TrainingPool:
         return done
 
     def _replace(self, actor: Any) -> None:
+        """A new worker for one that died (killed too, in case it was only unreachable)."""
+        with contextlib.suppress(Exception):
+            ray.kill(actor, no_restart=True)
         self.workers.pop(actor, None)
         self.replaced += 1
         self._start_worker()

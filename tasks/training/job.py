@@ -159,6 +159,16 @@ def run_job_here(
     checkpoints = context.runs.checkpoints(context.dataset, context.method)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     with _lease(context, wait=retry) as lease:
+        files = context.runs.job(context.dataset, context.method)
+        if retry and files.exists():  # the worker that died had finished it
+            metrics = files.metrics()
+            return JobResult(
+                context.dataset, context.method, "done", metrics.get("accuracy"),
+                metrics.get("loss"), metrics.get("epochs", 0),
+                metrics.get("resumed_from_epoch", 0), metrics.get("seconds", 0.0),
+                metrics.get("seconds_per_epoch"), None, tuple(metrics.get("nodes", ())),
+                model_path=files.display(Artifact.MODEL),
+            )  # fmt: skip
         weights = _cached_weights(context, method, weights_cache)
         saved = checkpoints.latest()
         restored = Checkpoint.from_files(saved) if saved else None

@@ -95,7 +95,10 @@ class _CompiledFit:
                 if self.binary:
                     labels = tf.cast(tf.reshape(labels, (-1, 1)), tf.float32)
                 with tf.GradientTape() as tape:
-                    value = loss(labels, model(tf.gather(x, rows), training=True))
+                    # The batch's mean, as model.fit reduces a loss (sum over batch size).
+                    value = tf.reduce_mean(loss(labels, model(tf.gather(x, rows), training=True)))
+                    if model.losses:
+                        value += tf.add_n(model.losses)
                 grads = tape.gradient(value, model.trainable_variables)
                 optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
                 return (i + 1,)
@@ -144,7 +147,8 @@ def out_of_sample_probabilities(
     """For each ``(train rows, held-out rows)`` split, the probabilities ``(held, classes)``
     of the method fitted on its train rows, in the order of ``splits``. On ``pool`` (a
     :class:`~tasks.training.engine.TrainingPool`, ``ray`` initialised) the fits run on its
-    workers, a batch of splits per call; without one, in this process."""
+    workers, a batch of splits per call; without one, in this process. A pool serves one
+    caller at a time: what others submitted and finished while this waits is not theirs."""
     splits = [(np.asarray(t, np.int64), np.asarray(h, np.int64)) for t, h in splits]
     for train, _ in splits:
         if len(train) == 0:
@@ -152,20 +156,27 @@ def out_of_sample_probabilities(
     if pool is None:
         cache: dict = {}
         return [fit_and_predict(problem, t, h, cache) for t, h in splits]
+    import uuid
+
     import ray
 
     shared = ray.put(problem)
     per_call = max(1, -(-len(splits) // (4 * pool.size)))
     batches = [splits[i : i + per_call] for i in range(0, len(splits), per_call)]
-    for index, batch in enumerate(batches):
-        pool.submit(f"fits/{index}", "fit_rows", shared, batch)
+    call = uuid.uuid4().hex[:12]  # this call's work, told apart from any other on the pool
+    keys = [f"fits/{call}/{index}" for index in range(len(batches))]
+    for key, batch in zip(keys, batches, strict=True):
+        pool.submit(key, "fit_rows", shared, batch)
     found: dict[str, list[np.ndarray]] = {}
-    while len(found) < len(batches):
+    error: BaseException | None = None
+    while len(found) < len(batches):  # every batch, even after an error: none left behind
         for outcome in pool.wait(timeout=1.0):
-            if outcome.error is not None:
-                raise outcome.error
-            found[outcome.key] = outcome.value
-    return [p for index in range(len(batches)) for p in found[f"fits/{index}"]]
+            if outcome.key in keys:
+                found[outcome.key] = outcome.value
+                error = error or outcome.error
+    if error is not None:
+        raise error
+    return [p for key in keys for p in found[key]]
 
 
 def out_of_fold_probabilities(
