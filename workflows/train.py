@@ -20,7 +20,7 @@ from storage.errors import RunFailed, StoreError
 from storage.feature_store import FeatureStore
 from storage.filesystem import delete_folder
 from storage.layout import StoreLayout
-from storage.runs import Artifact, RunsLayout
+from storage.runs import RunsLayout
 from tasks.backbones import DEFAULT_BACKBONE
 from tasks.methods import JobContext, StoreFacts, in_dependency_order
 from tasks.training.engine import TrainingPool
@@ -117,14 +117,9 @@ ProgressHook = Callable[[dict[str, dict]], None]
 
 
 def _kept(job: PlannedJob, runs: RunsLayout) -> JobResult:
-    files = runs.job(job.dataset, job.method)
-    metrics = files.metrics()
-    return JobResult(
-        job.dataset, job.method, "kept", metrics.get("accuracy"), metrics.get("loss"),
-        metrics.get("epochs", 0), seconds_per_epoch=metrics.get("seconds_per_epoch"),
-        workers_in_sync=metrics.get("workers_in_sync"), nodes=tuple(metrics.get("nodes", ())),
-        error="kept: it has artifacts (--force retrains)", model_path=files.display(Artifact.MODEL),
-    )  # fmt: skip
+    return JobResult.from_artifacts(
+        runs.job(job.dataset, job.method), "kept", "kept: it has artifacts (--force retrains)"
+    )
 
 
 def _failure(job: PlannedJob, error: BaseException, seconds: float) -> JobResult:

@@ -27,7 +27,7 @@ import numpy as np
 import ray
 
 from storage.lease import Lease
-from storage.runs import Artifact
+from storage.runs import Artifact, JobFiles
 from tasks.backbones import ResolvedWeights, get_backbone
 from tasks.evaluation import classification_metrics, plot_confusion_matrix, plot_learning_curves
 from tasks.heads import probabilities
@@ -57,13 +57,33 @@ class JobResult:
     def key(self) -> str:
         return f"{self.dataset}/{self.method}"
 
+    @classmethod
+    def from_artifacts(cls, files: JobFiles, status: str, error: str = "") -> JobResult:
+        """A job that already has its artifacts, as its ``metrics.json`` tells it."""
+        metrics = files.metrics()
+        return cls(
+            files.dataset, files.method, status, metrics.get("accuracy"), metrics.get("loss"),
+            metrics.get("epochs", 0), seconds_per_epoch=metrics.get("seconds_per_epoch"),
+            workers_in_sync=metrics.get("workers_in_sync"), nodes=tuple(metrics.get("nodes", ())),
+            error=error, model_path=files.display(Artifact.MODEL),
+        )  # fmt: skip
 
-def backbone_weights(context: JobContext, method: Method) -> dict[str, ResolvedWeights]:
-    """The weights of every backbone the method builds (none for a method on images)."""
+
+def backbone_weights(
+    context: JobContext, method: Method, cache: dict | None = None
+) -> dict[str, ResolvedWeights]:
+    """The weights of every backbone the method builds (none for a method on images).
+    ``cache``: a long-lived worker's, so each backbone's weights are resolved once for every
+    job it runs (reading a backbone's packaged weights costs about a second)."""
     if not method.taps:
         return {}
+    cache = {} if cache is None else cache
     stores = context.stores if method.all_backbones else context.stores[:1]
-    return {s.backbone: get_backbone(s.backbone).resolve_weights(s.weights_source) for s in stores}
+    for s in stores:
+        key = (s.backbone, s.weights_source)
+        if key not in cache:
+            cache[key] = get_backbone(s.backbone).resolve_weights(s.weights_source)
+    return {s.backbone: cache[(s.backbone, s.weights_source)] for s in stores}
 
 
 def _train(context: JobContext, board: Any, initial: Any) -> Checkpoint:
@@ -161,19 +181,10 @@ def run_job_here(
     with _lease(context, wait=retry) as lease:
         files = context.runs.job(context.dataset, context.method)
         if retry and files.exists():  # the worker that died had finished it
-            metrics = files.metrics()
-            return JobResult(
-                context.dataset, context.method, "done", metrics.get("accuracy"),
-                metrics.get("loss"), metrics.get("epochs", 0),
-                metrics.get("resumed_from_epoch", 0), metrics.get("seconds", 0.0),
-                metrics.get("seconds_per_epoch"), None, tuple(metrics.get("nodes", ())),
-                model_path=files.display(Artifact.MODEL),
-            )  # fmt: skip
-        weights = _cached_weights(context, method, weights_cache)
+            return JobResult.from_artifacts(files, "done")
+        weights = backbone_weights(context, method, weights_cache)
         saved = checkpoints.latest()
         restored = Checkpoint.from_files(saved) if saved else None
-        if restored is not None and restored.state.get("final"):
-            restored.state.pop("final")  # a finished fit killed before its artifacts: refit none
         initial = method.initial_weights(context, weights) if restored is None else None
 
         def save(epoch: int, logs: dict[str, float], checkpoint: Checkpoint) -> None:
@@ -192,23 +203,6 @@ def run_job_here(
                             workers_in_sync=None, nodes=(node,) if node else ())  # fmt: skip
         checkpoints.remove()
     return result
-
-
-def _cached_weights(
-    context: JobContext, method: Method, cache: dict | None
-) -> dict[str, ResolvedWeights]:
-    """:func:`backbone_weights`, resolved once per worker process for every job that uses
-    them (reading a backbone's packaged weights costs about a second)."""
-    if cache is None:
-        return backbone_weights(context, method)
-    stores = context.stores if method.all_backbones else context.stores[:1]
-    out = {}
-    for store in stores if method.taps else ():
-        key = (store.backbone, store.weights_source)
-        if key not in cache:
-            cache[key] = get_backbone(store.backbone).resolve_weights(store.weights_source)
-        out[store.backbone] = cache[key]
-    return out
 
 
 def finish_job(

@@ -147,20 +147,13 @@ def test_a_worker_node_lost_mid_extract_changes_nothing(
         cluster.close()
 
 
-def _snapshot_names_a_checkpoint(filesystem: pafs.FileSystem, path: str) -> bool:
-    """Whether Ray Train's snapshot (a job on several workers) names a checkpoint yet."""
+def _names_a_checkpoint(filesystem: pafs.FileSystem, path: str, key: str) -> bool:
+    """Whether the JSON file at ``path`` names a checkpoint under ``key`` yet: Ray Train's
+    snapshot (``latest_checkpoint_result``, a job on several workers) or a pool job's pointer
+    (``folder``, written after its epoch's files)."""
     try:
         with filesystem.open_input_stream(path) as stream:
-            return bool(json.loads(stream.read()).get("latest_checkpoint_result"))
-    except (OSError, ValueError):
-        return False
-
-
-def _pointer_names_a_checkpoint(filesystem: pafs.FileSystem, path: str) -> bool:
-    """Whether a pool job's checkpoint pointer (written after its epoch's files) is there."""
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            return bool(json.loads(stream.read()).get("folder"))
+            return bool(json.loads(stream.read()).get(key))
     except (OSError, ValueError):
         return False
 
@@ -173,7 +166,12 @@ def test_a_worker_node_lost_mid_train_all_goes_on_from_its_checkpoint(reference,
                             "bottleneck", "--epochs", str(epochs), "--workers", "2",
                             "--epoch-copies", "one", "--address", cluster.address)  # fmt: skip
         snapshot = str(runs / "_ray" / "shapes-bottleneck" / "checkpoint_manager_snapshot.json")
-        wait_for(lambda: _snapshot_names_a_checkpoint(pafs.LocalFileSystem(), snapshot), run)
+        wait_for(
+            lambda: _names_a_checkpoint(
+                pafs.LocalFileSystem(), snapshot, "latest_checkpoint_result"
+            ),
+            run,
+        )
         hosts = cluster.actors("RayTrainWorker")
         assert len(hosts) == 2 and "head" not in hosts
         cluster.kill(hosts[0])  # a node that runs one of the job's two workers
@@ -196,7 +194,7 @@ def test_a_worker_node_lost_under_the_pool_moves_its_job_to_a_node_left(referenc
                             "bottleneck", "--epochs", str(epochs), "--epoch-copies", "one",
                             "--address", cluster.address)  # fmt: skip
         pointer = str(runs / "_checkpoints" / "shapes-bottleneck" / "latest.json")
-        wait_for(lambda: _pointer_names_a_checkpoint(pafs.LocalFileSystem(), pointer), run)
+        wait_for(lambda: _names_a_checkpoint(pafs.LocalFileSystem(), pointer, "folder"), run)
         assert len(cluster.actors("TrainingWorker")) == 1  # no more workers than jobs
         lease = json.loads((runs / "shapes" / "bottleneck" / "_lease.json").read_text())
         host = cluster.node_of("TrainingWorker", lease["pid"])  # the worker that holds the job
@@ -297,7 +295,7 @@ def test_a_driver_killed_mid_train_all_on_s3_resumes_from_its_checkpoint(s3, ref
     run = wf_background(*args, env=env)
     s3fs = s3.filesystem()
     pointer = f"{BUCKET}/trained-runs/_checkpoints/shapes-bottleneck/latest.json"
-    wait_for(lambda: _pointer_names_a_checkpoint(s3fs, pointer), run)
+    wait_for(lambda: _names_a_checkpoint(s3fs, pointer, "folder"), run)
     _kill_tree(run)
     again = wf(*args, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
