@@ -45,6 +45,9 @@ class Artifact:
     TRAINED_WEIGHTS = "trained_weights.npz"
     LEARNING_CURVES = "learning_curves.png"
     CONFUSION_MATRIX = "confusion_matrix.png"
+    RELIABILITY = "reliability.png"  # with cross-validation: calibration before and after
+    LABELS_CURVE = "labels_curve.png"  # with cross-validation: accuracy by labelled images
+    EMBEDDINGS = "embeddings.npy"  # the labelled images' embeddings: out-of-distribution scores
     TENSORBOARD = "tensorboard"
     INDEX = ARTIFACT_INDEX
 

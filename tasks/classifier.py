@@ -4,6 +4,7 @@ path or URI, and the one forward pass that `wf predict`, `wf evaluate` and `wf s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import posixpath
@@ -13,11 +14,28 @@ from typing import Any
 
 import numpy as np
 
-from storage.errors import StoreError
+from storage.errors import SettingsError, StoreError
 from storage.filesystem import Location, file_info, read_bytes
 from storage.hashing import sha256_stream
 from storage.runs import Artifact
+from tasks.abstention import (
+    Abstention,
+    bank_from_bytes,
+    embedding_model,
+    nearest_distance,
+    unit,
+)
 from tasks.heads import probabilities
+from tasks.methods import METHODS
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One image's class probabilities and whether the model declines to name a class."""
+
+    probabilities: np.ndarray
+    abstained: bool = False
+    reason: str = ""  # "low_confidence", "out_of_distribution" or ""
 
 
 @dataclass(frozen=True)
@@ -25,6 +43,9 @@ class Classifier:
     model: Any
     classes: list[str]
     sha256: str  # of model.keras
+    abstention: Abstention | None = None  # the thresholds in force (None: always answers)
+    bank: np.ndarray | None = None  # the labelled images' embeddings
+    embedding: Any = None  # the model with its embedding as a second output
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -34,6 +55,39 @@ class Classifier:
         """Class probabilities ``(n, classes)`` of decoded images ``(n, h, w, 3)`` uint8."""
         outputs = self.model.predict_on_batch(np.asarray(pixels, np.float32))
         return probabilities(outputs, len(self.classes))
+
+    def answer(self, pixels: np.ndarray) -> list[Answer]:
+        """Each image's probabilities and, with thresholds, whether it abstains and why: one
+        forward pass for the probabilities and the embedding."""
+        if self.abstention is None:
+            return [Answer(row) for row in self.probabilities(pixels)]
+        distance = None
+        if self.embedding is not None and self.bank is not None:
+            outputs, embedded = self.embedding.predict_on_batch(np.asarray(pixels, np.float32))
+            found = probabilities(outputs, len(self.classes))
+            distance = nearest_distance(unit(np.asarray(embedded)), self.bank)
+        else:
+            found = self.probabilities(pixels)
+        return [Answer(row, abstained, reason) for row, (abstained, reason) in
+                zip(found, self.abstention.decide(found, distance), strict=True)]  # fmt: skip
+
+    def with_thresholds(
+        self, min_confidence: float | None = None, max_distance: float | None = None,
+        abstain: bool = True,
+    ) -> Classifier:  # fmt: skip
+        """This classifier with thresholds the user gave (each overrides the run's), or none
+        (``abstain=False``)."""
+        if not abstain:
+            return dataclasses.replace(self, abstention=None)
+        if min_confidence is None and max_distance is None:
+            return self
+        base = self.abstention or Abstention(0.0, None, 0.0, "options", 0)
+        if max_distance is not None and self.embedding is None:
+            raise SettingsError("--max-distance needs the run's embeddings.npy beside the model")
+        return dataclasses.replace(self, abstention=dataclasses.replace(
+            base, chosen_on="options",
+            min_confidence=base.min_confidence if min_confidence is None else min_confidence,
+            max_distance=base.max_distance if max_distance is None else max_distance))  # fmt: skip
 
 
 def load_classifier(model_path: str) -> Classifier:
@@ -66,4 +120,29 @@ def load_classifier(model_path: str) -> Classifier:
             raise StoreError(
                 f"cannot load model {model_path}: {type(error).__name__}: {first}"
             ) from None
-    return Classifier(model, [str(c) for c in classes], sha256_stream([data]))
+    abstention, bank, embedding = _abstention(location, model, model_path)
+    return Classifier(model, [str(c) for c in classes], sha256_stream([data]), abstention, bank,
+                      embedding)  # fmt: skip
+
+
+def _abstention(location: Location, model: Any, model_path: str) -> tuple[Any, Any, Any]:
+    """The run's abstention thresholds (``metrics.json``'s ``abstain``), the labelled images'
+    embeddings and the two-output model, when the model's run has them."""
+    import keras
+
+    try:
+        metrics = json.loads(read_bytes(location.filesystem, location.path(Artifact.METRICS)))
+    except (FileNotFoundError, ValueError):
+        return None, None, None
+    abstention = Abstention.from_json(metrics.get("abstain") if isinstance(metrics, dict) else None)
+    method = metrics.get("method") if isinstance(metrics, dict) else None
+    if abstention is None or method not in METHODS or not METHODS[method].embedding_layer:
+        return abstention, None, None
+    try:
+        bank = bank_from_bytes(read_bytes(location.filesystem, location.path(Artifact.EMBEDDINGS)))
+        embedding = embedding_model(keras, model, METHODS[method].embedding_layer)
+    except FileNotFoundError:
+        return dataclasses.replace(abstention, max_distance=None), None, None
+    except ValueError as error:
+        raise StoreError(f"cannot read the embeddings beside {model_path}: {error}") from None
+    return abstention, bank, embedding

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from tasks.classifier import Answer
 from tasks.images import ImageRejected, decode_image
 
 MAX_BODY_BYTES = 20 * 1024 * 1024
@@ -82,9 +83,10 @@ class Classifier:
         return decode_image(item, self.classifier.input_size, self.max_pixels)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict(self, items: list[bytes | np.ndarray]) -> list[np.ndarray | Rejected]:
-        """Probabilities of each image (encoded bytes, or decoded pixels of the model's size),
-        or the reason it was refused; the good ones go through the model together."""
+    async def predict(self, items: list[bytes | np.ndarray]) -> list[Answer | Rejected]:
+        """Probabilities of each image (encoded bytes, or decoded pixels of the model's size)
+        and whether the model abstains, or the reason it was refused; the good ones go through
+        the model together."""
         results: list[Any] = [None] * len(items)
         good, pixels = [], []
         for index, item in enumerate(items):
@@ -94,10 +96,9 @@ class Classifier:
             except ImageRejected as error:
                 results[index] = rejection(error)
         if good:
-            for index, row in zip(
-                good, self.classifier.probabilities(np.stack(pixels)), strict=True
-            ):
-                results[index] = row.astype(np.float64)
+            for index, answer in zip(good, self.classifier.answer(np.stack(pixels)), strict=True):
+                results[index] = Answer(answer.probabilities.astype(np.float64), answer.abstained,
+                                        answer.reason)  # fmt: skip
         return results
 
 

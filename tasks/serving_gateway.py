@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from tasks.classifier import Answer
 from tasks.serving import ModelFacts, Rejected, decode_tensor_input
 
 api = FastAPI(title="wf serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -57,7 +58,7 @@ class Gateway:
             raise Rejected(400, "empty body: send the image's bytes")
         return body
 
-    async def _predict(self, name: str, items: list[bytes | np.ndarray]) -> list[np.ndarray]:
+    async def _predict(self, name: str, items: list[bytes | np.ndarray]) -> list[Answer]:
         handle = self.handles[name]
         try:
             rows = await asyncio.gather(*(handle.predict.remote(item) for item in items))
@@ -68,11 +69,15 @@ class Gateway:
                 raise row
         return rows
 
-    def _answer(self, facts: ModelFacts, row: np.ndarray) -> dict[str, Any]:
+    def _answer(self, facts: ModelFacts, answer: Answer) -> dict[str, Any]:
+        """The label (``None`` when the model abstains, and why), every probability, the model."""
+        row = answer.probabilities
         best = int(np.argmax(row))
         return {
-            "label": facts.classes[best],
+            "label": None if answer.abstained else facts.classes[best],
             "probabilities": {c: float(p) for c, p in zip(facts.classes, row, strict=True)},
+            "abstained": answer.abstained,
+            "reason": answer.reason,
             "model": facts.describe(),
         }
 
@@ -113,7 +118,9 @@ class Gateway:
             "inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]},
                        {"name": "pixels", "datatype": "UINT8", "shape": [-1, height, width, 3]}],
             "outputs": [{"name": "probabilities", "datatype": "FP64",
-                         "shape": [-1, len(facts.classes)]}],
+                         "shape": [-1, len(facts.classes)]},
+                        {"name": "abstained", "datatype": "BOOL", "shape": [-1]},
+                        {"name": "reason", "datatype": "BYTES", "shape": [-1]}],
             "parameters": {"classes": list(facts.classes), **facts.describe()},
         }  # fmt: skip
 
@@ -131,6 +138,10 @@ class Gateway:
             "id": payload.get("id", ""),
             "outputs": [{"name": "probabilities", "datatype": "FP64",
                          "shape": [len(rows), len(facts.classes)],
-                         "data": [float(p) for row in rows for p in row]}],
+                         "data": [float(p) for row in rows for p in row.probabilities]},
+                        {"name": "abstained", "datatype": "BOOL", "shape": [len(rows)],
+                         "data": [row.abstained for row in rows]},
+                        {"name": "reason", "datatype": "BYTES", "shape": [len(rows)],
+                         "data": [row.reason for row in rows]}],
             "parameters": {"classes": list(facts.classes)},
         }  # fmt: skip

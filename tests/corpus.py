@@ -159,3 +159,24 @@ def write_scenes(root: Path, per_class: int, seed: int = 0) -> Path:
         for index in range(per_class):
             scene(label, rng).save(root / label / f"{label}_{index:04d}.jpg", quality=90)
     return root
+
+
+def write_out_of_distribution(root: Path, per_kind: int = 4, size: int = 64, seed: int = 0) -> Path:
+    """Images no classifier of these tests was trained on: uniform noise, flat colours and
+    black text on white, ``per_kind`` of each, as PNG."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"]
+    for index in range(per_kind):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"noise_{index}.png")
+        flat = tuple(int(v) for v in rng.integers(0, 256, 3))
+        Image.new("RGB", (size, size), flat).save(root / f"flat_{index}.png")
+        text = Image.new("RGB", (size, size), (255, 255, 255))
+        draw = ImageDraw.Draw(text)
+        for line in range(5):
+            draw.text((2, 2 + 12 * line), " ".join(rng.choice(words, 2)), fill=(0, 0, 0))
+        text.save(root / f"text_{index}.png")
+    return root

@@ -101,6 +101,32 @@ def _keep(members: list[int], images: Images, sizes: dict[str, int]) -> int:
     return min(members, key=lambda i: (-sizes.get(images.path[i], 0), images.path[i]))
 
 
+def duplicate_pairs(
+    images: Images, neighbours: Neighbours, settings: AuditSettings
+) -> tuple[dict[str, list[int]], list[tuple[int, int]], list[tuple[int, int, float]]]:
+    """The images by content id, the pairs of exact duplicates (the same bytes) and the near
+    pairs ``(i, j, cosine)`` (closer than the settings' thresholds, different bytes)."""
+    by_id: dict[str, list[int]] = {}
+    for i, image_id in enumerate(images.image_id):
+        by_id.setdefault(image_id, []).append(i)
+    exact = [(m[0], j) for m in by_id.values() if len(m) > 1 for j in m[1:]]
+    near = [] if settings.exact_only else [
+        (i, j, s) for i, j, s in near_pairs(neighbours, settings.similarity, settings.relative)
+        if images.image_id[i] != images.image_id[j]]  # fmt: skip
+    return by_id, exact, near
+
+
+def duplicate_groups(images: Images, settings: AuditSettings | None = None) -> list[list[int]]:
+    """The groups of images that are exact or near duplicates of one another, as `wf audit`
+    finds them (its default thresholds): what cross-validation keeps inside one fold."""
+    settings = settings or AuditSettings()
+    if len(images.path) < 2:
+        return []
+    neighbours = nearest(images.embedding, settings.neighbours)
+    _, exact, near = duplicate_pairs(images, neighbours, settings)
+    return groups(len(images.path), exact + [(i, j) for i, j, _ in near])
+
+
 def audit_images(
     images: Images, classes: tuple[str, ...], settings: AuditSettings, sizes: dict[str, int],
     on_ray: bool = True,
@@ -114,13 +140,7 @@ def audit_images(
 
     neighbours = nearest(images.embedding, settings.neighbours)
     lap("neighbours")
-    by_id: dict[str, list[int]] = {}
-    for i, image_id in enumerate(images.image_id):
-        by_id.setdefault(image_id, []).append(i)
-    exact = [(m[0], j) for m in by_id.values() if len(m) > 1 for j in m[1:]]
-    near = [] if settings.exact_only else [
-        (i, j, s) for i, j, s in near_pairs(neighbours, settings.similarity, settings.relative)
-        if images.image_id[i] != images.image_id[j]]  # fmt: skip
+    by_id, exact, near = duplicate_pairs(images, neighbours, settings)
     closest: dict[int, float] = {}  # each image's highest similarity in a near pair
     for i, j, similarity in near:
         for k in (i, j):

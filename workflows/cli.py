@@ -99,8 +99,10 @@ def train_all(
     gpu: o.Gpu = None, early_stopping: o.EarlyStopping = None, keep_best: o.KeepBest = None,
     epoch_copies: o.EpochCopies = None, scratch_image_size: o.ScratchImageSize = None,
     seed: o.TrainSeed = None, max_failures: o.MaxFailures = None,
-    max_concurrent: o.MaxConcurrent = None, force: o.Force = False, json_output: o.Json = False,
-    verbose: o.Verbose = False, address: o.Address = None, num_cpus: o.NumCpus = None,
+    abstain_rate: o.AbstainRate = None,
+    max_concurrent: o.MaxConcurrent = None, force: o.Force = False, cv: o.Cv = None,
+    json_output: o.Json = False, verbose: o.Verbose = False, address: o.Address = None,
+    num_cpus: o.NumCpus = None,
 ) -> None:  # fmt: skip
     """Train every method for every dataset in a feature store, on Ray Train.
 
@@ -114,12 +116,12 @@ def train_all(
     options = replace(TrainOptions(), **_given(
         workers=workers, threads=threads, use_gpu=gpu, early_stopping_patience=early_stopping,
         keep_best=keep_best, epoch_copies=epoch_copies, scratch_image_size=scratch_image_size,
-        seed=seed, max_failures=max_failures))  # fmt: skip
+        seed=seed, max_failures=max_failures, abstain_rate=abstain_rate))  # fmt: skip
     epochs_of = parse_assignments(epochs_for, int, "--epochs-for")
     rates_of = parse_assignments(learning_rate_for, float, "--learning-rate-for")
     settings = TrainSettings(**_given(
         store=store, runs=runs, datasets=_csv(datasets), methods=_csv(methods), backbone=backbone,
-        max_concurrent_jobs=max_concurrent),
+        max_concurrent_jobs=max_concurrent), cv=cv,
         recipes=recipes_from_options(epochs, batch_size, epochs_of, rates_of), options=options,
         force=force, cluster=ClusterSettings(address, num_cpus, verbose))  # fmt: skip
     with train_progress(not json_output) as progress:
@@ -130,15 +132,17 @@ def train_all(
 
 @app.command()
 def predict(
-    model: o.Model, paths: o.Paths, output: o.Output = None, output_format: o.Format = None
-) -> None:
+    model: o.Model, paths: o.Paths, output: o.Output = None, output_format: o.Format = None,
+    min_confidence: o.MinConfidence = None, max_distance: o.MaxDistance = None,
+    abstain: o.Abstain = True,
+) -> None:  # fmt: skip
     """Classify image files or folders with a trained model; bad files are reported, not fatal.
 
     Example: wf predict runs/cats_vs_dogs/finetune/model.keras photos/ --output predictions.csv
     """
-    from workflows.predict import predict_paths, write_predictions
+    from workflows.predict import Thresholds, predict_paths, write_predictions
 
-    predictions = predict_paths(model, paths)
+    predictions = predict_paths(model, paths, Thresholds(min_confidence, max_distance, abstain))
     text = write_predictions(predictions, output, output_format)
     if output is None:
         sys.stdout.write(text)
@@ -149,8 +153,10 @@ def predict(
 
 @app.command()
 def evaluate(
-    model: o.Model, folder: o.Folder, output: o.Output = None, json_output: o.Json = False
-) -> None:
+    model: o.Model, folder: o.Folder, output: o.Output = None, json_output: o.Json = False,
+    min_confidence: o.MinConfidence = None, max_distance: o.MaxDistance = None,
+    abstain: o.Abstain = True,
+) -> None:  # fmt: skip
     """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix on a labelled folder.
 
     Example: wf evaluate runs/cats_vs_dogs/finetune/model.keras data/cats_vs_dogs/test
@@ -158,9 +164,9 @@ def evaluate(
     import json
 
     from workflows.console import show_evaluation
-    from workflows.predict import evaluate_folder, write_output
+    from workflows.predict import Thresholds, evaluate_folder, write_output
 
-    metrics = evaluate_folder(model, folder)
+    metrics = evaluate_folder(model, folder, Thresholds(min_confidence, max_distance, abstain))
     if output:
         write_output(output, json.dumps(metrics, indent=2).encode())
     show_evaluation(folder, metrics, json_output)
@@ -264,9 +270,10 @@ def runs(
     Example: wf runs runs
     """
     from workflows.console import show_listing
-    from workflows.listing import list_runs
+    from workflows.listing import list_runs, shown_runs
 
-    show_listing(f"wf runs: {folder}", list_runs(folder), json_output)
+    entries = list_runs(folder)
+    show_listing(f"wf runs: {folder}", entries if json_output else shown_runs(entries), json_output)
 
 
 @app.command()

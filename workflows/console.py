@@ -104,6 +104,7 @@ def train_progress(enabled: bool = True) -> Iterator[Callable[[dict[str, dict]],
         return
     colours = {
         "running": "cyan",
+        "cross-validating": "magenta",
         "done": "green",
         "kept": "green",
         "failed": "red",
@@ -169,8 +170,17 @@ def show_evaluation(folder: str, metrics: dict[str, Any], as_json: bool) -> None
     print_table(f"wf evaluate: {folder}", [
         {"class": name, **{k: str(v[k]) for k in ("precision", "recall", "f1", "support")}}
         for name, v in metrics["per_class"].items()])  # fmt: skip
-    out.print(f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  "
-              f"examples {metrics['examples']}  rejected {len(metrics['rejects'])}")  # fmt: skip
+    from tasks.evaluation import accuracy_text
+
+    out.print(f"accuracy {accuracy_text(metrics)}  loss {metrics['loss']:.4f}  "
+              f"rejected {len(metrics['rejects'])}", markup=False)  # fmt: skip
+    answered = metrics.get("answered") or {}
+    if answered.get("thresholds"):
+        out.print(f"answered {answered['n']} of {metrics['n']} (coverage "
+                  f"{answered['coverage']:.3f}): accuracy {accuracy_text(answered)}",
+                  markup=False)  # fmt: skip
+        declined = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in answered["abstained"].items())
+        out.print(f"declined: {declined}", markup=False)
 
 
 def show_registries(backbones: bool) -> None:

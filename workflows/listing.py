@@ -8,6 +8,7 @@ from storage.errors import StoreError
 from storage.feature_store import FeatureStore
 from storage.layout import StoreLayout
 from storage.runs import Artifact, RunsLayout
+from tasks.evaluation import format_accuracy
 
 
 def list_stores(store: str) -> list[dict[str, Any]]:
@@ -53,6 +54,10 @@ def list_runs(runs: str) -> list[dict[str, Any]]:
             "dataset": job.dataset,
             "method": job.method,
             "accuracy": metrics.get("accuracy"),
+            "n": metrics.get("n", metrics.get("examples")),
+            "accuracy_interval": metrics.get("accuracy_interval"),
+            "cv": {k: metrics["cv"][k] for k in ("folds", "accuracy", "interval", "n")}
+            if metrics.get("cv") else None,
             "loss": metrics.get("loss"),
             "epochs": metrics.get("epochs"),
             "seconds_per_epoch": metrics.get("seconds_per_epoch"),
@@ -61,3 +66,21 @@ def list_runs(runs: str) -> list[dict[str, Any]]:
             "model": job.display(Artifact.MODEL),
         })  # fmt: skip
     return entries
+
+
+def shown_runs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`list_runs`'s entries for the table: each accuracy with its interval and count."""
+    out = []
+    for entry in entries:
+        if "problem" in entry:
+            out.append(entry)
+            continue
+        shown = {k: v for k, v in entry.items() if k not in ("n", "accuracy_interval", "cv")}
+        shown["accuracy"] = format_accuracy(entry["accuracy"], entry["accuracy_interval"],
+                                            entry["n"])  # fmt: skip
+        cv = entry["cv"]
+        shown = {**dict(list(shown.items())[:3]),
+                 "cv accuracy": format_accuracy(cv["accuracy"], cv["interval"], cv["n"])
+                 if cv else "-", **dict(list(shown.items())[3:])}  # fmt: skip
+        out.append(shown)
+    return out

@@ -89,6 +89,7 @@ Methods = Annotated[Text, _train("methods")]
 TrainBackbone = Annotated[Text, _train("backbone")]
 MaxConcurrent = Annotated[Number, _train("max_concurrent_jobs", "--max-concurrent")]
 Force = Annotated[bool, _train("force", "--force")]
+Cv = Annotated[Number, _train("cv", "--cv")]
 Epochs = Annotated[Number, typer.Option(help="Epochs of every method (default: each method's own)")]
 EpochsFor = Annotated[
     list[str] | None, typer.Option(help="METHOD=N: epochs of one method, e.g. finetune=8")
@@ -106,6 +107,7 @@ EpochCopies = Annotated[Text, _job("epoch_copies")]
 ScratchImageSize = Annotated[Number, _job("scratch_image_size")]
 TrainSeed = Annotated[Number, _job("seed")]
 MaxFailures = Annotated[Number, _job("max_failures")]
+AbstainRate = Annotated[float | None, _job("abstain_rate", "--abstain-rate")]
 
 # wf predict, evaluate
 Model = Annotated[
@@ -114,6 +116,23 @@ Model = Annotated[
 Paths = Annotated[list[str], typer.Argument(help="Image files or folders (paths or URIs).")]
 Output = Annotated[Text, typer.Option(help="Write here (.csv or .json; a path or URI).")]
 Format = Annotated[Text, typer.Option("--format", help="csv or json (default: from --output).")]
+MinConfidence = Annotated[
+    float | None,
+    typer.Option(
+        "--min-confidence", help="Abstain below this top probability (default: the run's threshold)"
+    ),
+]
+MaxDistance = Annotated[
+    float | None,
+    typer.Option(
+        "--max-distance",
+        help="Abstain when the image's embedding is farther than this (1 - cosine) "
+        "from every labelled image (default: the run's threshold)",
+    ),
+]
+Abstain = Annotated[bool, typer.Option(
+    "--abstain/--no-abstain", help="Let the model decline low-confidence and out-of-distribution "
+    "images, by the thresholds in its run's metrics.json")]  # fmt: skip
 Folder = Annotated[str, typer.Argument(help="A labelled folder: one sub-folder per class.")]
 
 # wf serve

@@ -16,8 +16,9 @@ import numpy as np
 from storage.errors import SettingsError
 from storage.filesystem import Location, file_info, write_bytes
 from storage.names import escape_name
+from tasks.abstention import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION
 from tasks.classifier import Classifier, load_classifier
-from tasks.evaluation import classification_metrics
+from tasks.evaluation import accuracy_interval, classification_metrics
 from tasks.images import ImageRejected, load_image
 from workflows.datasets import list_tree
 
@@ -31,6 +32,8 @@ class Prediction:
     probability: float = 0.0
     probabilities: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    abstained: bool = False  # the model declined to name a class (label left empty)
+    reason: str = ""  # why: "low_confidence" or "out_of_distribution"
 
 
 def image_files(paths: list[str]) -> list[tuple[str, Location, str]]:
@@ -62,18 +65,37 @@ def classify(classifier: Classifier, files: list[tuple[str, Location, str]]) -> 
             results[index] = Prediction(shown, error=f"{rejected.reason}: {rejected.detail}")
     for start in range(0, len(good), BATCH):
         chunk = good[start : start + BATCH]
-        rows = classifier.probabilities(np.stack([image for _, image in chunk]))
-        for (index, _), row in zip(chunk, rows, strict=True):
+        answers = classifier.answer(np.stack([image for _, image in chunk]))
+        for (index, _), answer in zip(chunk, answers, strict=True):
+            row = answer.probabilities
             best = int(row.argmax())
             results[index] = Prediction(
-                files[index][0], classifier.classes[best], round(float(row[best]), 6),
+                files[index][0], "" if answer.abstained else classifier.classes[best],
+                round(float(row[best]), 6),
                 {name: round(float(p), 6) for name, p in zip(classifier.classes, row, strict=True)},
+                abstained=answer.abstained, reason=answer.reason,
             )  # fmt: skip
     return [results[i] for i in range(len(files))]
 
 
-def predict_paths(model_path: str, paths: list[str]) -> list[Prediction]:
-    return classify(load_classifier(model_path), image_files(paths))
+@dataclass(frozen=True)
+class Thresholds:
+    """Abstention thresholds the user gave, each overriding the run's; ``abstain=False``: the
+    model always answers."""
+
+    min_confidence: float | None = None
+    max_distance: float | None = None
+    abstain: bool = True
+
+    def apply(self, classifier: Classifier) -> Classifier:
+        return classifier.with_thresholds(self.min_confidence, self.max_distance, self.abstain)
+
+
+def predict_paths(
+    model_path: str, paths: list[str], thresholds: Thresholds | None = None
+) -> list[Prediction]:
+    classifier = (thresholds or Thresholds()).apply(load_classifier(model_path))
+    return classify(classifier, image_files(paths))
 
 
 def render_predictions(predictions: list[Prediction], fmt: str) -> str:
@@ -82,10 +104,13 @@ def render_predictions(predictions: list[Prediction], fmt: str) -> str:
     classes = next((list(p.probabilities) for p in predictions if p.probabilities), [])
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["path", "label", "probability", *[f"p_{c}" for c in classes], "error"])
+    writer.writerow(["path", "label", "probability", *[f"p_{c}" for c in classes], "abstained",
+                     "reason", "error"])  # fmt: skip
     for p in predictions:
         writer.writerow([p.path, p.label, p.probability if not p.error else "",
-                         *[p.probabilities.get(c, "") for c in classes], p.error])  # fmt: skip
+                         *[p.probabilities.get(c, "") for c in classes],
+                         "" if p.error else str(p.abstained).lower(), p.reason,
+                         p.error])  # fmt: skip
     return buffer.getvalue()
 
 
@@ -108,10 +133,12 @@ def write_output(where: str, data: bytes) -> None:
     write_bytes(location.filesystem, location.path(name), data)
 
 
-def evaluate_folder(model_path: str, folder: str) -> dict:
-    """Metrics of the model on ``folder`` (one sub-folder per class, named as in training)."""
+def evaluate_folder(model_path: str, folder: str, thresholds: Thresholds | None = None) -> dict:
+    """Metrics of the model on ``folder`` (one sub-folder per class, named as in training):
+    on every image, and on the images it answered (``answered``: accuracy with its interval,
+    and the coverage) when it can abstain."""
     tree = list_tree(folder)
-    classifier = load_classifier(model_path)
+    classifier = (thresholds or Thresholds()).apply(load_classifier(model_path))
     present = tree.children()
     unknown = [c for c in present if escape_name(c) not in classifier.classes]
     if unknown:
@@ -129,4 +156,17 @@ def evaluate_folder(model_path: str, folder: str) -> dict:
         probs.reshape(-1, len(classifier.classes)), classifier.classes,
     )  # fmt: skip
     metrics["rejects"] = [{"path": p.path, "error": p.error} for p in predictions if p.error]
+    answered = [i for i in kept if not predictions[i].abstained]
+    predicted = dict(zip(kept, probs.reshape(len(kept), -1).argmax(axis=1), strict=True))
+    right = sum(1 for i in answered if predicted[i] == labels[i])
+    interval = accuracy_interval(right, len(answered))
+    metrics["answered"] = {
+        "accuracy": round(right / len(answered), 6) if answered else None,
+        "accuracy_interval": [round(v, 6) for v in interval] if interval else None,
+        "n": len(answered),
+        "coverage": round(len(answered) / len(kept), 6) if kept else None,
+        "abstained": {reason: sum(1 for i in kept if predictions[i].reason == reason)
+                      for reason in (LOW_CONFIDENCE, OUT_OF_DISTRIBUTION)},
+        "thresholds": classifier.abstention.to_json() if classifier.abstention else None,
+    }  # fmt: skip
     return metrics

@@ -63,7 +63,8 @@ def find_models(settings: ServeSettings) -> list[ModelFacts]:
             classes=tuple(job.classes()),
             sha256=job.index()[Artifact.MODEL]["sha256"],
             input_size=tuple(metrics["input_size"]),
-            metrics={k: metrics.get(k) for k in ("accuracy", "loss", "epochs", "per_class")},
+            metrics={k: metrics.get(k) for k in ("accuracy", "n", "accuracy_interval", "loss",
+                                                 "epochs", "per_class", "cv", "temperature")},
         ))  # fmt: skip
     if not found:
         raise StoreError(f"no trained model under {settings.runs} (run `wf train-all` first)")

@@ -189,9 +189,17 @@ class TrainSettings:
         None, "Jobs at once (default: CPUs / (workers x threads))"
     )
     force: bool = setting(False, "Retrain jobs that already have artifacts")
+    cv: int | None = setting(
+        None,
+        "Cross-validation folds over train + validation for the methods on stored features "
+        "(bottleneck, fusion); 0 turns it off (default: 5 for a dataset of at most 2000 "
+        "labelled images, else off)",
+    )
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     def __post_init__(self) -> None:
+        if self.cv is not None and (self.cv < 0 or self.cv == 1):
+            raise SettingsError(f"--cv takes 0 (off) or at least 2 folds, not {self.cv}")
         if not self.methods:
             raise SettingsError("--methods names no method")
         for name in self.methods:
@@ -209,6 +217,8 @@ class TrainSettings:
             raise SettingsError("--scratch-image-size must be at least 32")
         if options.max_failures < 0:
             raise SettingsError("--max-failures must be >= 0")
+        if not 0 <= options.abstain_rate < 1:
+            raise SettingsError(f"--abstain-rate must be in [0, 1), got {options.abstain_rate}")
 
 
 # What one epoch of a job on stored taps reads: "all" stored copies of every training image, or
@@ -226,6 +236,8 @@ TRAIN_OPTION_HELP = {
     "seed": "Seed of initial weights and shuffling",
     "scratch_image_size": f"Input size of the small convnet (the blog's: {SCRATCH_IMAGE_SIZE})",
     "max_failures": "Times Ray Train restarts a job's workers (a lost node) from its checkpoint",
+    "abstain_rate": "Share of held-out in-distribution images the saved model declines (its "
+    "abstention thresholds are chosen for it)",
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from storage.errors import StoreError
 from storage.runs import Artifact, JobFiles, RunsLayout
+from tasks.evaluation import accuracy_text, format_accuracy
 from tasks.training.job import JobResult
 
 # Validation accuracy in the Keras blog on the same 2000/800 cats-vs-dogs split.
@@ -28,8 +29,18 @@ def blog_reference(result: JobResult) -> float | None:
     return BLOG_REFERENCE.get(result.method) if result.dataset.startswith("cats_vs_dogs") else None
 
 
+def cv_text(cv: dict[str, Any] | None) -> str:
+    """``0.905 (0.890-0.918, n=2000)``: a cross-validated accuracy with its interval."""
+    if not cv:
+        return "-"
+    return format_accuracy(cv["accuracy"], cv.get("interval"), cv.get("n"))
+
+
 def summary_rows(results: list[JobResult]) -> list[dict[str, str]]:
+    """One row per job: its validation accuracy with the 95% interval and the count, and its
+    cross-validated accuracy when any job was cross-validated."""
     rows = []
+    any_cv = any(r.cv for r in results)
     for r in results:
         reference = blog_reference(r)
         rows.append(
@@ -37,7 +48,8 @@ def summary_rows(results: list[JobResult]) -> list[dict[str, str]]:
                 "dataset": r.dataset,
                 "method": r.method,
                 "status": r.status,
-                "val accuracy": f"{r.accuracy:.4f}" if r.accuracy is not None else "-",
+                "val accuracy (95%)": format_accuracy(r.accuracy, r.accuracy_interval, r.n),
+                **({"cv accuracy (95%)": cv_text(r.cv)} if any_cv else {}),
                 "val loss": f"{r.loss:.4f}" if r.loss is not None else "-",
                 "blog": f"{reference:.2f}" if reference else "",
                 "epochs": str(r.epochs),
@@ -58,21 +70,53 @@ def write_summary(runs: RunsLayout, results: list[JobResult]) -> None:
     markdown += ["| " + " | ".join(row[c] for c in columns) + " |" for row in rows]
     markdown += [
         "",
+        "Accuracies: the share right, its 95% Wilson interval and the images counted (n). "
+        "cv: cross-validated over train + validation, duplicates kept inside one fold.",
         "Blog: validation accuracy in the Keras blog on the same cats-vs-dogs split sizes.",
     ]
+    for dataset, lines in choices(results).items():
+        markdown += ["", f"## {dataset}", "", *(f"- {line}" for line in lines)]
     runs.write("summary.md", ("\n".join(markdown) + "\n").encode())
     runs.write("summary.html", render_html(runs, results).encode())
 
 
+def choices(results: list[JobResult]) -> dict[str, list[str]]:
+    """Per cross-validated dataset, in words: the method chosen and whether its lead over the
+    next is beyond noise, and what its learning curve says about more labels."""
+    out: dict[str, list[str]] = {}
+    for r in results:
+        choice = (r.cv or {}).get("choice")
+        if not choice or choice["chosen"] != r.method:
+            continue
+        among = ", ".join(choice.get("among", [r.method]))
+        lines = [f"chosen by {r.cv['folds']}-fold cross-validation (among {among}): {r.method}, "
+                 f"{cv_text(r.cv)}"]  # fmt: skip
+        if "next" in choice:
+            lead = "within noise" if choice["within_noise"] else "beyond noise"
+            lines.append(
+                f"against {choice['next']} on the same {choice['images']} images: "
+                f"{choice['only_first']} right only by {r.method}, {choice['only_second']} only "
+                f"by {choice['next']} (McNemar p={choice['p_value']:.3f}: {lead})"
+            )
+        curve = r.cv.get("learning_curve") or []
+        if curve:
+            lines.append(f"learning curve ({r.method}): {curve[-1]['verdict']}")
+        out[r.dataset] = lines
+    return out
+
+
 def _best(results: list[JobResult]) -> dict[str, str]:
-    """The method with the highest validation accuracy of each dataset."""
+    """Per dataset, the method cross-validation chose, else the one with the highest
+    validation accuracy."""
+    chosen = {r.dataset: r.cv["choice"]["chosen"] for r in results
+              if r.cv and r.cv.get("choice")}  # fmt: skip
     best: dict[str, JobResult] = {}
     for r in results:
         if r.accuracy is not None and (
             r.dataset not in best or r.accuracy > best[r.dataset].accuracy
         ):
             best[r.dataset] = r
-    return {dataset: r.method for dataset, r in best.items()}
+    return {**{dataset: r.method for dataset, r in best.items()}, **chosen}
 
 
 def _read(job: JobFiles, name: str) -> Any:
@@ -89,6 +133,28 @@ def _image(job: JobFiles, name: str, alt: str) -> str:
         return ""
     encoded = base64.b64encode(data).decode()
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+def _honest(metrics: dict[str, Any]) -> str:
+    """Cross-validation's numbers for one job: accuracy with its interval and per fold, the
+    calibration before and after, and the learning curve's sentence."""
+    cv = metrics.get("cv")
+    if not cv:
+        return ""
+    folds = ", ".join(f"{a:.3f}" for a in cv["per_fold"])
+    ece = metrics.get("ece", {})
+    items = [
+        f"cross-validated ({cv['folds']} folds, {cv['duplicate_groups']} duplicate groups kept "
+        f"inside one fold): <b>{html.escape(cv_text(cv))}</b>; per fold {folds}",
+        f"calibration: temperature {metrics.get('temperature', 1):.3g} inside the saved model; "
+        f"expected calibration error {ece.get('before', 0):.3f} before, "
+        f"{ece.get('after', 0):.3f} after (out-of-fold, {ece.get('bins', 15)} bins)",
+    ]
+    curve = cv.get("learning_curve") or []
+    if curve:
+        points = ", ".join(f"{100 * p['fraction']:.0f}% {p['accuracy']:.3f}" for p in curve)
+        items.append(f"learning curve: {points}: {html.escape(curve[-1]['verdict'])}")
+    return "<ul class=cv>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
 
 
 def _per_class(metrics: dict[str, Any]) -> str:
@@ -127,7 +193,7 @@ def _job_section(runs: RunsLayout, result: JobResult, best: bool) -> str:
         return (f'<section class="job failed"><h3>{html.escape(result.dataset)} / '
                 f"{html.escape(result.method)}: {result.status}</h3>"
                 f"<p>{html.escape(result.error)}</p></section>")  # fmt: skip
-    headline = (f"validation accuracy <b>{metrics.get('accuracy', 0):.4f}</b>, loss "
+    headline = (f"validation accuracy <b>{html.escape(accuracy_text(metrics))}</b>, loss "
                 f"{metrics.get('loss', 0):.4f}, {metrics.get('epochs')} epochs (kept: "
                 f"{metrics.get('kept', 'last')}, best epoch {metrics.get('best_epoch')}), "
                 f"{metrics.get('seconds_per_epoch')} s per epoch")  # fmt: skip
@@ -135,11 +201,15 @@ def _job_section(runs: RunsLayout, result: JobResult, best: bool) -> str:
         f'<a href="{html.escape(result.dataset)}/{html.escape(result.method)}/{name}">{name}</a>'
         for name in FILES
     )
-    plots = _image(job, "learning_curves.png", "learning curves") + _image(
-        job, "confusion_matrix.png", "confusion matrix"
-    )
-    return (f'<section class="job"><h3>{title}</h3><p>{headline}</p><div class=row>'
-            f"<div>{_per_class(metrics)}{_settings(_read(job, 'settings.json'))}</div>"
+    plots = "".join(_image(job, name, alt) for name, alt in (
+        (Artifact.LEARNING_CURVES, "learning curves"),
+        (Artifact.CONFUSION_MATRIX, "confusion matrix"),
+        (Artifact.RELIABILITY, "reliability diagram"),
+        (Artifact.LABELS_CURVE, "accuracy by labelled images"),
+    ))  # fmt: skip
+    return (f'<section class="job"><h3>{title}</h3><p>{headline}</p>{_honest(metrics)}'
+            f"<div class=row><div>{_per_class(metrics)}{_settings(_read(job, Artifact.SETTINGS))}"
+            "</div>"
             f"<div class=plots>{plots}</div></div>"
             f"<p class=files>files: {links}</p></section>")  # fmt: skip
 
@@ -155,7 +225,7 @@ section.failed{border-color:#e0a0a0;background:#fff6f6} .row{display:flex;gap:2e
 .plots img{max-width:520px;width:100%;display:block;margin-bottom:.5em}
 table.small td,table.small th{padding:.2em .5em} dl{display:grid;grid-template-columns:auto 1fr;
 gap:.2em 1em;max-width:560px} dt{color:#666} dd{margin:0;word-break:break-all}
-.files a{margin-right:.8em}
+.files a{margin-right:.8em} span.cv{color:#555;font-size:.9em} ul.cv{margin:.2em 0 .6em}
 """
 
 
@@ -179,7 +249,10 @@ def render_html(runs: RunsLayout, results: list[JobResult]) -> str:
                 cells.append(f"<td class=failed>{html.escape(r.status)}</td>")
             else:
                 css = " class=best" if best.get(dataset) == method else ""
-                cells.append(f"<td{css}>{r.accuracy:.4f}</td>")
+                shown = html.escape(format_accuracy(r.accuracy, r.accuracy_interval, r.n))
+                if r.cv:
+                    shown += f"<br><span class=cv>cv {html.escape(cv_text(r.cv))}</span>"
+                cells.append(f"<td{css}>{shown}</td>")
         if blog_head:
             references = [f"{m} {BLOG_REFERENCE[m]:.2f}" for m in methods if m in BLOG_REFERENCE]
             blog = ", ".join(references) if dataset.startswith("cats_vs_dogs") else ""
@@ -198,6 +271,8 @@ def render_html(runs: RunsLayout, results: list[JobResult]) -> str:
     return (
         "<!doctype html><html lang=en><meta charset=utf-8><title>wf report</title>"
         f"<style>{STYLE}</style><h1>wf report</h1><p class=sub>{html.escape(runs.location.uri)}, "
-        f"{stamp}: validation accuracy of every job; the best of each dataset is marked.</p>"
+        f"{stamp}: validation accuracy of every job with its 95% interval and image count (n), "
+        "and the cross-validated accuracy (cv) where it ran; the method chosen for each "
+        "dataset is marked.</p>"
         f"<table><tr><th>dataset</th>{head}{blog_head}</tr>{''.join(rows)}</table>{sections}</html>"
     )

@@ -10,6 +10,7 @@ job instead, its runner a Ray task on the driver's node.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +23,11 @@ from storage.filesystem import delete_folder
 from storage.layout import StoreLayout
 from storage.runs import RunsLayout
 from tasks.backbones import DEFAULT_BACKBONE
-from tasks.methods import JobContext, StoreFacts, in_dependency_order
+from tasks.methods import JobContext, StoreFacts, get_method, in_dependency_order
 from tasks.training.engine import TrainingPool
 from tasks.training.job import JobBoard, JobResult, run_job_task
 from workflows.cluster import on_this_node, ray_cluster
+from workflows.cross_validate import cross_validate_dataset
 from workflows.settings import TrainSettings
 from workflows.summary import write_summary
 
@@ -152,14 +154,60 @@ def run_train_all(
         to_train = sum(1 for j in jobs if j.context and not runs.job(j.dataset, j.method).exists())
         runner = (_PoolRunner(min(limit, max(1, to_train)), options.threads, options.max_failures,
                               gpus=1 if options.use_gpu else 0)
-                  if options.workers == 1 else _TrainerPerJob(limit))  # fmt: skip
+                  if options.workers == 1
+                  else _TrainerPerJob(limit, max(1, min(limit * options.workers, to_train)),
+                                      options.threads, options.max_failures))  # fmt: skip
         try:
+            if settings.cv != 0:
+                jobs = _cross_validated(jobs, runs, settings, runner, on_progress)
             _run_jobs(jobs, runs, runner, board, results, on_progress)
         finally:
             runner.close()
     ordered = [results[job.key] for job in jobs]
     write_summary(runs, ordered)
     return ordered
+
+
+def _cross_validated(
+    jobs: list[PlannedJob], runs: RunsLayout, settings: TrainSettings,
+    runner: _PoolRunner | _TrainerPerJob, on_progress: ProgressHook | None,
+) -> list[PlannedJob]:  # fmt: skip
+    """The jobs, those to train on stored rows carrying what cross-validation found (their
+    dataset's folds fitted on the run's pool first); a dataset whose cross-validation fails
+    fails those jobs with its error."""
+    chosen: dict[str, list[PlannedJob]] = {}
+    for job in jobs:
+        if (job.context is not None and get_method(job.method).fits_on_rows
+                and not runs.job(job.dataset, job.method).exists()):  # fmt: skip
+            chosen.setdefault(job.dataset, []).append(job)
+    if not chosen:
+        return jobs
+    keys = {job.key for planned in chosen.values() for job in planned}
+    if on_progress is not None:
+        on_progress({job.key: {"state": "cross-validating" if job.key in keys else "waiting",
+                               "epochs": job.context.recipe.epochs if job.context else 0,
+                               "epoch": 0} for job in jobs})  # fmt: skip
+    pool, own = runner.cv_pool()
+    replaced: dict[str, PlannedJob] = {}
+    try:
+        for planned in chosen.values():
+            try:
+                found = cross_validate_dataset([j.context for j in planned if j.context],
+                                               settings.store, settings.cv, pool)  # fmt: skip
+            except Exception as error:  # reported with its jobs; other datasets go on
+                for job in planned:
+                    replaced[job.key] = dataclasses.replace(
+                        job, context=None, problem=f"cross-validation failed: {error}"[:500]
+                    )
+                continue
+            for job in planned:
+                if job.key in found and job.context is not None:
+                    context = dataclasses.replace(job.context, cv=found[job.key])
+                    replaced[job.key] = dataclasses.replace(job, context=context)
+    finally:
+        if own:
+            pool.close()
+    return [replaced.get(job.key, job) for job in jobs]
 
 
 class _PoolRunner:
@@ -173,6 +221,13 @@ class _PoolRunner:
 
     def has_room(self) -> bool:
         return self.pool is None or self.pool.free > 0
+
+    def cv_pool(self) -> tuple[TrainingPool, bool]:
+        """The run's pool, for cross-validation's small fits before the jobs (not the caller's
+        to close)."""
+        if self.pool is None:
+            self.pool = TrainingPool(*self.settings)
+        return self.pool, False
 
     def start(self, job: PlannedJob, board: object) -> None:
         if self.pool is None:
@@ -203,12 +258,17 @@ class _TrainerPerJob:
     """Jobs trained in sync on several workers: a Ray Train run each, its runner a task on the
     driver's node (so losing a worker node never takes the runner)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, pool_size: int, threads: int, max_failures: int) -> None:
         self.limit = limit
+        self.pool_settings = (pool_size, threads, max_failures)
         self.running: dict[ray.ObjectRef, tuple[str, float]] = {}
 
     def has_room(self) -> bool:
         return len(self.running) < self.limit
+
+    def cv_pool(self) -> tuple[TrainingPool, bool]:
+        """A pool of its own for cross-validation's small fits (the caller closes it)."""
+        return TrainingPool(*self.pool_settings), True
 
     def start(self, job: PlannedJob, board: object) -> None:
         task = run_job_task.options(scheduling_strategy=on_this_node())

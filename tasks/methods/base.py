@@ -79,6 +79,7 @@ class TrainOptions:
     scratch_image_size: int = 150
     policy: AugmentPolicy = field(default_factory=AugmentPolicy)
     max_failures: int = 2
+    abstain_rate: float = 0.05  # of held-out in-distribution images the model declines
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,9 @@ class JobContext:
     runs: RunsLayout
     recipe: Recipe
     options: TrainOptions
+    # What cross-validation found (tasks.cross_validation.CrossValidated), when it ran: the job
+    # writes it to metrics.json and saves its model calibrated by its temperature.
+    cv: Any = None
 
     @property
     def key(self) -> str:
@@ -121,6 +125,13 @@ class Method(ABC):
     depends_on: str | None = None  # a method whose trained weights this one starts from
     all_backbones: bool = False  # reads every backbone stored for the dataset
     augments_live: bool = False  # augments images as it reads them (reads copy 0 only)
+    output_name: str = ""  # its last Dense layer (logits to probabilities): a temperature divides
+    embedding_layer: str = ""  # the layer whose input is the embedding abstention measures
+
+    @property
+    def fits_on_rows(self) -> bool:
+        """Its model trains from nothing on stored rows: cross-validated by small fits."""
+        return type(self).build_on_rows is not Method.build_on_rows
 
     def columns(self) -> list[str]:
         """The store columns a worker reads for this method, beside labels and copies."""

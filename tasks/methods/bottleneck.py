@@ -21,6 +21,8 @@ from tasks.training.weights import set_named_weights
 
 class Bottleneck(Method):
     name = "bottleneck"
+    output_name = "top_output"
+    embedding_layer = "top_dense"
     summary = "a dense top on the stored bottleneck tap (the blog's ~0.90 with VGG16)"
     recipe = Recipe()
     taps = ("bottleneck",)

@@ -23,6 +23,8 @@ from tasks.training.weights import named_weights, set_named_weights
 
 class Finetune(Method):
     name = "finetune"
+    output_name = "top_output"
+    embedding_layer = "top_dense"
     summary = "the last block and the top, from the bottleneck top, slowly (the blog's ~0.94)"
     recipe = Recipe(optimizer="sgd", learning_rate=1e-4, momentum=0.9)
     taps = ("last_block_input",)

@@ -26,6 +26,8 @@ DROPOUT = 0.5
 
 class Fusion(Method):
     name = "fusion"
+    output_name = "fusion_output"
+    embedding_layer = "fusion_dropout"
     summary = "a linear top on the bottleneck taps of every stored backbone, side by side"
     recipe = Recipe(epochs=30, optimizer="adam", learning_rate=1e-3)
     taps = ("bottleneck",)

@@ -24,6 +24,8 @@ from tasks.training.weights import set_named_weights
 
 class Scratch(Method):
     name = "scratch"
+    output_name = "scratch_output"
+    embedding_layer = "scratch_dense"
     summary = "the small convnet on the images, augmented live (the blog's ~0.80)"
     recipe = Recipe()
     augments_live = True

@@ -27,6 +27,7 @@ class Rows:
     x: np.ndarray
     y: np.ndarray
     copies: np.ndarray
+    paths: tuple[str, ...] = ()  # each row's image, relative to the dataset
 
     def __len__(self) -> int:
         return len(self.y)
@@ -77,6 +78,7 @@ def read_rows(
         method.features(context, tables),
         tables[0]["label_index"].to_numpy().astype(np.int64),
         tables[0]["copy"].to_numpy().astype(np.int64),
+        tuple(tables[0]["path"].to_pylist()),
     )
 
 

@@ -28,8 +28,23 @@ import ray
 
 from storage.lease import Lease
 from storage.runs import Artifact, JobFiles
+from tasks.abstention import (
+    Abstention,
+    bank_bytes,
+    choose,
+    embedding_model,
+    nearest_distance,
+    unit,
+)
 from tasks.backbones import ResolvedWeights, get_backbone
-from tasks.evaluation import classification_metrics, plot_confusion_matrix, plot_learning_curves
+from tasks.cross_validation import apply_temperature
+from tasks.evaluation import (
+    classification_metrics,
+    plot_confusion_matrix,
+    plot_learning_curve,
+    plot_learning_curves,
+    plot_reliability,
+)
 from tasks.heads import probabilities
 from tasks.methods import JobContext, Method, get_method
 from tasks.training.inputs import read_rows
@@ -52,6 +67,9 @@ class JobResult:
     nodes: tuple[str, ...] = ()
     error: str = ""
     model_path: str = ""
+    n: int | None = None  # validation images scored
+    accuracy_interval: tuple[float, float] | None = None  # 95%, Wilson
+    cv: dict[str, Any] | None = None  # metrics.json's "cv", when cross-validated
 
     @property
     def key(self) -> str:
@@ -65,8 +83,15 @@ class JobResult:
             files.dataset, files.method, status, metrics.get("accuracy"), metrics.get("loss"),
             metrics.get("epochs", 0), seconds_per_epoch=metrics.get("seconds_per_epoch"),
             workers_in_sync=metrics.get("workers_in_sync"), nodes=tuple(metrics.get("nodes", ())),
-            error=error, model_path=files.display(Artifact.MODEL),
+            error=error, model_path=files.display(Artifact.MODEL), **_honest(metrics),
         )  # fmt: skip
+
+
+def _honest(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A result's count, interval and cross-validation, from its metrics."""
+    interval = metrics.get("accuracy_interval")
+    return {"n": metrics.get("n"), "accuracy_interval": tuple(interval) if interval else None,
+            "cv": metrics.get("cv")}  # fmt: skip
 
 
 def backbone_weights(
@@ -113,16 +138,71 @@ def _train(context: JobContext, board: Any, initial: Any) -> Checkpoint:
 
 
 def validation_metrics(context: JobContext, method: Method, model: Any) -> dict[str, Any]:
-    """Accuracy, loss, per-class metrics and the confusion matrix on the validation split's
-    original images, from the trained part of the model (``model``, holding the weights the
-    job keeps: the same numbers the complete model gives on the images, tested)."""
+    """Accuracy (with its count and interval), loss, per-class metrics and the confusion matrix
+    on the validation split's original images, from the trained part of the model (``model``,
+    holding the weights the job keeps: the same numbers the complete model gives on the images,
+    tested), calibrated as the saved model is when the job was cross-validated."""
     if not context.has_split("validation"):
         return {}
     rows = read_rows(context, method, "validation", first_copy_only=True)
-    return classification_metrics(
-        rows.y, probabilities(predict_in_batches(model, rows.x), len(context.classes)),
-        context.classes,
-    )  # fmt: skip
+    found = probabilities(predict_in_batches(model, rows.x), len(context.classes))
+    if context.cv is not None:
+        found = apply_temperature(found, context.cv.temperature)
+    return classification_metrics(rows.y, found, context.classes)
+
+
+def calibrated(
+    context: JobContext, method: Method, trained: dict[str, list[np.ndarray]]
+) -> dict[str, list[np.ndarray]]:
+    """The trained weights of the model to save: with cross-validation, the output layer's
+    kernel and bias divided by the fitted temperature (its logits / T, so the saved model's one
+    output is the calibrated probabilities, loaded with plain ``keras.saving.load_model``)."""
+    if context.cv is None or not method.output_name or method.output_name not in trained:
+        return trained
+    scale = 1.0 / context.cv.temperature
+    return {**trained, method.output_name: [w * scale for w in trained[method.output_name]]}
+
+
+def abstention_for(
+    context: JobContext, method: Method, scored: Any
+) -> tuple[Abstention | None, np.ndarray | None]:
+    """The thresholds the saved model declines by and the embeddings of the labelled images it
+    measures distance to (:mod:`tasks.abstention`): from cross-validation's out-of-fold images
+    when it ran (the bank then holds train and validation), else chosen here on the validation
+    split against a bank of the training images; ``(None, None)`` with neither."""
+    import keras
+    import tf_keras
+
+    if not method.embedding_layer:
+        return None, None
+    # The pool scores a tf-keras model; a Ray Train job, a Keras 3 one.
+    both = embedding_model(keras if isinstance(scored, keras.Model) else tf_keras, scored,
+                           method.embedding_layer)  # fmt: skip
+    cv = context.cv.abstain if context.cv is not None else None
+    splits = ("train", "validation") if cv else ("train",)
+    embedded = [
+        _embed(both, read_rows(context, method, s, first_copy_only=True).x)[1]
+        for s in splits if context.has_split(s)
+    ]  # fmt: skip
+    bank = unit(np.concatenate(embedded))
+    if cv:
+        return Abstention.from_json(cv), bank
+    if not context.has_split("validation"):
+        return None, bank
+    rows = read_rows(context, method, "validation", first_copy_only=True)
+    found, embedding = _embed(both, rows.x)
+    found = probabilities(found, len(context.classes))
+    if context.cv is not None:
+        found = apply_temperature(found, context.cv.temperature)
+    distance = nearest_distance(unit(embedding), bank)
+    return choose(found.max(axis=1), distance, context.options.abstain_rate, "validation"), bank
+
+
+def _embed(model: Any, x: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """A two-output model's outputs in inference mode, a batch at a time."""
+    parts = [model(x[i : i + batch], training=False) for i in range(0, len(x), batch)]
+    return (np.concatenate([np.asarray(p[0]) for p in parts]),
+            np.concatenate([np.asarray(p[1]) for p in parts]))  # fmt: skip
 
 
 def predict_in_batches(model: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -237,22 +317,27 @@ def finish_job(
         seconds_per_epoch=round(float(np.mean(seconds)), 4) if seconds else None,
         manifest_ids={s.backbone: s.manifest_id for s in context.stores},
     )
-    _write_artifacts(context, method, trained, weights, metrics, history)
+    if context.cv is not None:
+        metrics.update(context.cv.metrics())
+    abstention, bank = abstention_for(context, method, scored)
+    metrics["abstain"] = abstention.to_json() if abstention else None
+    _write_artifacts(context, method, trained, weights, metrics, history, bank)
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     return JobResult(
         context.dataset, context.method, "done", metrics.get("accuracy"), metrics.get("loss"),
         metrics["epochs"], metrics["resumed_from_epoch"], metrics["seconds"],
         metrics["seconds_per_epoch"], workers_in_sync, nodes,
-        model_path=files.display(Artifact.MODEL),
+        model_path=files.display(Artifact.MODEL), **_honest(metrics),
     )  # fmt: skip
 
 
 def _write_artifacts(
     context: JobContext, method: Method, trained: dict[str, list[np.ndarray]],
     weights: dict[str, ResolvedWeights], metrics: dict[str, Any], history: dict[str, list[float]],
+    bank: np.ndarray | None = None,
 ) -> None:  # fmt: skip
     files = context.runs.job(context.dataset, context.method)
-    model = method.complete_model(context, trained, weights)
+    model = method.complete_model(context, calibrated(context, method, trained), weights)
     metrics["input_size"] = [int(d) for d in model.input_shape[1:3]]  # what `wf serve` decodes to
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, Artifact.MODEL)
@@ -271,6 +356,16 @@ def _write_artifacts(
     if metrics.get("confusion_matrix"):
         files.write(Artifact.CONFUSION_MATRIX, plot_confusion_matrix(metrics, title))
         names.append(Artifact.CONFUSION_MATRIX)
+    if bank is not None:
+        files.write(Artifact.EMBEDDINGS, bank_bytes(bank))
+        names.append(Artifact.EMBEDDINGS)
+    if context.cv is not None:
+        files.write(Artifact.RELIABILITY, plot_reliability(context.cv.reliability, title))
+        names.append(Artifact.RELIABILITY)
+        if context.cv.learning_curve:
+            curve = plot_learning_curve(list(context.cv.learning_curve), title)
+            files.write(Artifact.LABELS_CURVE, curve)
+            names.append(Artifact.LABELS_CURVE)
     for name, data in tensorboard_events(history).items():
         files.write(f"{Artifact.TENSORBOARD}/{name}", data)
         names.append(f"{Artifact.TENSORBOARD}/{name}")

@@ -164,7 +164,8 @@ def test_a_worker_node_lost_mid_train_all_goes_on_from_its_checkpoint(reference,
         runs, epochs = tmp_path / "runs", 40
         run = wf_background("train-all", "--store", reference, "--runs", str(runs), "--methods",
                             "bottleneck", "--epochs", str(epochs), "--workers", "2",
-                            "--epoch-copies", "one", "--address", cluster.address)  # fmt: skip
+                            "--epoch-copies", "one", "--cv", "0",
+                            "--address", cluster.address)  # fmt: skip
         snapshot = str(runs / "_ray" / "shapes-bottleneck" / "checkpoint_manager_snapshot.json")
         wait_for(
             lambda: _names_a_checkpoint(
@@ -192,7 +193,7 @@ def test_a_worker_node_lost_under_the_pool_moves_its_job_to_a_node_left(referenc
         runs, epochs = tmp_path / "runs", 40
         run = wf_background("train-all", "--store", reference, "--runs", str(runs), "--methods",
                             "bottleneck", "--epochs", str(epochs), "--epoch-copies", "one",
-                            "--address", cluster.address)  # fmt: skip
+                            "--cv", "0", "--address", cluster.address)  # fmt: skip
         pointer = str(runs / "_checkpoints" / "shapes-bottleneck" / "latest.json")
         wait_for(lambda: _names_a_checkpoint(pafs.LocalFileSystem(), pointer, "folder"), run)
         assert len(cluster.actors("TrainingWorker")) == 1  # no more workers than jobs
@@ -291,7 +292,7 @@ def test_a_driver_killed_mid_train_all_on_s3_resumes_from_its_checkpoint(s3, ref
     s3.upload(reference, f"s3://{BUCKET}/trained-store")
     store, runs, epochs = f"s3://{BUCKET}/trained-store", f"s3://{BUCKET}/trained-runs", 40
     args = ["train-all", "--store", store, "--runs", runs, "--methods", "bottleneck",
-            "--epochs", str(epochs), "--num-cpus", "2"]  # fmt: skip
+            "--epochs", str(epochs), "--num-cpus", "2", "--cv", "0"]  # fmt: skip
     run = wf_background(*args, env=env)
     s3fs = s3.filesystem()
     pointer = f"{BUCKET}/trained-runs/_checkpoints/shapes-bottleneck/latest.json"

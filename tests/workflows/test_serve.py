@@ -19,6 +19,7 @@ import pytest
 
 from tasks.images import decode_image
 from tests.conftest import make_dataset
+from tests.corpus import write_out_of_distribution
 from tests.s3 import free_port
 from workflows.extract import run_extract
 from workflows.settings import DatasetSource, ExtractSettings, TrainSettings, recipes_from_options
@@ -164,3 +165,50 @@ def test_overload_is_refused_with_503_not_queued_without_end(server, runs):
         statuses = list(pool.map(call, range(240)))
     assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) > 0
     assert http(f"{url}/v1/models/shapes/bottleneck:predict", good)[0] == 200
+
+
+def test_it_declines_images_unlike_any_it_learned_and_answers_its_own(server, runs, tmp_path):
+    url, _ = server
+    model = runs / "runs" / "shapes" / "bottleneck" / "model.keras"
+    metrics = json.loads((model.parent / "metrics.json").read_text())
+    abstain = metrics["abstain"]  # chosen on the out-of-fold images, for 5% of them
+    assert abstain["chosen_on"] == "out-of-fold" and abstain["rate"] == 0.05
+    assert abstain["max_distance"] > 0 and (model.parent / "embeddings.npy").exists()
+    strange = sorted(write_out_of_distribution(tmp_path / "strange").iterdir())
+    own = sorted((runs / "data" / "shapes").rglob("*.jpg"))
+    predicted = subprocess.run(
+        [sys.executable, "-m", "workflows.cli", "predict", str(model), str(tmp_path / "strange"),
+         *map(str, own), "--format", "json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    answers = {Path(p["path"]).name: p for p in json.loads(predicted.stdout)}
+    declined = [answers[p.name] for p in strange if answers[p.name]["abstained"]]
+    assert len(declined) >= 0.9 * len(strange), [a["path"] for a in answers.values()]
+    assert all(a["label"] == "" and a["reason"] in ("out_of_distribution", "low_confidence")
+               and a["probabilities"] for a in declined)  # fmt: skip
+    answered = [answers[p.name] for p in own if not answers[p.name]["abstained"]]
+    assert len(answered) >= 0.9 * len(own) and all(a["label"] for a in answered)
+    # --no-abstain: every image gets a label again
+    plain = subprocess.run(
+        [sys.executable, "-m", "workflows.cli", "predict", str(model), str(strange[0]),
+         "--no-abstain", "--format", "csv"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    header, row = plain.stdout.strip().splitlines()
+    assert header.split(",")[-3:] == ["abstained", "reason", "error"]
+    assert row.split(",")[1] in ("circles", "squares") and row.split(",")[-3] == "false"
+    # wf serve answers the same: no label, the reason, the probabilities still there
+    for path in strange[:6]:
+        status, answer = http(f"{url}/v1/models/shapes/bottleneck:predict", path.read_bytes())
+        expected = answers[path.name]
+        assert status == 200 and answer["abstained"] == expected["abstained"]
+        assert answer["reason"] == expected["reason"]
+        assert (answer["label"] is None) == expected["abstained"]
+        assert set(answer["probabilities"]) == {"circles", "squares"}
+    encoded = [base64.b64encode(p.read_bytes()).decode() for p in strange[:2]]
+    payload = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2], "data": encoded}]}
+    status, out = http(f"{url}/v2/models/shapes-bottleneck/infer", json.dumps(payload).encode())
+    named = {o["name"]: o for o in out["outputs"]}
+    assert status == 200 and named["abstained"]["data"] == [
+        answers[p.name]["abstained"] for p in strange[:2]]  # fmt: skip

@@ -140,6 +140,52 @@ def test_artifacts_and_plain_keras_loading(trained):
     assert out.shape == (1, 1) and 0 <= float(out[0, 0]) <= 1
 
 
+def test_train_all_cross_validates_calibrates_and_reports_intervals(trained):
+    import keras
+
+    from storage.runs import Artifact
+    from tasks.cross_validation import MIN_TEMPERATURE
+    from workflows.cross_validate import image_folds
+
+    root, settings, results = trained
+    for dataset, images in (("shapes", 90), ("pairs", 48)):  # train + validation, by default
+        result = results[f"{dataset}/bottleneck"]
+        files = _files(root / "runs", dataset, "bottleneck")
+        metrics = files.read_json("metrics.json")
+        low, high = metrics["accuracy_interval"]
+        assert low <= metrics["accuracy"] <= high and metrics["n"] == metrics["examples"] > 0
+        cv = metrics["cv"]
+        assert cv["folds"] == 5 and cv["n"] == images and len(cv["per_fold"]) == 5
+        assert cv["interval"][0] <= cv["accuracy"] <= cv["interval"][1]
+        assert cv["accuracy"] >= 0.85 and result.cv == cv
+        assert [p["fraction"] for p in cv["learning_curve"]] == [0.1, 0.25, 0.5, 1.0]
+        assert cv["learning_curve"][-1]["verdict"]
+        assert cv["choice"]["chosen"] == "bottleneck" and cv["choice"]["among"] == ["bottleneck"]
+        assert 0 <= metrics["ece"]["before"] <= 1 and 0 <= metrics["ece"]["after"] <= 1
+        temperature = metrics["temperature"]
+        assert temperature >= MIN_TEMPERATURE
+        # The saved model is calibrated inside: its output layer is the trained one over T.
+        trained_top = files.read_weights(Artifact.TRAINED_WEIGHTS)["top_output"]
+        saved = keras.saving.load_model(files.model).get_layer("top").get_layer("top_output")
+        saved = saved.get_weights()
+        for kept, written in zip(trained_top, saved, strict=True):
+            np.testing.assert_allclose(written, kept / temperature, rtol=1e-5, atol=1e-7)
+        assert os.path.exists(files.path("reliability.png"))
+        assert os.path.exists(files.path("labels_curve.png"))
+        # Every duplicate group the folds were given sits inside one fold.
+        planned = image_folds(_context(settings, dataset, "bottleneck"), settings.store, None)
+        images_, folds, groups = planned
+        assert groups == [] or all(len(set(folds[g])) == 1 for g in groups)
+        assert len(set(folds)) == 5 and len(images_.path) == images
+    finetune = _files(root / "runs", "shapes", "finetune").read_json("metrics.json")
+    assert "cv" not in finetune and finetune["n"] > 0 and finetune["accuracy_interval"]
+    summary = (root / "runs" / "summary.md").read_text()
+    assert "chosen by 5-fold cross-validation (among bottleneck): bottleneck" in summary
+    assert f"n={finetune['n']})" in summary and "learning curve (bottleneck):" in summary
+    page = (root / "runs" / "summary.html").read_text()
+    assert 'alt="reliability diagram"' in page and "expected calibration error" in page
+
+
 def test_finetuned_model_on_images_matches_the_finetune_on_stored_taps(trained):
     import keras
 
@@ -263,6 +309,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(extracted, tmp_path):
         f"bottleneck={epochs}",
         "--num-cpus",
         "2",
+        "--cv",
+        "0",
     ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("RAY_ADDRESS", None)
@@ -305,6 +353,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(extracted, tmp_path):
             datasets=("pairs",),
             methods=("bottleneck",),
             recipes={**default_recipes(), "bottleneck": Recipe(epochs=epochs)},
+            cv=0,
         )
     )
     assert result.status == "done", result.error
@@ -336,6 +385,7 @@ def test_early_stopping_keeps_the_best_epoch_and_one_copy_per_epoch(ray_local, t
         methods=("bottleneck",),
         recipes={**default_recipes(), "bottleneck": Recipe(epochs=30)},
         options=TrainOptions(early_stopping_patience=2, keep_best=True, epoch_copies="one", seed=1),
+        cv=0,
     )
     (result,) = run_train_all(noisy)
     assert result.status == "done", result.error

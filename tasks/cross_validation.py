@@ -1,0 +1,167 @@
+"""Honest numbers from little data, on numpy arrays: folds that keep duplicates together, the
+temperature that calibrates out-of-fold probabilities, the paired test between two methods,
+and what a job's ``metrics.json`` records of it (:class:`CrossValidated`).
+
+The fits themselves are :mod:`tasks.training.small_fits`'; the workflow that reads the rows and
+runs them is :mod:`workflows.cross_validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tasks.abstention import DEFAULT_RATE, choose, out_of_fold_distance, unit
+from tasks.evaluation import accuracy_interval, expected_calibration_error, reliability
+
+BINS = 15  # of confidence, for the expected calibration error and the reliability plot
+NOISE = 0.05  # a paired difference with a larger p-value is within noise
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.25, 20.0
+
+
+def grouped_folds(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each image's fold (0..folds-1): stratified by label, every group (an image and its exact
+    and near duplicates) in one fold (scikit-learn's ``StratifiedGroupKFold``, shuffled)."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    labels = np.asarray(labels)
+    out = np.full(len(labels), -1, np.int64)
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # "the least populated class has only N members"
+        warnings.simplefilter("ignore", UserWarning)
+        for fold, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+            out[held] = fold
+    return out
+
+
+def group_ids(n: int, groups: list[list[int]]) -> np.ndarray:
+    """A group id per row from lists of members (rows in no list are their own group)."""
+    ids = np.arange(n, dtype=np.int64)
+    for members in groups:
+        ids[members] = min(members)
+    return ids
+
+
+def _logits(probs: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0))
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(log(probs) / T)``: the probabilities of the same model with its logits divided
+    by ``T`` (for a sigmoid output, ``sigmoid(z / T)``: the same thing)."""
+    z = _logits(probs) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The temperature ``T`` that minimises the log loss of :func:`apply_temperature` on these
+    (out-of-fold) probabilities (Guo et al., 2017), within [0.25, 20]: on images a method gets
+    all right the loss falls without end as ``T`` shrinks, and a model whose every answer is
+    0 or 1 tells its users nothing (nor lets it abstain)."""
+    from scipy.optimize import minimize_scalar
+
+    labels = np.asarray(labels, np.int64)
+    rows = np.arange(len(labels))
+
+    def loss(log_t: float) -> float:
+        p = apply_temperature(probs, float(np.exp(log_t)))
+        return float(-np.log(np.clip(p[rows, labels], 1e-12, 1.0)).mean())
+
+    found = minimize_scalar(
+        loss, bounds=(np.log(MIN_TEMPERATURE), np.log(MAX_TEMPERATURE)), method="bounded"
+    )
+    return float(np.exp(found.x))
+
+
+def cross_fitted_calibration(
+    labels: np.ndarray, probs: np.ndarray, folds: np.ndarray
+) -> np.ndarray:
+    """Each fold's probabilities calibrated by a temperature fitted on the other folds, so the
+    error measured after calibration is not measured on what it was fitted to."""
+    out = np.zeros_like(np.asarray(probs, np.float64))
+    for fold in np.unique(folds):
+        held = folds == fold
+        out[held] = apply_temperature(probs[held], fit_temperature(labels[~held], probs[~held]))
+    return out
+
+
+def paired_comparison(labels: np.ndarray, first: np.ndarray, second: np.ndarray) -> dict[str, Any]:
+    """McNemar's exact test of two methods' out-of-fold predictions on the same images: how
+    many each got right that the other got wrong, and the two-sided p-value (scipy's binomial
+    test on those discordant images)."""
+    from scipy.stats import binomtest
+
+    right_a = first.argmax(axis=1) == labels
+    right_b = second.argmax(axis=1) == labels
+    only_a, only_b = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
+    p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
+    return {"only_first": only_a, "only_second": only_b, "p_value": round(float(p), 6),
+            "within_noise": bool(p >= NOISE)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CrossValidated:
+    """What cross-validation found for one (dataset, method) job, for its ``metrics.json``
+    (``cv``, ``ece``, ``temperature``) and its saved model (``temperature``)."""
+
+    folds: int
+    accuracy: float
+    interval: tuple[float, float]
+    n: int
+    per_fold: tuple[float, ...]
+    temperature: float
+    ece_before: float
+    ece_after: float
+    reliability: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    groups: int = 0  # duplicate groups kept inside one fold
+    choice: dict[str, Any] = field(default_factory=dict)  # the dataset's choice, when made
+    learning_curve: tuple[dict[str, Any], ...] = ()
+    seconds: float = 0.0
+    abstain: dict[str, Any] | None = None  # thresholds chosen on the out-of-fold images
+
+    @classmethod
+    def measure(
+        cls, labels: np.ndarray, probs: np.ndarray, folds: np.ndarray, groups: int = 0,
+        seconds: float = 0.0, embeddings: np.ndarray | None = None, rate: float = DEFAULT_RATE,
+    ) -> CrossValidated:  # fmt: skip
+        """From every image's out-of-fold probabilities and fold; with the images' embeddings,
+        the abstention thresholds too (on the calibrated out-of-fold confidences and each
+        image's distance to the nearest image of the other folds)."""
+        labels, folds = np.asarray(labels, np.int64), np.asarray(folds)
+        right = probs.argmax(axis=1) == labels
+        low, high = accuracy_interval(int(right.sum()), len(labels)) or (0.0, 0.0)
+        calibrated = cross_fitted_calibration(labels, probs, folds)
+        distance = out_of_fold_distance(unit(embeddings), folds) if embeddings is not None else None
+        abstain = choose(calibrated.max(axis=1), distance, rate, "out-of-fold")
+        return cls(
+            folds=len(np.unique(folds)), accuracy=round(float(right.mean()), 6),
+            interval=(round(low, 6), round(high, 6)), n=len(labels),
+            per_fold=tuple(round(float(right[folds == f].mean()), 6) for f in np.unique(folds)),
+            temperature=round(fit_temperature(labels, probs), 6),
+            ece_before=round(expected_calibration_error(labels, probs, BINS), 6),
+            ece_after=round(expected_calibration_error(labels, calibrated, BINS), 6),
+            reliability={"before": reliability(labels, probs, BINS),
+                         "after": reliability(labels, calibrated, BINS)},
+            groups=groups, seconds=round(seconds, 3), abstain=abstain.to_json(),
+        )  # fmt: skip
+
+    def metrics(self) -> dict[str, Any]:
+        """The job's ``metrics.json`` entries: ``cv``, ``ece``, ``temperature``."""
+        cv: dict[str, Any] = {
+            "folds": self.folds, "accuracy": self.accuracy, "interval": list(self.interval),
+            "n": self.n, "per_fold": list(self.per_fold), "duplicate_groups": self.groups,
+            "seconds": self.seconds,
+        }  # fmt: skip
+        if self.choice:
+            cv["choice"] = self.choice
+        if self.learning_curve:
+            cv["learning_curve"] = list(self.learning_curve)
+        ece = {"before": self.ece_before, "after": self.ece_after, "bins": BINS,
+               "on": "out-of-fold", "reliability": self.reliability}  # fmt: skip
+        return {"cv": cv, "ece": ece, "temperature": self.temperature}

@@ -1,0 +1,138 @@
+"""Intervals, folds, calibration and the paired test, on generated numbers with known answers."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from tasks.cross_validation import (
+    CrossValidated,
+    apply_temperature,
+    cross_fitted_calibration,
+    fit_temperature,
+    group_ids,
+    grouped_folds,
+    paired_comparison,
+)
+from tasks.evaluation import (
+    accuracy_interval,
+    classification_metrics,
+    expected_calibration_error,
+    format_accuracy,
+)
+from workflows.cross_validate import AUTO_MAX_IMAGES, folds_for
+
+
+def _wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval from its formula (Wilson, 1927)."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+@pytest.mark.parametrize(("k", "n"), [(28, 28), (426, 467), (0, 10), (5, 9)])
+def test_the_interval_is_wilsons(k, n):
+    assert accuracy_interval(k, n) == pytest.approx(_wilson(k, n), abs=1e-6)
+    assert accuracy_interval(0, 0) is None
+
+
+def test_28_of_28_is_consistent_with_088():
+    low, high = accuracy_interval(28, 28)
+    assert 0.87 < low < 0.89 and high == pytest.approx(1.0)
+
+
+def test_the_interval_covers_a_known_binomial_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    for p, n in ((0.9, 100), (0.75, 467), (0.97, 60)):
+        draws = rng.binomial(n, p, size=3000)
+        covered = np.mean([low <= p <= high for low, high in
+                           (accuracy_interval(int(k), n) for k in draws)])  # fmt: skip
+        assert 0.93 <= covered <= 0.975, (p, n, covered)
+
+
+def test_metrics_carry_the_count_and_interval_and_the_report_shows_them():
+    labels = np.array([0] * 50 + [1] * 50)
+    probs = np.tile([[0.8, 0.2]], (100, 1))  # says 0 everywhere: half right
+    metrics = classification_metrics(labels, probs, ("a", "b"))
+    assert metrics["n"] == 100 and metrics["accuracy"] == 0.5
+    assert metrics["accuracy_interval"] == pytest.approx(_wilson(50, 100), abs=1e-6)
+    assert format_accuracy(0.912, (0.885, 0.934), 467) == "0.912 (0.885-0.934, n=467)"
+    assert format_accuracy(None) == "-"
+
+
+def test_folds_keep_every_duplicate_group_together_and_stratify():
+    labels = np.repeat([0, 1, 2], [60, 40, 20])
+    groups = [[i, i + 1, i + 2] for i in range(0, 60, 6)] + [[70, 71], [100, 101, 102, 103]]
+    folds = grouped_folds(labels, group_ids(len(labels), groups), 5, seed=3)
+    assert set(folds) == set(range(5))
+    for members in groups:
+        assert len(set(folds[members])) == 1, members
+    for label, count in ((0, 60), (1, 40), (2, 20)):
+        per_fold = np.bincount(folds[labels == label], minlength=5)
+        assert per_fold.min() >= count / 5 - 3 and per_fold.max() <= count / 5 + 3
+    again = grouped_folds(labels, group_ids(len(labels), groups), 5, seed=3)
+    assert (folds == again).all()  # the same folds for the same seed
+
+
+def test_the_default_folds():
+    assert folds_for(90, 30, None) == 5
+    assert folds_for(AUTO_MAX_IMAGES + 1, 500, None) == 0  # large: one split is a fair witness
+    assert folds_for(AUTO_MAX_IMAGES + 1, 500, 3) == 3
+    assert folds_for(40, 3, None) == 3  # each fold needs an image of every class
+    assert folds_for(40, 1, 5) == 0 and folds_for(90, 30, 0) == 0
+
+
+def _overconfident(n: int, seed: int, sharpen: float = 3.0):
+    """Labels drawn from sigmoid(z), and a model that says sigmoid(3 z): too sure."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.5, n)
+    labels = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(np.int64)
+    said = 1 / (1 + np.exp(-sharpen * z))
+    return labels, np.stack([1 - said, said], axis=1)
+
+
+def test_a_temperature_fitted_on_an_overconfident_model_undoes_it():
+    labels, probs = _overconfident(4000, 0)
+    temperature = fit_temperature(labels, probs)
+    assert temperature == pytest.approx(3.0, rel=0.12)
+    before = expected_calibration_error(labels, probs)
+    folds = np.arange(len(labels)) % 5
+    after = expected_calibration_error(labels, cross_fitted_calibration(labels, probs, folds))
+    assert before > 0.08 and after < 0.03, (before, after)
+    # The same model with its logits divided by T: sigmoid(3z / 3) is the truth again.
+    truth = 1 / (1 + np.exp(-np.log(probs[:, 1] / probs[:, 0]) / 3.0))
+    assert apply_temperature(probs, 3.0)[:, 1] == pytest.approx(truth, abs=1e-9)
+    # Softmax outputs: dividing the logits is the same as apply_temperature.
+    logits = np.random.default_rng(2).normal(0, 2, (50, 4))
+    soft = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    scaled = np.exp(logits / 2) / np.exp(logits / 2).sum(1, keepdims=True)
+    assert apply_temperature(soft, 2.0) == pytest.approx(scaled, abs=1e-9)
+
+
+def test_calibration_leaves_the_predicted_class_alone_and_records_it():
+    labels, probs = _overconfident(600, 4)
+    folds = np.arange(600) % 5
+    found = CrossValidated.measure(labels, probs, folds, groups=2)
+    assert found.accuracy == pytest.approx(float((probs.argmax(1) == labels).mean()), abs=1e-6)
+    assert found.interval[0] < found.accuracy < found.interval[1] and found.n == 600
+    assert len(found.per_fold) == 5 and found.ece_after < found.ece_before
+    written = found.metrics()
+    assert written["cv"]["folds"] == 5 and written["cv"]["duplicate_groups"] == 2
+    assert written["ece"]["bins"] == 15 and written["temperature"] > 1.5
+    calibrated = apply_temperature(probs, found.temperature)
+    assert (calibrated.argmax(1) == probs.argmax(1)).all()
+
+
+def test_the_paired_test_is_mcnemars():
+    labels = np.zeros(100, np.int64)
+    right, wrong = np.array([0.9, 0.1]), np.array([0.1, 0.9])
+    first = np.array([right] * 80 + [right] * 12 + [wrong] * 8)
+    second = np.array([right] * 80 + [wrong] * 12 + [right] * 2 + [wrong] * 6)
+    found = paired_comparison(labels, first, second)
+    assert (found["only_first"], found["only_second"]) == (12, 2)
+    assert found["p_value"] == pytest.approx(binomtest(12, 14).pvalue, abs=1e-6)
+    assert found["within_noise"] is False
+    close = paired_comparison(labels, first, first)
+    assert close["p_value"] == 1.0 and close["within_noise"] is True
