@@ -4,9 +4,9 @@ in-distribution abstention rate, written beside the model in its run.
 - **Low confidence**: the model's top (calibrated) probability is below ``min_confidence``.
 - **Out of distribution**: the image's embedding (the input of the model's top: pooled
   ImageNet features for the methods on stored taps, the fine-tuned block's for finetune, the
-  convnet's flattened features for scratch) is farther than ``max_distance`` from every
-  labelled image the run saw. Distance is ``1 - cosine`` to the nearest one; the embeddings are
-  stored as ``embeddings.npy`` (unit length, float16) beside the model.
+  convnet's flattened features for scratch) is farther than ``max_distance`` from the labelled
+  images the run saw: the mean ``1 - cosine`` to its 10 nearest. The embeddings are stored as
+  ``embeddings.npy`` (unit length, float16) beside the model.
 
 The thresholds are chosen on images the model (and the embeddings' bank) never saw:
 cross-validation's out-of-fold images where it ran, else the validation split. Half of the
@@ -25,6 +25,11 @@ import numpy as np
 LOW_CONFIDENCE, OUT_OF_DISTRIBUTION = "low_confidence", "out_of_distribution"
 DEFAULT_RATE = 0.05
 BLOCK = 2048
+# The out-of-distribution score averages the distance to this many nearest labelled images:
+# on flowers (benchmarks/honest_numbers.py) its AUROC against cats_vs_dogs photos was 0.996,
+# against 0.979 for the nearest one alone, and it declined all of them at the same in-
+# distribution rate instead of 82% (k-NN out-of-distribution detection, Sun et al., 2022).
+NEIGHBOURS = 10
 
 
 @dataclass(frozen=True)
@@ -68,13 +73,16 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def nearest_distance(embeddings: np.ndarray, bank: np.ndarray) -> np.ndarray:
-    """``1 - cosine`` from each (unit-length) embedding to its nearest in ``bank``."""
+def nearest_distance(embeddings: np.ndarray, bank: np.ndarray, k: int = NEIGHBOURS) -> np.ndarray:
+    """The mean ``1 - cosine`` from each (unit-length) embedding to its ``k`` nearest in
+    ``bank`` (all of it when it has fewer)."""
     bank = np.asarray(bank, np.float32)
+    k = max(1, min(k, len(bank)))
     out = np.empty(len(embeddings), np.float32)
     for start in range(0, len(embeddings), BLOCK):
         block = np.asarray(embeddings[start : start + BLOCK], np.float32) @ bank.T
-        out[start : start + BLOCK] = 1.0 - block.max(axis=1)
+        top = np.partition(block, len(bank) - k, axis=1)[:, len(bank) - k :]
+        out[start : start + BLOCK] = 1.0 - top.mean(axis=1)
     return out
 
 
@@ -103,9 +111,7 @@ def choose(
     left = np.sort(confidence[~flagged])
     # Declining the `budget` least confident of the rest: a threshold just above the last.
     min_confidence = float(np.nextafter(left[budget - 1], 1.0)) if 0 < budget <= len(left) else 0.0
-    return Abstention(round(min_confidence, 6),
-                      None if max_distance is None else round(max_distance, 6), rate, chosen_on,
-                      n)  # fmt: skip
+    return Abstention(min_confidence, max_distance, rate, chosen_on, n)  # not rounded: exact
 
 
 def bank_bytes(embeddings: np.ndarray) -> bytes:

@@ -126,8 +126,8 @@ MaxDistance = Annotated[
     float | None,
     typer.Option(
         "--max-distance",
-        help="Abstain when the image's embedding is farther than this (1 - cosine) "
-        "from every labelled image (default: the run's threshold)",
+        help="Abstain when the image's embedding is farther than this from the labelled images "
+        "(mean 1 - cosine to its 10 nearest; default: the run's threshold)",
     ),
 ]
 Abstain = Annotated[bool, typer.Option(

@@ -139,8 +139,19 @@ def _honest(metrics: dict[str, Any]) -> str:
     """Cross-validation's numbers for one job: accuracy with its interval and per fold, the
     calibration before and after, and the learning curve's sentence."""
     cv = metrics.get("cv")
+    abstain = metrics.get("abstain")
+    declines = ""
+    if abstain:
+        far = (
+            f" or farther than {abstain['max_distance']:.3f} from the labelled images"
+            if abstain.get("max_distance") is not None
+            else ""
+        )
+        declines = (f"<li>abstains below confidence {abstain['min_confidence']:.3f}{far} (chosen "
+                    f"on {abstain['n']} {abstain['chosen_on']} images to decline "
+                    f"{100 * abstain['rate']:.0f}% of them)</li>")  # fmt: skip
     if not cv:
-        return ""
+        return f"<ul class=cv>{declines}</ul>" if declines else ""
     folds = ", ".join(f"{a:.3f}" for a in cv["per_fold"])
     ece = metrics.get("ece", {})
     items = [
@@ -154,7 +165,7 @@ def _honest(metrics: dict[str, Any]) -> str:
     if curve:
         points = ", ".join(f"{100 * p['fraction']:.0f}% {p['accuracy']:.3f}" for p in curve)
         items.append(f"learning curve: {points}: {html.escape(curve[-1]['verdict'])}")
-    return "<ul class=cv>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
+    return "<ul class=cv>" + "".join(f"<li>{item}</li>" for item in items) + declines + "</ul>"
 
 
 def _per_class(metrics: dict[str, Any]) -> str:
@@ -226,6 +237,7 @@ section.failed{border-color:#e0a0a0;background:#fff6f6} .row{display:flex;gap:2e
 table.small td,table.small th{padding:.2em .5em} dl{display:grid;grid-template-columns:auto 1fr;
 gap:.2em 1em;max-width:560px} dt{color:#666} dd{margin:0;word-break:break-all}
 .files a{margin-right:.8em} span.cv{color:#555;font-size:.9em} ul.cv{margin:.2em 0 .6em}
+ul.choice{background:#f4f8ff;border:1px solid #cdd9ee;border-radius:6px;padding:.5em 1.8em}
 """
 
 
@@ -258,8 +270,16 @@ def render_html(runs: RunsLayout, results: list[JobResult]) -> str:
             blog = ", ".join(references) if dataset.startswith("cats_vs_dogs") else ""
             cells.append(f"<td class=blog>{blog}</td>")
         rows.append(f"<tr><td>{html.escape(dataset)}</td>{''.join(cells)}</tr>")
+    chosen = choices(results)
     sections = "".join(
         f"<h2>{html.escape(dataset)}</h2>"
+        + (
+            "<ul class=choice>"
+            + "".join(f"<li>{html.escape(line)}</li>" for line in chosen[dataset])
+            + "</ul>"
+            if dataset in chosen
+            else ""
+        )
         + "".join(
             _job_section(runs, r, best.get(dataset) == r.method)
             for r in results

@@ -136,3 +136,25 @@ def test_the_paired_test_is_mcnemars():
     assert found["within_noise"] is False
     close = paired_comparison(labels, first, first)
     assert close["p_value"] == 1.0 and close["within_noise"] is True
+
+
+def test_abstention_thresholds_decline_the_stated_share_of_held_out_images():
+    from tasks.abstention import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Abstention, choose
+
+    rng = np.random.default_rng(5)
+    confidence = rng.uniform(0.5, 1.0, 1000)
+    distance = rng.uniform(0.0, 0.3, 1000)
+    probs = np.stack([confidence, 1 - confidence], axis=1)
+    chosen = choose(confidence, distance, 0.05, "out-of-fold")
+    decided = chosen.decide(probs, distance)
+    declined = [reason for abstained, reason in decided if abstained]
+    assert len(declined) == 50  # 5% of 1000, half of it by distance
+    assert 20 <= declined.count(OUT_OF_DISTRIBUTION) <= 30
+    assert declined.count(LOW_CONFIDENCE) == 50 - declined.count(OUT_OF_DISTRIBUTION)
+    assert Abstention.from_json(chosen.to_json()) == chosen
+    # Far beyond everything held out: declined whatever its confidence.
+    (far,) = chosen.decide(np.array([[0.999, 0.001]]), np.array([0.9]))
+    assert far == (True, OUT_OF_DISTRIBUTION)
+    only_confidence = choose(confidence, None, 0.1, "validation")
+    assert only_confidence.max_distance is None
+    assert sum(a for a, _ in only_confidence.decide(probs, None)) == 100

@@ -177,6 +177,17 @@ def test_train_all_cross_validates_calibrates_and_reports_intervals(trained):
         images_, folds, groups = planned
         assert groups == [] or all(len(set(folds[g])) == 1 for g in groups)
         assert len(set(folds)) == 5 and len(images_.path) == images
+    # Every method's saved model gives its embedding beside its probabilities, in one pass.
+    from tasks.classifier import load_classifier
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3)).astype(np.uint8)
+    for method in ("finetune", "scratch"):
+        classifier = load_classifier(_files(root / "runs", "shapes", method).model)
+        assert classifier.abstention is not None and classifier.embedding is not None
+        assert classifier.abstention.chosen_on == "validation"  # no cross-validation for it
+        answers = classifier.answer(pixels)
+        np.testing.assert_allclose(np.stack([a.probabilities for a in answers]),
+                                   classifier.probabilities(pixels), atol=1e-5)  # fmt: skip
     finetune = _files(root / "runs", "shapes", "finetune").read_json("metrics.json")
     assert "cv" not in finetune and finetune["n"] > 0 and finetune["accuracy_interval"]
     summary = (root / "runs" / "summary.md").read_text()
@@ -253,12 +264,26 @@ def test_predict_agrees_with_evaluate(trained, tmp_path):
     rows = list(csv.DictReader(io.StringIO(predicted.stdout)))
     assert len(rows) == 16 and sum(1 for r in rows if r["error"]) == 1
     scored = [r for r in rows if not r["error"]]
-    accuracy = np.mean([Path(r["path"]).parent.name == r["label"] for r in scored])
+    classes = [c for c in rows[0] if c.startswith("p_")]
+
+    def right(row):
+        return Path(row["path"]).parent.name == max(classes, key=lambda c: float(row[c]))[2:]
+
+    accuracy = np.mean([right(r) for r in scored])
+    answered = [r for r in scored if r["abstained"] == "false"]
+    assert all(r["label"] for r in answered) and not any(r["label"] for r in scored
+                                                         if r["abstained"] == "true")  # fmt: skip
     evaluated = _wf("evaluate", model, str(folder), "--output", str(tmp_path / "m.json"))
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["examples"] == 15 and len(metrics["rejects"]) == 1
     assert metrics["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert metrics["answered"]["n"] == len(answered)
+    assert metrics["answered"]["coverage"] == pytest.approx(len(answered) / 15, abs=1e-6)
+    if answered:
+        assert metrics["answered"]["accuracy"] == pytest.approx(
+            np.mean([Path(r["path"]).parent.name == r["label"] for r in answered]), abs=1e-6
+        )
 
 
 def _descendants(pid: int) -> list[int]:
