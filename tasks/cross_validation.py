@@ -105,6 +105,21 @@ def paired_comparison(labels: np.ndarray, first: np.ndarray, second: np.ndarray)
             "within_noise": bool(p >= NOISE)}  # fmt: skip
 
 
+def prediction_interval(
+    correct: int, n: int, expected_n: int, z: float = 1.959964
+) -> tuple[float, float] | None:
+    """Where an accuracy measured on ``expected_n`` new images would fall (95%), from
+    ``correct`` of ``n`` out-of-fold: the estimate's binomial noise and the new set's together,
+    ``p +- z sqrt(p (1 - p) (1/n + 1/m))``, with ``p`` shrunk as Agresti and Coull do for the
+    variance (``(k + 2) / (n + 4)``), so 28 of 28 does not claim a width of zero."""
+    if n <= 0 or expected_n <= 0:
+        return None
+    shrunk = (correct + 2) / (n + 4)
+    half = z * float(np.sqrt(shrunk * (1 - shrunk) * (1 / n + 1 / expected_n)))
+    p = correct / n
+    return round(max(0.0, p - half), 6), round(min(1.0, p + half), 6)
+
+
 @dataclass(frozen=True)
 class CrossValidated:
     """What cross-validation found for one (dataset, method) job, for its ``metrics.json``
@@ -124,11 +139,15 @@ class CrossValidated:
     learning_curve: tuple[dict[str, Any], ...] = ()
     seconds: float = 0.0
     abstain: dict[str, Any] | None = None  # thresholds chosen on the out-of-fold images
+    # Where the accuracy measured on another `expected_n` images like these would fall (95%).
+    prediction_interval: tuple[float, float] | None = None
+    expected_n: int = 0
 
     @classmethod
     def measure(
         cls, labels: np.ndarray, probs: np.ndarray, folds: np.ndarray, groups: int = 0,
         seconds: float = 0.0, embeddings: np.ndarray | None = None, rate: float = DEFAULT_RATE,
+        expected_n: int = 0,
     ) -> CrossValidated:  # fmt: skip
         """From every image's out-of-fold probabilities and fold; with the images' embeddings,
         the abstention thresholds too (on the calibrated out-of-fold confidences and each
@@ -149,6 +168,8 @@ class CrossValidated:
             reliability={"before": reliability(labels, probs, BINS),
                          "after": reliability(labels, calibrated, BINS)},
             groups=groups, seconds=round(seconds, 3), abstain=abstain.to_json(),
+            prediction_interval=prediction_interval(int(right.sum()), len(labels), expected_n),
+            expected_n=expected_n,
         )  # fmt: skip
 
     def metrics(self) -> dict[str, Any]:
@@ -162,6 +183,9 @@ class CrossValidated:
             cv["choice"] = self.choice
         if self.learning_curve:
             cv["learning_curve"] = list(self.learning_curve)
+        if self.prediction_interval:
+            cv["prediction_interval"] = list(self.prediction_interval)
+            cv["prediction_n"] = self.expected_n
         ece = {"before": self.ece_before, "after": self.ece_after, "bins": BINS,
                "on": "out-of-fold", "reliability": self.reliability}  # fmt: skip
         return {"cv": cv, "ece": ece, "temperature": self.temperature}

@@ -153,6 +153,8 @@ def cross_validate_dataset(
                     seconds=time.perf_counter() - began,
                     embeddings=rows.x[held].reshape(len(held), -1),
                     rate=context.options.abstain_rate,
+                    # another split the size of validation (else of a fold)
+                    expected_n=context.store.images.get("validation") or len(held) // folds,
                 )  # fmt: skip
                 scored[context.key] = {rows.keys[i]: p for i, p in zip(held, probs, strict=True)}
                 truth.update({rows.keys[i]: int(rows.y[i]) for i in held})

@@ -156,7 +156,13 @@ def _honest(metrics: dict[str, Any]) -> str:
     ece = metrics.get("ece", {})
     items = [
         f"cross-validated ({cv['folds']} folds, {cv['duplicate_groups']} duplicate groups kept "
-        f"inside one fold): <b>{html.escape(cv_text(cv))}</b>; per fold {folds}",
+        f"inside one fold): <b>{html.escape(cv_text(cv))}</b>; per fold {folds}"
+        + (
+            f"; on another {cv['prediction_n']} images like these, expect "
+            f"{cv['prediction_interval'][0]:.3f}-{cv['prediction_interval'][1]:.3f}"
+            if cv.get("prediction_interval")
+            else ""
+        ),
         f"calibration: temperature {metrics.get('temperature', 1):.3g} inside the saved model; "
         f"expected calibration error {ece.get('before', 0):.3f} before, "
         f"{ece.get('after', 0):.3f} after (out-of-fold, {ece.get('bins', 15)} bins)",

@@ -158,3 +158,19 @@ def test_abstention_thresholds_decline_the_stated_share_of_held_out_images():
     only_confidence = choose(confidence, None, 0.1, "validation")
     assert only_confidence.max_distance is None
     assert sum(a for a, _ in only_confidence.decide(probs, None)) == 100
+
+
+def test_the_prediction_interval_holds_a_new_sets_accuracy_about_95_percent_of_the_time():
+    from tasks.cross_validation import prediction_interval
+
+    rng = np.random.default_rng(7)
+    for p, n, m in ((0.9, 2400, 235), (0.99, 2400, 400), (0.8, 300, 60)):
+        known = rng.binomial(n, p, 2000)
+        new = rng.binomial(m, p, 2000) / m
+        inside = [low <= a <= high for k, a in zip(known, new, strict=True)
+                  for low, high in [prediction_interval(int(k), n, m)]]  # fmt: skip
+        assert 0.93 <= np.mean(inside) <= 0.995, (p, n, m, np.mean(inside))
+        low, high = prediction_interval(int(p * n), n, m)
+        ci_low, ci_high = accuracy_interval(int(p * n), n)
+        assert low < ci_low and high >= ci_high  # wider: the new set's noise is in it
+    assert prediction_interval(28, 28, 28)[0] < 1.0 and prediction_interval(5, 0, 10) is None

@@ -157,6 +157,9 @@ def test_train_all_cross_validates_calibrates_and_reports_intervals(trained):
         cv = metrics["cv"]
         assert cv["folds"] == 5 and cv["n"] == images and len(cv["per_fold"]) == 5
         assert cv["interval"][0] <= cv["accuracy"] <= cv["interval"][1]
+        low, high = cv["prediction_interval"]  # for another split the validation's size
+        assert low <= cv["interval"][0] and high >= cv["interval"][1] - 1e-9
+        assert cv["prediction_n"] == metrics["n"]
         assert cv["accuracy"] >= 0.85 and result.cv == cv
         assert [p["fraction"] for p in cv["learning_curve"]] == [0.1, 0.25, 0.5, 1.0]
         assert cv["learning_curve"][-1]["verdict"]
