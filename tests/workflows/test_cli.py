@@ -65,6 +65,8 @@ ERRORS = [
     (["train-all", "--store", "{root}/s", "--methods", "bottlenek"], 2, "unknown method"),
     (["train-all", "--store", "{root}/s", "--epochs-for", "finetune"], 2, "METHOD=VALUE"),
     (["train-all", "--store", "{root}/s", "--runs", "{root}/r"], 1, "expected a JSON object"),
+    (["train-all", "--store", "{root}/s", "--cv", "1"], 2, "--cv takes 0 (off) or at least 2"),
+    (["train-all", "--store", "{root}/s", "--abstain-rate", "1.5"], 2, "--abstain-rate must be"),
     (["predict", "{root}/m/model.keras", "{root}/d"], 2, "cannot load model"),
     (["predict", "{root}/nomodel.keras", "{root}/d"], 2, "does not exist"),
     (["evaluate", "{root}/m/model.keras", "/no/folder"], 2, "is not a folder"),
