@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -210,6 +211,19 @@ class TrainingPool:
         self.workers.pop(actor, None)
         self.replaced += 1
         self._start_worker()
+
+    def started(self, timeout: float | None = None) -> int:
+        """Wait, before any work is submitted, until every worker has started or ``timeout``
+        seconds passed; how many workers are ready."""
+        if self.busy:
+            raise RuntimeError("wait for the workers to start before submitting work")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._starting:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            self.wait(timeout=left)
+        return len(self.workers)
 
     def drain(self) -> list[Outcome]:
         """Wait for everything submitted."""

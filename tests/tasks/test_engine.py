@@ -72,6 +72,7 @@ def test_small_fits_on_the_pool_equal_those_in_process(ray_local):
     ]
     here = out_of_sample_probabilities(problem, splits)
     with TrainingPool(2) as pool:
+        assert pool.started(timeout=300) == 2  # both take work, not one before the other starts
         there = out_of_sample_probabilities(problem, splits, pool)
         assert len(pool.workers) == 2 and pool.replaced == 0
         # A piece of work that fails is reported; its worker stays and takes the next.
