@@ -20,7 +20,18 @@ are listed for a look: the original datasets have duplicates and wrong labels of
 Datalab needs the ``datasets`` package (``pip install 'cleanlab[datalab]'``); without it, its
 column is skipped with a note.
 
-Usage: python benchmarks/audit_planted.py [--work DIR] [--datasets cats_vs_dogs,flowers]
+A third dataset is generated (``confusable``, no photos): six classes that differ in small
+ways (a circle, a square or a triangle, solid or ringed, small, among clutter on a noisy
+ground), 50 training and 20 validation images each, with 12 training labels flipped.
+
+Each dataset's label ranking is also compared with a plain 10-nearest-neighbour vote on the same
+embeddings (the share of an image's 10 nearest other images that carry its label, lowest
+first; ties counted at their expected share). ``wf audit`` runs twice on each store: cold (it
+computes the out-of-fold probabilities itself, on the engine's pool) and warm (it reuses those
+that ``wf train-all --cv`` or the first audit cached for the unchanged store); the seconds per
+1,000 images are the audit's own (``summary.json``), Ray's start not included.
+
+Usage: python benchmarks/audit_planted.py [--work DIR] [--datasets cats_vs_dogs,flowers,confusable]
 """
 
 from __future__ import annotations
@@ -108,28 +119,32 @@ def top_k_flipped(ranked: list[str], flipped: dict) -> float:
     return round(len(set(ranked[:k]) & set(flipped)) / k, 3) if k else 1.0
 
 
-def run_wf(data: Path, store: Path, output: Path, cache: str) -> tuple[dict, dict]:
-    from workflows.audit import AuditSettings, run_audit
+def extract(data: Path, store: Path, cache: str) -> None:
     from workflows.extract import run_extract
     from workflows.settings import ClusterSettings, DatasetSource, ExtractSettings
 
-    cluster = ClusterSettings(num_cpus=2)
     if store.exists():
         shutil.rmtree(store)
-    started = time.perf_counter()
     run_extract(ExtractSettings(datasets=(DatasetSource(str(data)),), store=str(store), shards=8,
                                 augment=0, taps=("bottleneck",), cache_dir=cache,
-                                cluster=cluster))  # fmt: skip
-    extract_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    (summary,) = run_audit(AuditSettings(store=str(store), output=str(output),
-                                         cluster=cluster)).values()  # fmt: skip
-    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-    summary["extract_seconds"] = round(extract_seconds, 1)
+                                cluster=ClusterSettings(num_cpus=2)))  # fmt: skip
+
+
+def run_wf(data: Path, store: Path, output: Path, fresh: bool) -> tuple[dict, list[dict]]:
+    """``wf audit`` of one store; ``fresh``: its cached out-of-fold probabilities removed first."""
     import pyarrow.csv as pacsv
 
-    rows = pacsv.read_csv(output / data.name / "issues.csv").to_pylist()
-    return summary, {"rows": rows}
+    from workflows.audit import AuditSettings, run_audit
+    from workflows.settings import ClusterSettings
+
+    if fresh:
+        for cached in store.glob("*/*/_derived"):
+            shutil.rmtree(cached)
+    started = time.perf_counter()
+    (summary,) = run_audit(AuditSettings(store=str(store), output=str(output),
+                                         cluster=ClusterSettings(num_cpus=2))).values()  # fmt: skip
+    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+    return summary, pacsv.read_csv(output / data.name / "issues.csv").to_pylist()
 
 
 def wf_scores(rows: list[dict], planted: dict) -> dict:
@@ -189,13 +204,83 @@ def run_datalab(store: Path, dataset: str, planted: dict) -> dict:
     }
 
 
+def generate_confusable(target: Path, seed: int = 0, train: int = 50, validation: int = 20) -> None:
+    """Six classes that differ in small ways: a shape (circle, square, triangle) drawn solid or
+    as a ring, 18-34 px on a 160 px noisy ground among grey clutter, in random colours."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    if target.exists():
+        shutil.rmtree(target)
+    classes = [f"{shape}_{fill}" for shape in ("circle", "square", "triangle")
+               for fill in ("solid", "ring")]  # fmt: skip
+    for split, count in (("train", train), ("validation", validation)):
+        for name in classes:
+            shape, fill = name.split("_")
+            folder = target / split / name
+            folder.mkdir(parents=True)
+            for n in range(count):
+                ground = rng.normal(rng.uniform(60, 190), 25, (160, 160, 3))
+                image = Image.fromarray(np.clip(ground, 0, 255).astype(np.uint8))
+                draw = ImageDraw.Draw(image)
+                for _ in range(int(rng.integers(3, 8))):  # clutter: grey lines and blobs
+                    x, y = rng.uniform(0, 160, 2)
+                    grey = int(rng.integers(40, 220))
+                    draw.line((x, y, x + rng.uniform(-40, 40), y + rng.uniform(-40, 40)),
+                              fill=(grey, grey, grey), width=int(rng.integers(1, 4)))  # fmt: skip
+                size = rng.uniform(18, 34)
+                cx, cy = rng.uniform(size, 160 - size, 2)
+                colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+                box = (cx - size, cy - size, cx + size, cy + size)
+                style = ({"fill": colour} if fill == "solid"
+                         else {"outline": colour, "width": max(2, int(size / 5))})  # fmt: skip
+                if shape == "circle":
+                    draw.ellipse(box, **style)
+                elif shape == "square":
+                    draw.rectangle(box, **style)
+                else:
+                    points = [(cx, cy - size), (cx + size, cy + size), (cx - size, cy + size)]
+                    draw.polygon(points, fill=style.get("fill"), outline=style.get("outline"),
+                                 width=style.get("width", 1))  # fmt: skip
+                image.save(folder / f"{name}_{n:03d}.jpg", "JPEG", quality=90)
+
+
+def knn_vote_top_k(store: Path, dataset: str, flipped: dict, k: int = 10) -> float:
+    """The share of flips among the top ``len(flipped)`` of a plain k-NN vote's ranking of the
+    training images, with ties at the cut counted at their expected share."""
+    from storage.feature_store import FeatureStore
+    from storage.layout import StoreLayout
+    from tasks.audit import nearest, neighbour_votes
+    from workflows.audit import load_images
+
+    images = load_images(FeatureStore.open(StoreLayout.at(str(store)), dataset,
+                                           "efficientnet_lite0"))  # fmt: skip
+    votes = neighbour_votes(nearest(images.embedding, k), images.label_index,
+                            int(images.label_index.max()) + 1)  # fmt: skip
+    train = np.array([i for i, s in enumerate(images.split) if s == "train"])
+    own = votes[train, images.label_index[train]]
+    is_flip = np.array([images.path[i] in flipped for i in train])
+    cut = len(flipped)
+    if not cut:
+        return 1.0
+    boundary = np.sort(own)[cut - 1]
+    above, tied = own < boundary, own == boundary
+    expected = is_flip[above].sum() + is_flip[tied].mean() * (cut - above.sum())
+    return round(float(expected) / cut, 3)
+
+
+PLANTS = {  # near leaks, exact leaks, share of training labels flipped
+    "cats_vs_dogs": (40, 10, 0.03),
+    "flowers": (40, 10, 0.03),
+    "confusable": (8, 4, 12 / 300),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/wf-bench/audit")
-    parser.add_argument("--datasets", default="cats_vs_dogs,flowers")
-    parser.add_argument("--near", type=int, default=40, help="near-duplicate leaks planted")
-    parser.add_argument("--exact", type=int, default=10, help="exact leaks planted")
-    parser.add_argument("--flip", type=float, default=0.03, help="share of training labels flipped")
+    parser.add_argument("--datasets", default="cats_vs_dogs,flowers,confusable")
+    parser.add_argument("--reuse", action="store_true", help="reuse planted data and stores")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent))
     from machine import banner, describe
@@ -204,39 +289,61 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results = {}
     for dataset in args.datasets.split(","):
-        if not (SHARED / dataset).is_dir():
-            sys.exit(f"{SHARED / dataset} is missing: this benchmark needs ../shared/datasets")
-        data = work / "data" / dataset
-        planted = plant(SHARED / dataset, data, args.near, args.exact, args.flip, seed=0)
-        summary, wf = run_wf(data, work / "store", work / "audit", str(work / "cache"))
-        results[dataset] = {"wf": {**wf_scores(wf["rows"], planted), "summary": summary},
-                            "datalab": run_datalab(work / "store", dataset, planted),
+        data, store = work / "data" / dataset, work / "stores" / dataset
+        near, exact, flip = PLANTS[dataset]
+        planted_file = work / f"planted-{dataset}.json"
+        if args.reuse and planted_file.exists() and store.exists():
+            planted = json.loads(planted_file.read_text())
+        else:
+            if dataset == "confusable":
+                source = work / "source" / dataset
+                generate_confusable(source)
+            else:
+                source = SHARED / dataset
+                if not source.is_dir():
+                    sys.exit(f"{source} is missing: this benchmark needs ../shared/datasets")
+            planted = plant(source, data, near, exact, flip, seed=0)
+            planted_file.write_text(json.dumps(planted))
+            extract(data, store, str(work / "cache"))
+        runs = {}
+        for how in ("cold", "warm"):
+            summary, rows = run_wf(data, store, work / f"audit-{how}", fresh=how == "cold")
+            runs[how] = {**wf_scores(rows, planted), "summary": summary}
+        results[dataset] = {"wf": runs["cold"], "wf_warm": runs["warm"],
+                            "datalab": run_datalab(store, dataset, planted),
+                            "knn": {"label_top_k": knn_vote_top_k(store, dataset,
+                                                                  planted["flipped"])},
                             "planted": {"leaks": len(planted["leaks"]),
                                         "flipped": len(planted["flipped"])}}  # fmt: skip
     print(banner())
-    print(f"\n{'dataset':<13} {'tool':<8} {'leak recall':>11} {'near':>5} {'exact':>5} "
+    print(f"\n{'dataset':<13} {'tool':<14} {'leak recall':>11} {'near':>5} {'exact':>5} "
           f"{'leak prec':>9} {'top-k flipped':>13} {'s/1k img':>8}")  # fmt: skip
     for dataset, r in results.items():
         images = r["wf"]["summary"]["images"]
-        for tool in ("wf", "datalab"):
+        for tool, label in (("wf", "wf audit cold"), ("wf_warm", "wf audit warm"),
+                            ("datalab", "Datalab"), ("knn", "10-NN vote")):  # fmt: skip
             t = r[tool]
             if "skipped" in t:
-                print(f"{dataset:<13} {tool:<8} skipped: {t['skipped']}")
+                print(f"{dataset:<13} {label:<14} skipped: {t['skipped']}")
                 continue
-            seconds = t["summary"]["seconds"] if tool == "wf" else t["seconds"]
+            if tool == "knn":
+                print(f"{dataset:<13} {label:<14} {'':>11} {'':>5} {'':>5} {'':>9} "
+                      f"{t['label_top_k']:>13.3f}")  # fmt: skip
+                continue
+            seconds = t["seconds"] if tool == "datalab" else t["summary"]["seconds"]
             near = np.mean([t["leaks"]["recall"][c] for c in CHANGES])
-            print(f"{dataset:<13} {tool:<8} {t['leaks']['recall']['all']:>11.3f} {near:>5.2f} "
+            print(f"{dataset:<13} {label:<14} {t['leaks']['recall']['all']:>11.3f} {near:>5.2f} "
                   f"{t['leaks']['recall'].get('exact', 0):>5.2f} {t['leaks']['precision']:>9.3f} "
                   f"{t['label_top_k']:>13.3f} {1000 * seconds / images:>8.2f}")  # fmt: skip
         for change_ in CHANGES:
             print(f"{'':<13} recall by change, {change_}: wf {r['wf']['leaks']['recall'][change_]}"
                   + ("" if "skipped" in r["datalab"]
                      else f", datalab {r['datalab']['leaks']['recall'][change_]}"))  # fmt: skip
-        print(
-            f"{'':<13} planted: {r['planted']}; wf counts {r['wf']['summary']['counts']}; "
-            f"wf audit wall {r['wf']['summary']['wall_seconds']} s (Ray start included); "
-            f"wf stages {r['wf']['summary']['timings']}"
-        )
+        for how in ("wf", "wf_warm"):
+            print(f"{'':<13} {how}: {r[how]['summary']['images']} images, "
+                  f"wall {r[how]['summary']['wall_seconds']} s (Ray start included), "
+                  f"stages {r[how]['summary']['timings']}")  # fmt: skip
+        print(f"{'':<13} planted: {r['planted']}; wf counts {r['wf']['summary']['counts']}")
     out = work / "audit_planted.json"
     out.write_text(json.dumps({"results": results, "machine": describe(), "args": vars(args)},
                               indent=2, default=str))  # fmt: skip

@@ -26,6 +26,7 @@ MANIFEST_NAME = "manifest.json"
 LEASE_NAME = "_lease.json"
 COMMITS_DIR = "_commits"
 REJECTS_NAME = "rejects.parquet"
+DERIVED_DIR = "_derived"
 LOGS_DIR = "_logs"
 PART_PREFIX = "part-"
 _PART = re.compile(r"^part-(\d{5})-of-(\d{5})(?:-[0-9a-f]+)?\.parquet$")
@@ -83,6 +84,11 @@ class StoreLayout:
         return posixpath.join(
             self.commits_dir(dataset, backbone, run), key.replace("/", "-") + ".json"
         )
+
+    def derived_path(self, dataset: str, backbone: str, name: str) -> str:
+        """Something computed from the store's rows and kept beside them (out-of-fold
+        probabilities): its contents name the manifest they came from."""
+        return posixpath.join(self.backbone_dir(dataset, backbone), DERIVED_DIR, name)
 
     def rejects_path(self, dataset: str, backbone: str) -> str:
         return posixpath.join(self.backbone_dir(dataset, backbone), REJECTS_NAME)

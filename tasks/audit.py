@@ -1,6 +1,6 @@
 """The work of `wf audit` on stored embeddings: neighbours, duplicate groups, outlier scores and
-out-of-sample class probabilities. Plain functions on numpy arrays; the folds have a thin
-``ray.remote`` wrapper.
+the neighbours' label votes. Plain functions on numpy arrays. (The out-of-fold probabilities the
+label check also reads come from the training engine: :mod:`workflows.cross_validate`.)
 
 Embeddings are the stored ``bottleneck`` tap (pooled ImageNet features), L2-normalised, so a dot
 product is a cosine similarity and ``1 - cosine`` a distance.
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import ray
 
 BLOCK = 2048  # rows of the similarity matrix computed at once: memory stays at BLOCK x n floats
 
@@ -114,26 +113,6 @@ def outlier_scores(
     return (knn / max(np.median(knn), 1e-9) + to_class / max(np.median(to_class), 1e-9)) / 2
 
 
-def fold_probabilities(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, classes: int, seed: int
-) -> np.ndarray:
-    """A cheap dense top (multinomial logistic regression on the unit-length embeddings, weakly
-    regularised: ``C=10``) fitted on one fold's training rows: class probabilities of its
-    held-out rows, ``(len(test_x), classes)``. (Measured on planted label errors in
-    cats_vs_dogs and flowers: better than ``C=1`` and than standardised features, which
-    overfit.)"""
-    from sklearn.linear_model import LogisticRegression
-
-    model = LogisticRegression(C=10.0, max_iter=2000, random_state=seed)
-    model.fit(train_x, train_y)
-    probabilities = np.zeros((len(test_x), classes))
-    probabilities[:, model.classes_] = model.predict_proba(test_x)
-    return probabilities
-
-
-fold_task = ray.remote(num_cpus=1)(fold_probabilities)
-
-
 def neighbour_votes(neighbours: Neighbours, labels: np.ndarray, classes: int) -> np.ndarray:
     """Each row's class probabilities from the labels of its ``k`` nearest other rows (one vote
     each, itself excluded: out of sample by construction), as cleanlab's Datalab does."""
@@ -142,29 +121,3 @@ def neighbour_votes(neighbours: Neighbours, labels: np.ndarray, classes: int) ->
     for slot in range(neighbours.index.shape[1]):
         np.add.at(votes, (rows, labels[neighbours.index[:, slot]]), 1.0)
     return votes / votes.sum(axis=1, keepdims=True)
-
-
-def out_of_sample_probabilities(
-    embeddings: np.ndarray, labels: np.ndarray, classes: int, folds: int, seed: int,
-    on_ray: bool = True,
-) -> np.ndarray:  # fmt: skip
-    """Each row's class probabilities from a model that never saw it: k stratified folds, run
-    as Ray tasks (or here, without Ray)."""
-    from sklearn.model_selection import StratifiedKFold
-
-    folds = max(2, min(folds, int(np.bincount(labels).min())))
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    splits = list(splitter.split(embeddings, labels))
-    if on_ray:
-        refs = [fold_task.remote(embeddings[train], labels[train], embeddings[test], classes, seed)
-                for train, test in splits]  # fmt: skip
-        results = ray.get(refs)
-    else:
-        results = [
-            fold_probabilities(embeddings[train], labels[train], embeddings[test], classes, seed)
-            for train, test in splits
-        ]
-    out = np.zeros((len(labels), classes))
-    for (_, test), probabilities in zip(splits, results, strict=True):
-        out[test] = probabilities
-    return out

@@ -142,6 +142,7 @@ class CrossValidated:
     # Where the accuracy measured on another `expected_n` images like these would fall (95%).
     prediction_interval: tuple[float, float] | None = None
     expected_n: int = 0
+    reused_out_of_fold: bool = False  # the folds' probabilities came from the store's cache
 
     @classmethod
     def measure(
@@ -177,7 +178,7 @@ class CrossValidated:
         cv: dict[str, Any] = {
             "folds": self.folds, "accuracy": self.accuracy, "interval": list(self.interval),
             "n": self.n, "per_fold": list(self.per_fold), "duplicate_groups": self.groups,
-            "seconds": self.seconds,
+            "seconds": self.seconds, "reused_out_of_fold": self.reused_out_of_fold,
         }  # fmt: skip
         if self.choice:
             cv["choice"] = self.choice

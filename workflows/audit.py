@@ -16,6 +16,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +35,6 @@ from tasks.audit import (
     nearest,
     neighbour_votes,
     normalise,
-    out_of_sample_probabilities,
     outlier_scores,
     relative_scale,
 )
@@ -129,9 +129,11 @@ def duplicate_groups(images: Images, settings: AuditSettings | None = None) -> l
 
 def audit_images(
     images: Images, classes: tuple[str, ...], settings: AuditSettings, sizes: dict[str, int],
-    on_ray: bool = True,
+    out_of_fold: Any = None,
 ) -> tuple[list[dict], dict]:  # fmt: skip
-    """Every issue of one dataset's images, and the facts of the audit (thresholds, counts)."""
+    """Every issue of one dataset's images, and the facts of the audit (thresholds, counts).
+    ``out_of_fold``: the labelled images' out-of-fold probabilities
+    (:class:`workflows.cross_validate.OutOfFold`); without them, no label issues."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -177,7 +179,7 @@ def audit_images(
         add("outlier", int(i), scores[i])
     lap("outliers")
     train = np.array([i for i, s in enumerate(images.split) if s == "train"])
-    flagged = _label_issues(images, train, neighbours, classes, settings, on_ray)
+    flagged = _label_issues(images, train, neighbours, classes, out_of_fold)
     for i, score, suggested in flagged:
         add("label_issue", i, score, suggested_label=classes[suggested])
     lap("label_issues")
@@ -195,27 +197,49 @@ def audit_images(
 
 def _label_issues(
     images: Images, train: np.ndarray, neighbours: Neighbours, classes: tuple[str, ...],
-    settings: AuditSettings, on_ray: bool,
+    out_of_fold: Any,
 ) -> list[tuple[int, float, int]]:  # fmt: skip
-    """Training images whose label confident learning doubts (cleanlab's find_label_issues),
-    most doubtful first: ``(row, score, suggested class)``. The out-of-sample probabilities are
-    the mean of two: a logistic top cross-validated in k folds on the training rows, and the
-    votes of each image's nearest labelled images in every split. (Measured on planted label
-    errors: the mean finds more of them than either alone.)"""
+    """Training images whose label two out-of-sample witnesses together doubt, most doubtful
+    first: ``(row, score, suggested class)``. The witnesses' probabilities are averaged: the
+    bottleneck top's out-of-fold probabilities (as ``wf train-all --cv`` fits them, shared with
+    it through the store's cache) and the votes of each image's nearest labelled images in
+    every split. An image is flagged when the average's most likely class is not its label
+    (cleanlab's ``predicted_neq_given``) and ranked by the average's probability of its label
+    (``self_confidence``). Measured on planted flips (README, `benchmarks/audit_planted.py`):
+    cleanlab's default filter flagged fewer images than were flipped on the confusable
+    dataset, and the top's temperature-calibrated probabilities ranked worse than its raw ones."""
     from cleanlab.filter import find_label_issues
 
-    labels = images.label_index[train]
-    if len(train) < 2 * settings.folds or len(np.unique(labels)) < 2:
+    if out_of_fold is None or len(train) == 0:
         return []
-    folds = out_of_sample_probabilities(images.embedding[train], labels, len(classes),
-                                        settings.folds, settings.seed, on_ray)  # fmt: skip
+    found = out_of_fold.by_key()
+    train = np.array([i for i in train if (images.split[i], images.path[i]) in found], np.int64)
+    labels = images.label_index[train]
+    if len(np.unique(labels)) < 2:
+        return []
+    folds = np.stack([found[(images.split[i], images.path[i])] for i in train])
     votes = neighbour_votes(neighbours, images.label_index, len(classes))[train]
     probabilities = (folds + votes) / 2
-    ranked = find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence")
+    ranked = find_label_issues(labels, probabilities, filter_by="predicted_neq_given",
+                               return_indices_ranked_by="self_confidence")  # fmt: skip
     return [
         (int(train[r]), 1.0 - float(probabilities[r, labels[r]]), int(np.argmax(probabilities[r])))
         for r in ranked
     ]
+
+
+def audit_context(settings: AuditSettings, store: FeatureStore) -> Any:
+    """The bottleneck job a ``wf train-all`` of this store would plan, at the default recipe
+    and the audit's seed: its out-of-fold probabilities are those ``--cv`` computes."""
+    from storage.runs import RunsLayout
+    from tasks.methods import JobContext, TrainOptions, get_method
+    from workflows.train import store_facts
+
+    manifest, method = store.manifest, get_method("bottleneck")
+    return JobContext(dataset=manifest.dataset, method=method.name, classes=manifest.classes,
+                      dataset_root=manifest.dataset_root, stores=(store_facts(store),),
+                      store_filesystem=store.layout.filesystem, runs=RunsLayout(settings.output),
+                      recipe=method.recipe, options=TrainOptions(seed=settings.seed))  # fmt: skip
 
 
 def resplit(images: Images, issues: list[dict]) -> list[dict]:
@@ -276,27 +300,59 @@ def run_audit(settings: AuditSettings) -> dict[str, dict]:
             raise SettingsError(f"no {settings.backbone} store for {', '.join(sorted(missing))}")
         chosen = [d for d in chosen if d in settings.datasets]
     summaries = {}
+    pools: list[Any] = []  # the engine's pool, started when out-of-fold fits are needed
+
+    def pool() -> Any:
+        import ray
+
+        from tasks.training.engine import TrainingPool
+
+        if not pools:
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            pools.append(TrainingPool(max(1, min(settings.folds, cpus))))
+        return pools[0]
+
     with ray_cluster(settings.cluster):
-        for dataset in chosen:
-            store = FeatureStore.open(layout, dataset, settings.backbone)
-            store.verify_parts()
-            images = load_images(store)
-            sizes = file_sizes(store.manifest.dataset_root)
-            issues, facts = audit_images(images, store.manifest.classes, settings, sizes)
-            facts.update(
-                dataset=dataset, backbone=settings.backbone, manifest_id=store.manifest.manifest_id
-            )
-            location = Location.at(settings.output.rstrip("/") + "/" + dataset)
-            report = render_report(dataset, store.manifest.dataset_root, images, issues, facts)
-            write_outputs(
-                location,
-                issues,
-                facts,
-                report,
-                resplit(images, issues) if settings.resplit else None,
-            )
-            summaries[dataset] = facts
+        try:
+            for dataset in chosen:
+                store = FeatureStore.open(layout, dataset, settings.backbone)
+                store.verify_parts()
+                summaries[dataset] = _audit_store(settings, store, pool, file_sizes, render_report)
+        finally:
+            for started in pools:
+                started.close()
     return summaries
+
+
+def _audit_store(
+    settings: AuditSettings, store: FeatureStore, pool: Any, file_sizes: Any, render_report: Any
+) -> dict:
+    """One dataset's audit, written; its facts."""
+    from workflows.cross_validate import shared_out_of_fold
+
+    dataset = store.manifest.dataset
+    images = load_images(store)
+    started = time.perf_counter()
+    out_of_fold = shared_out_of_fold(audit_context(settings, store), settings.store,
+                                     settings.folds, pool, images)  # fmt: skip
+    seconds = time.perf_counter() - started
+    sizes = file_sizes(store.manifest.dataset_root)
+    issues, facts = audit_images(images, store.manifest.classes, settings, sizes, out_of_fold)
+    facts["timings"] = {"out_of_fold": round(seconds, 3), **facts["timings"]}
+    facts["seconds"] = round(facts["seconds"] + seconds, 3)
+    facts["out_of_fold"] = (
+        {"method": "bottleneck", "folds": int(out_of_fold.fold.max()) + 1,
+         "reused": out_of_fold.reused, "seconds": round(seconds, 3)}
+        if out_of_fold is not None else None
+    )  # fmt: skip
+    facts.update(
+        dataset=dataset, backbone=settings.backbone, manifest_id=store.manifest.manifest_id
+    )
+    location = Location.at(settings.output.rstrip("/") + "/" + dataset)
+    report = render_report(dataset, store.manifest.dataset_root, images, issues, facts)
+    write_outputs(location, issues, facts, report,
+                  resplit(images, issues) if settings.resplit else None)  # fmt: skip
+    return facts
 
 
 def check_fail_on(settings: AuditSettings, summaries: dict[str, dict]) -> None:

@@ -11,19 +11,28 @@ the calibration error before and after, the learning curve (the same folds with 
 of each fold's training images per class), and the dataset's choice: the best method, tested
 against the next best on the same images (McNemar). The results travel to the jobs in their
 :class:`~tasks.methods.JobContext` (``cv``), which write them to ``metrics.json``.
+
+The folds' probabilities at 100% (:class:`OutOfFold`) are what `wf audit`'s label check needs
+too: whichever of the two runs first computes them and caches them beside the store
+(``<store>/<dataset>/<backbone>/_derived/``), named by the method, its recipe, the seed and the
+folds, holding the manifest ids they came from; the other reuses them while the store is
+unchanged (:func:`shared_out_of_fold`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from storage.feature_store import FeatureStore
-from storage.hashing import stable_unit_interval
+from storage.filesystem import file_info, read_bytes, write_bytes
+from storage.hashing import fingerprint, stable_unit_interval
 from storage.layout import StoreLayout
 from tasks.cross_validation import CrossValidated, group_ids, grouped_folds, paired_comparison
 from tasks.evaluation import accuracy_interval
@@ -38,6 +47,66 @@ DEFAULT_FOLDS = 5
 # 5 folds, +-1.3), and 5 small fits of a dense top cost seconds. Above it, --cv K asks for it.
 AUTO_MAX_IMAGES = 2000
 LEARNING_FRACTIONS = (0.1, 0.25, 0.5)  # and 1.0: the folds themselves
+OUT_OF_FOLD_VERSION = 1  # of the cached file and of how it is computed
+
+
+@dataclass(frozen=True)
+class OutOfFold:
+    """Every labelled image's class probabilities from a fit of one method (on stored rows)
+    that saw neither the image nor its duplicates, and the fold it was held out in; ``keys``
+    are ``(split, path)``. ``reused``: read from the cache, not computed by this call."""
+
+    keys: tuple[tuple[str, str], ...]
+    labels: np.ndarray
+    probabilities: np.ndarray
+    fold: np.ndarray
+    reused: bool = False
+
+    def by_key(self) -> dict[tuple[str, str], np.ndarray]:
+        return dict(zip(self.keys, self.probabilities, strict=True))
+
+    def to_bytes(self, stores: str) -> bytes:
+        buffer = io.BytesIO()
+        np.savez(buffer, stores=np.array(stores), splits=np.array([s for s, _ in self.keys]),
+                 paths=np.array([p for _, p in self.keys]), labels=self.labels,
+                 probabilities=self.probabilities, fold=self.fold)  # fmt: skip
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, stores: str) -> OutOfFold | None:
+        """The cached probabilities, or ``None`` when they came from other stores."""
+        with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+            if str(saved["stores"]) != stores:
+                return None
+            keys = tuple(zip(saved["splits"].tolist(), saved["paths"].tolist(), strict=True))
+            return cls(keys, saved["labels"], saved["probabilities"], saved["fold"], True)
+
+
+def _cache(store_root: str, context: JobContext, folds: int) -> tuple[Any, str, str]:
+    """The store's filesystem, the cache file of ``context``'s out-of-fold probabilities in
+    ``folds`` folds, and the id of the stores they come from (every manifest's)."""
+    layout = StoreLayout.at(store_root)
+    recipe = dataclasses.asdict(context.recipe)
+    name = fingerprint([context.method, recipe, context.options.seed, folds, OUT_OF_FOLD_VERSION])
+    path = layout.derived_path(context.dataset, context.store.backbone,
+                               f"out_of_fold-{context.method}-{name[:16]}.npz")  # fmt: skip
+    return layout.filesystem, path, fingerprint([s.manifest_id for s in context.stores])
+
+
+def cached_out_of_fold(store_root: str, context: JobContext, folds: int) -> OutOfFold | None:
+    """What an earlier run cached for ``context`` while its stores are unchanged, else None."""
+    filesystem, path, stores = _cache(store_root, context, folds)
+    if file_info(filesystem, path) is None:
+        return None
+    try:
+        return OutOfFold.from_bytes(read_bytes(filesystem, path), stores)
+    except (OSError, ValueError, KeyError):  # unreadable or of another version: computed again
+        return None
+
+
+def _keep_out_of_fold(store_root: str, context: JobContext, folds: int, found: OutOfFold) -> None:
+    filesystem, path, stores = _cache(store_root, context, folds)
+    write_bytes(filesystem, path, found.to_bytes(stores))
 
 
 def folds_for(images: int, smallest_class: int, asked: int | None) -> int:
@@ -48,8 +117,9 @@ def folds_for(images: int, smallest_class: int, asked: int | None) -> int:
     return folds if folds >= 2 else 0
 
 
-def _labelled(store: FeatureStore) -> Images:
-    images = load_images(store)
+def _labelled(source: FeatureStore | Images) -> Images:
+    """The train and validation images (copy 0) of a store, or of images already loaded."""
+    images = source if isinstance(source, Images) else load_images(source)
     keep = [i for i, split in enumerate(images.split) if split in ("train", "validation")]
     return Images([images.path[i] for i in keep], [images.split[i] for i in keep],
                   [images.label[i] for i in keep], images.label_index[keep],
@@ -83,6 +153,88 @@ class _Method:
         self.problem = FitProblem(self.x, self.y, len(context.classes), method.name,
                                   context.recipe, context.options.seed)  # fmt: skip
 
+    def folds(self, images: Images, fold_of_image: np.ndarray) -> _RowFolds:
+        return _RowFolds(self, images, fold_of_image)
+
+
+class _RowFolds:
+    """The image folds carried to one method's rows: each row's image and fold, the rows each
+    fold scores (copy 0 of its images) and the rows a fit trains on."""
+
+    def __init__(self, rows: _Method, images: Images, fold_of_image: np.ndarray) -> None:
+        index = {(s, p): i for i, (s, p) in enumerate(zip(images.split, images.path,
+                                                          strict=True))}  # fmt: skip
+        self.rows, self.fold_of_image = rows, fold_of_image
+        self.count = int(fold_of_image.max()) + 1
+        self.image_of_row = np.array([index.get(k, -1) for k in rows.keys])
+        self.row_fold = np.where(self.image_of_row >= 0, fold_of_image[self.image_of_row], -1)
+        self.held = [np.flatnonzero((self.row_fold == f) & (rows.copies == 0))
+                     for f in range(self.count)]  # fmt: skip
+
+    def train(self, among: np.ndarray) -> np.ndarray:
+        """The rows (every copy) of the images in the mask ``among``."""
+        known = self.image_of_row >= 0
+        return np.flatnonzero(known & among[np.maximum(self.image_of_row, 0)])
+
+    def full_splits(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(self.train(self.fold_of_image != f), self.held[f]) for f in range(self.count)]
+
+    def out_of_fold(self, probabilities: list[np.ndarray]) -> OutOfFold:
+        """The folds' probabilities at 100% (in the order of :meth:`full_splits`)."""
+        held = np.concatenate(self.held)
+        return OutOfFold(tuple(self.rows.keys[i] for i in held), self.rows.y[held],
+                         np.concatenate(probabilities).astype(np.float32),
+                         self.row_fold[held])  # fmt: skip
+
+    def from_cache(self, found: OutOfFold | None) -> list[np.ndarray] | None:
+        """The cached probabilities of each fold's held rows; None unless it has them all."""
+        if found is None:
+            return None
+        by_key, folds = found.by_key(), dict(zip(found.keys, found.fold.tolist(), strict=True))
+        keys = self.rows.keys
+        if any(keys[i] not in by_key or folds[keys[i]] != f
+               for f, held in enumerate(self.held) for i in held):  # fmt: skip
+            return None
+        return [np.stack([by_key[keys[i]] for i in held]) for held in self.held]
+
+
+def shared_out_of_fold(
+    context: JobContext, store_root: str, folds: int, pool: Any = None,
+    images: Images | None = None,
+) -> OutOfFold | None:  # fmt: skip
+    """``context``'s method's out-of-fold probabilities in ``folds`` folds, as ``--cv`` makes
+    them (the same folds, fits and seed): from the cache while the stores are unchanged, else
+    fitted now and cached. ``pool``: a :class:`~tasks.training.engine.TrainingPool`, or a
+    function that starts one (called only when there is something to fit), or None (fit in this
+    process). ``images``: the store's images if already loaded (other splits are left out).
+    ``None`` when a class has fewer than two images."""
+    labelled = _labelled(_store_of(context, store_root) if images is None else images)
+    count = folds_for(len(labelled.path), int(np.bincount(labelled.label_index).min()), folds)
+    if count == 0:
+        return None
+    cached = cached_out_of_fold(store_root, context, count)
+    if cached is not None:
+        return cached
+    fold_of_image, _ = _folds_of(labelled, count, context.options.seed)
+    rows = _Method(context).folds(labelled, fold_of_image)
+    on = pool() if callable(pool) else pool
+    found = rows.out_of_fold(out_of_sample_probabilities(rows.rows.problem, rows.full_splits(),
+                                                         on))  # fmt: skip
+    _keep_out_of_fold(store_root, context, count, found)
+    return found
+
+
+def _store_of(context: JobContext, store_root: str) -> FeatureStore:
+    return FeatureStore.open(StoreLayout.at(store_root), context.dataset, context.store.backbone)
+
+
+def _folds_of(images: Images, folds: int, seed: int) -> tuple[np.ndarray, list[list[int]]]:
+    """Each image's fold, with every duplicate group (the audit's) inside one fold."""
+    duplicates = duplicate_groups(images)
+    fold_of_image = grouped_folds(images.label_index, group_ids(len(images.path), duplicates),
+                                  folds, seed)  # fmt: skip
+    return fold_of_image, duplicates
+
 
 def image_folds(
     context: JobContext, store_root: str, asked: int | None
@@ -90,14 +242,11 @@ def image_folds(
     """The dataset's labelled images, each one's fold, and the duplicate groups the folds keep
     together; ``None`` when it gets no cross-validation (too large for the default, or a class
     with fewer than two images)."""
-    store = FeatureStore.open(StoreLayout.at(store_root), context.dataset, context.store.backbone)
-    images = _labelled(store)
+    images = _labelled(_store_of(context, store_root))
     folds = folds_for(len(images.path), int(np.bincount(images.label_index).min()), asked)
     if folds == 0:
         return None
-    duplicates = duplicate_groups(images)
-    fold_of_image = grouped_folds(images.label_index, group_ids(len(images.path), duplicates),
-                                  folds, context.options.seed)  # fmt: skip
+    fold_of_image, duplicates = _folds_of(images, folds, context.options.seed)
     return images, fold_of_image, duplicates
 
 
@@ -112,8 +261,6 @@ def cross_validate_dataset(
         return {}
     images, fold_of_image, duplicates = planned
     folds = int(fold_of_image.max()) + 1
-    image_index = {(s, p): i for i, (s, p) in enumerate(zip(images.split, images.path,
-                                                             strict=True))}  # fmt: skip
     order = np.array([stable_unit_interval(f"{s}/{p}", f"wf-curve-{first.options.seed}")
                       for s, p in zip(images.split, images.path, strict=True)])  # fmt: skip
     found: dict[str, CrossValidated] = {}
@@ -121,50 +268,50 @@ def cross_validate_dataset(
     truth: dict[tuple[str, str], int] = {}
     for context in contexts:
         began = time.perf_counter()
-        rows = _Method(context)
-        image_of_row = np.array([image_index.get(k, -1) for k in rows.keys])
-        row_fold = np.where(image_of_row >= 0, fold_of_image[image_of_row], -1)
-        held_rows = [np.flatnonzero((row_fold == f) & (rows.copies == 0)) for f in range(folds)]
-        splits: list[tuple[np.ndarray, np.ndarray]] = []
-        points: list[tuple[float, int]] = []
-        for fraction in (*LEARNING_FRACTIONS, 1.0):
-            for f in range(folds):
-                among = fold_of_image != f
-                if fraction < 1.0:
-                    among = _subsample(images.label_index, among, fraction, order)
-                train = np.flatnonzero((image_of_row >= 0) & among[image_of_row])
-                splits.append((train, held_rows[f]))
-                points.append((fraction, f))
-        probabilities = out_of_sample_probabilities(rows.problem, splits, pool)
+        method = _Method(context)
+        rows = method.folds(images, fold_of_image)
+        # The learning curve's fits, then (unless cached) the folds' own.
+        splits = [
+            (rows.train(_subsample(images.label_index, fold_of_image != f, share, order)),
+             rows.held[f])
+            for share in LEARNING_FRACTIONS for f in range(folds)
+        ]  # fmt: skip
+        cached = rows.from_cache(cached_out_of_fold(store_root, context, folds))
+        if cached is None:
+            splits += rows.full_splits()
+        probabilities = out_of_sample_probabilities(method.problem, splits, pool)
+        if cached is None:
+            _keep_out_of_fold(store_root, context, folds,
+                              rows.out_of_fold(probabilities[-folds:]))  # fmt: skip
+        else:
+            probabilities += cached
         curve = []
-        for fraction in (*LEARNING_FRACTIONS, 1.0):
-            chosen = [i for i, (share, _) in enumerate(points) if share == fraction]
-            held = np.concatenate([splits[i][1] for i in chosen])
-            probs = np.concatenate([probabilities[i] for i in chosen])
-            right = probs.argmax(axis=1) == rows.y[held]
+        for number, fraction in enumerate((*LEARNING_FRACTIONS, 1.0)):
+            held = np.concatenate(rows.held)
+            probs = np.concatenate(probabilities[number * folds : (number + 1) * folds])
+            right = probs.argmax(axis=1) == method.y[held]
             low, high = accuracy_interval(int(right.sum()), len(right)) or (0.0, 0.0)
             curve.append({"fraction": fraction, "accuracy": round(float(right.mean()), 6),
                           "interval": [round(low, 6), round(high, 6)], "n": len(right),
                           "right": right})  # fmt: skip
-            if fraction == 1.0:
-                # The embedding abstention measures: the top's input, the rows flattened.
-                result = CrossValidated.measure(
-                    rows.y[held], probs, row_fold[held], groups=len(duplicates),
-                    seconds=time.perf_counter() - began,
-                    embeddings=rows.x[held].reshape(len(held), -1),
-                    rate=context.options.abstain_rate,
-                    # another split the size of validation (else of a fold)
-                    expected_n=context.store.images.get("validation") or len(held) // folds,
-                )  # fmt: skip
-                scored[context.key] = {rows.keys[i]: p for i, p in zip(held, probs, strict=True)}
-                truth.update({rows.keys[i]: int(rows.y[i]) for i in held})
+        # The embedding abstention measures: the top's input, the rows flattened.
+        result = CrossValidated.measure(
+            method.y[held], probs, rows.row_fold[held], groups=len(duplicates),
+            seconds=time.perf_counter() - began,
+            embeddings=method.x[held].reshape(len(held), -1),
+            rate=context.options.abstain_rate,
+            # another split the size of validation (else of a fold)
+            expected_n=context.store.images.get("validation") or len(held) // folds,
+        )  # fmt: skip
+        scored[context.key] = {method.keys[i]: p for i, p in zip(held, probs, strict=True)}
+        truth.update({method.keys[i]: int(method.y[i]) for i in held})
         found[context.key] = dataclasses.replace(
-            result, learning_curve=_curve(curve, context.recipe.epochs)
+            result, learning_curve=_curve(curve), reused_out_of_fold=cached is not None
         )
     return _choose(found, scored, truth, time.perf_counter() - started)
 
 
-def _curve(points: list[dict[str, Any]], epochs: int) -> tuple[dict[str, Any], ...]:
+def _curve(points: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
     """The learning curve's points and the sentence the report writes from it: whether the
     last doubling of labels (50% to 100%) helped beyond noise (McNemar on the same images)."""
     from scipy.stats import binomtest

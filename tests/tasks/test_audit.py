@@ -1,4 +1,4 @@
-"""The audit's arithmetic on made-up embeddings: neighbours, groups, thresholds, folds."""
+"""The audit's arithmetic on made-up embeddings: neighbours, groups, thresholds, votes."""
 
 import numpy as np
 
@@ -8,7 +8,6 @@ from tasks.audit import (
     nearest,
     neighbour_votes,
     normalise,
-    out_of_sample_probabilities,
     outlier_scores,
     relative_scale,
 )
@@ -58,18 +57,6 @@ def test_outliers_score_above_the_typical_image():
     labels = np.array([0] * 30 + [1] * 30)
     scores = outlier_scores(nearest(x, k=5), x, labels)
     assert int(np.argmax(scores)) == 5 and scores[5] > 3 * np.median(scores)
-
-
-def test_out_of_sample_probabilities_never_see_their_row():
-    rng = np.random.default_rng(0)
-    x = normalise(np.concatenate([rng.normal(1, 0.3, (30, 4)), rng.normal(-1, 0.3, (30, 4))]))
-    y = np.array([0] * 30 + [1] * 30)
-    y[3] = 1  # a wrong label: a model trained without it calls it class 0
-    probabilities = out_of_sample_probabilities(x, y, 2, folds=5, seed=0, on_ray=False)
-    assert probabilities.shape == (60, 2) and np.allclose(probabilities.sum(1), 1)
-    assert (
-        probabilities[3, 0] > 0.8 and (probabilities.argmax(1) == np.r_[[0] * 30, [1] * 30]).all()
-    )
 
 
 def test_neighbour_votes_are_out_of_sample_class_shares():

@@ -1,9 +1,11 @@
 """`wf audit` on generated data with every kind of issue planted: exact and near duplicates, a
 leak across splits, a duplicate with two labels, a wrong label, an outlier."""
 
+import dataclasses
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +15,14 @@ import pyarrow.csv as pacsv
 import pytest
 from PIL import Image
 
+from storage.feature_store import FeatureStore
 from tests.corpus import scene, write_scenes
-from workflows.audit import AuditSettings, run_audit
+from workflows.audit import AuditSettings, audit_context, run_audit
+from workflows.cross_validate import (
+    cached_out_of_fold,
+    cross_validate_dataset,
+    shared_out_of_fold,
+)
 from workflows.extract import run_extract
 from workflows.settings import DatasetSource, ExtractSettings
 
@@ -117,6 +125,7 @@ def test_outputs_the_contract_promises(audited):
     assert pq.read_table(folder / "issues.parquet").num_rows == len(table)
     facts = json.loads((folder / "summary.json").read_text())
     assert facts["counts"] == summary["counts"] and set(facts["timings"]) == {
+        "out_of_fold",
         "neighbours",
         "duplicates",
         "outliers",
@@ -147,3 +156,36 @@ def test_fail_on_gates_ci_with_exit_1(audited):
     assert exact.returncode == 0, exact.stderr[-2000:]
     counts = json.loads(exact.stdout)["planted"]["counts"]
     assert "near_duplicate" not in counts and counts["exact_duplicate"] == 4
+
+
+def _label_issues(folder: Path) -> dict[str, float]:
+    rows = pacsv.read_csv(folder / "issues.csv").to_pylist()
+    return {r["path"]: r["score"] for r in rows if r["issue"] == "label_issue"}
+
+
+def test_out_of_fold_probabilities_are_fitted_once_and_shared_with_cv(audited, tmp_path):
+    """The audit fits the folds once; a second audit and `--cv` of the unchanged store reuse
+    them, and they are what fitting again gives."""
+    root, summary, _ = audited
+    store = str(root / "store")
+    assert summary["out_of_fold"] == {**summary["out_of_fold"], "method": "bottleneck",
+                                      "folds": 5, "reused": False}  # fmt: skip
+    again = run_audit(AuditSettings(store=store, output=str(tmp_path), similarity=0.95))
+    assert again["planted"]["out_of_fold"]["reused"] is True
+    assert _label_issues(tmp_path / "planted") == _label_issues(root / "audit" / "planted")
+
+    opened = FeatureStore.open(store, "planted", "efficientnet_lite0")
+    context = audit_context(AuditSettings(store=store), opened)
+    (found,) = cross_validate_dataset([context], store, 5, pool=None).values()
+    assert found.reused_out_of_fold and found.metrics()["cv"]["reused_out_of_fold"]
+    cached = cached_out_of_fold(store, context, 5)
+    assert cached is not None and cached.reused and len(cached.keys) == found.n
+    # Another store (its manifest changed): not reused.
+    changed = dataclasses.replace(context.store, manifest_id="0" * 16)
+    assert cached_out_of_fold(store, dataclasses.replace(context, stores=(changed,)), 5) is None
+    # Fitted again here (the cache removed): the same probabilities the pool fitted.
+    shutil.rmtree(next((root / "store" / "planted").glob("*/_derived")))
+    fresh = shared_out_of_fold(context, store, 5)
+    assert fresh is not None and not fresh.reused and fresh.keys == cached.keys
+    np.testing.assert_allclose(fresh.probabilities, cached.probabilities, atol=1e-4)
+    assert cached_out_of_fold(store, context, 5) is not None  # and cached again
