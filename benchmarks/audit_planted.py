@@ -17,8 +17,8 @@ as leakage together with its source), the share of truly flipped images among th
 issues (k = the number flipped), and seconds per 1,000 images. Flags that match nothing planted
 are listed for a look: the original datasets have duplicates and wrong labels of their own.
 
-Datalab needs the ``datasets`` package (``pip install 'cleanlab[datalab]'``); without it, its
-column is skipped with a note.
+Datalab needs the ``datasets`` package (``.venv/bin/pip install -e '.[dev,bench]'``); without
+it, its column is skipped with a note.
 
 A third dataset is generated (``confusable``, no photos): six classes that differ in small
 ways (a circle, a square or a triangle, solid or ringed, small, among clutter on a noisy
