@@ -64,20 +64,18 @@ def split_folders(source: Path, target: Path, seed: int = 0) -> None:
 
 
 def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
-    """P(an out-of-distribution score > an in-distribution one), ties halved."""
-    scores = np.concatenate([inside, outside])
-    ranks = np.argsort(np.argsort(scores, kind="mergesort"), kind="mergesort") + 1.0
-    for value in np.unique(scores):  # average ranks of ties
-        tied = scores == value
-        ranks[tied] = ranks[tied].mean()
-    positive = ranks[len(inside) :].sum() - len(outside) * (len(outside) + 1) / 2
-    return float(positive / (len(inside) * len(outside)))
+    """P(an out-of-distribution score > an in-distribution one), ties halved (scikit-learn)."""
+    from sklearn.metrics import roc_auc_score
+
+    truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
+    return float(roc_auc_score(truth, np.concatenate([inside, outside])))
 
 
 def answers(classifier, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
     """Probabilities, distances and abstentions of images through the classifier."""
     from storage.filesystem import Location
-    from tasks.abstention import nearest_distance, unit
+    from tasks.abstention import nearest_distance
+    from tasks.audit import normalise
     from tasks.heads import probabilities
     from tasks.images import load_image
 
@@ -88,7 +86,7 @@ def answers(classifier, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, np.n
                            for p in paths[start : start + 32]])  # fmt: skip
         outputs, embedded = classifier.embedding.predict_on_batch(pixels.astype(np.float32))
         found = probabilities(outputs, len(classifier.classes))
-        far = nearest_distance(unit(np.asarray(embedded)), classifier.bank)
+        far = nearest_distance(normalise(np.asarray(embedded)), classifier.bank)
         probs.append(found)
         distance.append(far)
         decided += classifier.abstention.decide(found, far)

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from tasks.audit import normalise
+
 LOW_CONFIDENCE, OUT_OF_DISTRIBUTION = "low_confidence", "out_of_distribution"
 DEFAULT_RATE = 0.05
 BLOCK = 2048
@@ -68,11 +70,6 @@ class Abstention:
         return out
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32).reshape(len(x), -1)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def nearest_distance(embeddings: np.ndarray, bank: np.ndarray, k: int = NEIGHBOURS) -> np.ndarray:
     """The mean ``1 - cosine`` from each (unit-length) embedding to its ``k`` nearest in
     ``bank`` (all of it when it has fewer)."""
@@ -116,7 +113,7 @@ def choose(
 
 def bank_bytes(embeddings: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, unit(embeddings).astype(np.float16), allow_pickle=False)
+    np.save(buffer, normalise(embeddings).astype(np.float16), allow_pickle=False)
     return buffer.getvalue()
 
 

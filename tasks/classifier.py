@@ -23,8 +23,8 @@ from tasks.abstention import (
     bank_from_bytes,
     embedding_model,
     nearest_distance,
-    unit,
 )
+from tasks.audit import normalise
 from tasks.heads import probabilities
 from tasks.methods import METHODS
 
@@ -65,7 +65,7 @@ class Classifier:
         if self.embedding is not None and self.bank is not None:
             outputs, embedded = self.embedding.predict_on_batch(np.asarray(pixels, np.float32))
             found = probabilities(outputs, len(self.classes))
-            distance = nearest_distance(unit(np.asarray(embedded)), self.bank)
+            distance = nearest_distance(normalise(np.asarray(embedded)), self.bank)
         else:
             found = self.probabilities(pixels)
         return [Answer(row, abstained, reason) for row, (abstained, reason) in

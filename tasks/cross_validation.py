@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.abstention import DEFAULT_RATE, choose, out_of_fold_distance, unit
+from tasks.abstention import DEFAULT_RATE, choose, out_of_fold_distance
+from tasks.audit import normalise
 from tasks.evaluation import accuracy_interval, expected_calibration_error, reliability
 
 BINS = 15  # of confidence, for the expected calibration error and the reliability plot
@@ -95,14 +96,20 @@ def paired_comparison(labels: np.ndarray, first: np.ndarray, second: np.ndarray)
     """McNemar's exact test of two methods' out-of-fold predictions on the same images: how
     many each got right that the other got wrong, and the two-sided p-value (scipy's binomial
     test on those discordant images)."""
+    only_a, only_b, p = mcnemar(first.argmax(axis=1) == labels, second.argmax(axis=1) == labels)
+    return {"only_first": only_a, "only_second": only_b, "p_value": round(p, 6),
+            "within_noise": bool(p >= NOISE)}  # fmt: skip
+
+
+def mcnemar(right_a: np.ndarray, right_b: np.ndarray) -> tuple[int, int, float]:
+    """McNemar's exact test on the same images: how many only ``a`` got right, how many only
+    ``b``, and the two-sided p-value (scipy's binomial test on those discordant images)."""
     from scipy.stats import binomtest
 
-    right_a = first.argmax(axis=1) == labels
-    right_b = second.argmax(axis=1) == labels
+    right_a, right_b = np.asarray(right_a, bool), np.asarray(right_b, bool)
     only_a, only_b = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
     p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
-    return {"only_first": only_a, "only_second": only_b, "p_value": round(float(p), 6),
-            "within_noise": bool(p >= NOISE)}  # fmt: skip
+    return only_a, only_b, float(p)
 
 
 def prediction_interval(
@@ -157,7 +164,9 @@ class CrossValidated:
         right = probs.argmax(axis=1) == labels
         low, high = accuracy_interval(int(right.sum()), len(labels)) or (0.0, 0.0)
         calibrated = cross_fitted_calibration(labels, probs, folds)
-        distance = out_of_fold_distance(unit(embeddings), folds) if embeddings is not None else None
+        distance = (
+            out_of_fold_distance(normalise(embeddings), folds) if embeddings is not None else None
+        )
         abstain = choose(calibrated.max(axis=1), distance, rate, "out-of-fold")
         return cls(
             folds=len(np.unique(folds)), accuracy=round(float(right.mean()), 6),

@@ -86,38 +86,35 @@ def accuracy_text(metrics: dict[str, Any] | None, digits: int = 3) -> str:
                            metrics.get("n", metrics.get("examples")), digits)  # fmt: skip
 
 
+def _binned(labels: np.ndarray, probs: np.ndarray, bins: int) -> list[tuple[float, float, int]]:
+    """Per non-empty bin of ``bins`` equal-width bins of each image's top probability: its
+    mean confidence, its accuracy and its image count."""
+    labels = np.asarray(labels, np.int64)
+    probs = np.asarray(probs, np.float64)
+    confidence = probs.max(axis=1) if len(labels) else np.zeros(0)
+    correct = probs.argmax(axis=1) == labels if len(labels) else np.zeros(0, bool)
+    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+    return [(float(confidence[which == b].mean()), float(correct[which == b].mean()),
+             int((which == b).sum())) for b in range(bins) if (which == b).any()]  # fmt: skip
+
+
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
     """How far confidence is from accuracy: over ``bins`` equal-width bins of each image's top
     probability, the gap between the bin's mean confidence and its accuracy, weighted by the
     share of images in the bin (Guo et al., 2017)."""
-    labels = np.asarray(labels, np.int64)
-    probs = np.asarray(probs, np.float64)
     if len(labels) == 0:
         return 0.0
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)
-    error = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            error += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(error)
+    gaps = [
+        n * abs(accuracy - confidence) for confidence, accuracy, n in _binned(labels, probs, bins)
+    ]
+    return float(sum(gaps) / len(labels))
 
 
 def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> list[dict[str, float]]:
     """The reliability diagram's points: per non-empty bin, its mean confidence, accuracy and
     image count."""
-    labels = np.asarray(labels, np.int64)
-    probs = np.asarray(probs, np.float64)
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)
-    return [
-        {"confidence": round(float(confidence[which == b].mean()), 6),
-         "accuracy": round(float(correct[which == b].mean()), 6), "n": int((which == b).sum())}
-        for b in range(bins) if (which == b).any()
-    ]  # fmt: skip
+    return [{"confidence": round(confidence, 6), "accuracy": round(accuracy, 6), "n": n}
+            for confidence, accuracy, n in _binned(labels, probs, bins)]  # fmt: skip
 
 
 def plot_reliability(curves: dict[str, list[dict[str, float]]], title: str) -> bytes:

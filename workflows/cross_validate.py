@@ -34,7 +34,14 @@ from storage.feature_store import FeatureStore
 from storage.filesystem import file_info, read_bytes, write_bytes
 from storage.hashing import fingerprint, stable_unit_interval
 from storage.layout import StoreLayout
-from tasks.cross_validation import CrossValidated, group_ids, grouped_folds, paired_comparison
+from tasks.cross_validation import (
+    CrossValidated,
+    cross_fitted_calibration,
+    group_ids,
+    grouped_folds,
+    mcnemar,
+    paired_comparison,
+)
 from tasks.evaluation import accuracy_interval
 from tasks.methods import JobContext, get_method
 from tasks.training.inputs import read_rows
@@ -265,6 +272,7 @@ def cross_validate_dataset(
                       for s, p in zip(images.split, images.path, strict=True)])  # fmt: skip
     found: dict[str, CrossValidated] = {}
     scored: dict[str, dict[tuple[str, str], np.ndarray]] = {}
+    calibrated: dict[str, dict[tuple[str, str], np.ndarray]] = {}
     truth: dict[tuple[str, str], int] = {}
     for context in contexts:
         began = time.perf_counter()
@@ -304,21 +312,19 @@ def cross_validate_dataset(
             expected_n=context.store.images.get("validation") or len(held) // folds,
         )  # fmt: skip
         scored[context.key] = {method.keys[i]: p for i, p in zip(held, probs, strict=True)}
+        fitted = cross_fitted_calibration(method.y[held], probs, rows.row_fold[held])
+        calibrated[context.key] = {method.keys[i]: p for i, p in zip(held, fitted, strict=True)}
         truth.update({method.keys[i]: int(method.y[i]) for i in held})
         found[context.key] = dataclasses.replace(
             result, learning_curve=_curve(curve), reused_out_of_fold=cached is not None
         )
-    return _choose(found, scored, truth, time.perf_counter() - started)
+    return dataset_choice(found, scored, calibrated, truth, time.perf_counter() - started)
 
 
 def _curve(points: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
     """The learning curve's points and the sentence the report writes from it: whether the
     last doubling of labels (50% to 100%) helped beyond noise (McNemar on the same images)."""
-    from scipy.stats import binomtest
-
-    half, full = points[-2]["right"], points[-1]["right"]
-    gained, lost = int((full & ~half).sum()), int((half & ~full).sum())
-    p = binomtest(gained, gained + lost).pvalue if gained + lost else 1.0
+    _, _, p = mcnemar(points[-1]["right"], points[-2]["right"])
     points_gained = 100 * (points[-1]["accuracy"] - points[-2]["accuracy"])
     if p < 0.05 and points_gained > 0:
         verdict = f"more labels would likely help: {points_gained:+.1f} points from 50% to 100%"
@@ -330,12 +336,17 @@ def _curve(points: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
     return tuple(out)
 
 
-def _choose(
+def dataset_choice(
     found: dict[str, CrossValidated], scored: dict[str, dict[tuple[str, str], np.ndarray]],
-    truth: dict[tuple[str, str], int], seconds: float,
+    calibrated: dict[str, dict[tuple[str, str], np.ndarray]], truth: dict[tuple[str, str], int],
+    seconds: float,
 ) -> dict[str, CrossValidated]:  # fmt: skip
     """The dataset's choice written into each job's result: the method with the best
-    cross-validated accuracy, and its paired test against the next best."""
+    cross-validated accuracy, its paired test against the next best, and (with two methods or
+    more) the average of every method's calibrated out-of-fold probabilities tested against the
+    best one (``ensemble``: ``beats_best`` when it is right more often beyond noise). ``scored``
+    and ``calibrated``: by job key, each image's out-of-fold probabilities, raw and calibrated
+    (by temperatures fitted on the other folds); ``truth``: each image's label."""
     ranked = sorted(found, key=lambda key: -found[key].accuracy)
     choice: dict[str, Any] = {"chosen": ranked[0].split("/", 1)[1], "seconds": round(seconds, 3),
                               "among": sorted(key.split("/", 1)[1] for key in found)}  # fmt: skip
@@ -346,4 +357,26 @@ def _choose(
         test = paired_comparison(labels, np.stack([best[k] for k in common]),
                                  np.stack([second[k] for k in common]))  # fmt: skip
         choice.update(next=ranked[1].split("/", 1)[1], images=len(common), **test)
+        choice["ensemble"] = _ensemble(ranked, scored, calibrated, truth)
     return {key: dataclasses.replace(value, choice=choice) for key, value in found.items()}
+
+
+def _ensemble(
+    ranked: list[str], scored: dict[str, dict[tuple[str, str], np.ndarray]],
+    calibrated: dict[str, dict[tuple[str, str], np.ndarray]], truth: dict[tuple[str, str], int],
+) -> dict[str, Any]:  # fmt: skip
+    """The average of the methods' calibrated probabilities against the best method alone, on
+    the images every method scored."""
+    common = sorted(set.intersection(*(set(calibrated[key]) for key in ranked)))
+    labels = np.array([truth[k] for k in common])
+    average = np.mean([np.stack([calibrated[key][k] for k in common]) for key in ranked], axis=0)
+    right = average.argmax(axis=1) == labels
+    low, high = accuracy_interval(int(right.sum()), len(right)) or (0.0, 0.0)
+    test = paired_comparison(labels, average, np.stack([scored[ranked[0]][k] for k in common]))
+    beats = not test["within_noise"] and test["only_first"] > test["only_second"]
+    return {"members": [key.split("/", 1)[1] for key in ranked],
+            "accuracy": round(float(right.mean()), 6), "interval": [round(low, 6), round(high, 6)],
+            "n": len(common), "against": ranked[0].split("/", 1)[1],
+            "only_ensemble": test["only_first"], "only_best": test["only_second"],
+            "p_value": test["p_value"], "within_noise": test["within_noise"],
+            "beats_best": beats}  # fmt: skip

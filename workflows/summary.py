@@ -98,11 +98,28 @@ def choices(results: list[JobResult]) -> dict[str, list[str]]:
                 f"{choice['only_first']} right only by {r.method}, {choice['only_second']} only "
                 f"by {choice['next']} (McNemar p={choice['p_value']:.3f}: {lead})"
             )
+        ensemble = choice.get("ensemble")
+        if ensemble:
+            lines.append(_ensemble_text(ensemble))
         curve = r.cv.get("learning_curve") or []
         if curve:
             lines.append(f"learning curve ({r.method}): {curve[-1]['verdict']}")
         out[r.dataset] = lines
     return out
+
+
+def _ensemble_text(ensemble: dict) -> str:
+    """One sentence: whether averaging the methods beats the best one beyond noise."""
+    members, best = " and ".join(ensemble["members"]), ensemble["against"]
+    low, high = ensemble["interval"]
+    verdict = (f"beyond noise: the average beats {best}" if ensemble["beats_best"]
+               else f"within noise of {best} alone: one model is enough")  # fmt: skip
+    return (
+        f"the average of {members} (calibrated): {ensemble['accuracy']:.3f} "
+        f"({low:.3f}-{high:.3f}, n={ensemble['n']}); {ensemble['only_ensemble']} right only "
+        f"by the average, {ensemble['only_best']} only by {best} "
+        f"(McNemar p={ensemble['p_value']:.3f}: {verdict})"
+    )
 
 
 def _best(results: list[JobResult]) -> dict[str, str]:

@@ -34,8 +34,8 @@ from tasks.abstention import (
     choose,
     embedding_model,
     nearest_distance,
-    unit,
 )
+from tasks.audit import normalise
 from tasks.backbones import ResolvedWeights, get_backbone
 from tasks.cross_validation import apply_temperature
 from tasks.evaluation import (
@@ -184,7 +184,7 @@ def abstention_for(
         _embed(both, read_rows(context, method, s, first_copy_only=True).x)[1]
         for s in splits if context.has_split(s)
     ]  # fmt: skip
-    bank = unit(np.concatenate(embedded))
+    bank = normalise(np.concatenate(embedded))
     if cv:
         return Abstention.from_json(cv), bank
     if not context.has_split("validation"):
@@ -194,7 +194,7 @@ def abstention_for(
     found = probabilities(found, len(context.classes))
     if context.cv is not None:
         found = apply_temperature(found, context.cv.temperature)
-    distance = nearest_distance(unit(embedding), bank)
+    distance = nearest_distance(normalise(embedding), bank)
     return choose(found.max(axis=1), distance, context.options.abstain_rate, "validation"), bank
 
 

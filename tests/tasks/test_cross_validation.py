@@ -174,3 +174,43 @@ def test_the_prediction_interval_holds_a_new_sets_accuracy_about_95_percent_of_t
         ci_low, ci_high = accuracy_interval(int(p * n), n)
         assert low < ci_low and high >= ci_high  # wider: the new set's noise is in it
     assert prediction_interval(28, 28, 28)[0] < 1.0 and prediction_interval(5, 0, 10) is None
+
+
+def _scored(labels: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Two-class probabilities sure when right (0.9 on the label), unsure when wrong (0.6 on
+    the other class)."""
+    p_label = np.where(right, 0.9, 0.4)
+    probs = np.zeros((len(labels), 2))
+    probs[np.arange(len(labels)), labels] = p_label
+    probs[np.arange(len(labels)), 1 - labels] = 1 - p_label
+    return probs
+
+
+def test_the_average_of_methods_that_err_apart_beats_the_best_beyond_noise():
+    from workflows.cross_validate import dataset_choice
+    from workflows.summary import _ensemble_text
+
+    rng = np.random.default_rng(0)
+    n = 600
+    labels, folds = rng.integers(0, 2, n), np.arange(n) % 5
+    keys = [("train", f"{i}.jpg") for i in range(n)]
+    truth = dict(zip(keys, labels.tolist(), strict=True))
+    first, second = rng.random(n) < 0.8, rng.random(n) < 0.78  # errors apart
+    for other, beats in ((second, True), (first, False)):  # then a copy of the first
+        probs = {"d/bottleneck": _scored(labels, first), "d/fusion": _scored(labels, other)}
+        found = {key: CrossValidated.measure(labels, p, folds) for key, p in probs.items()}
+        scored = {key: dict(zip(keys, p, strict=True)) for key, p in probs.items()}
+        calibrated = {key: dict(zip(keys, cross_fitted_calibration(labels, p, folds),
+                                    strict=True)) for key, p in probs.items()}  # fmt: skip
+        chosen = dataset_choice(found, scored, calibrated, truth, 1.0)
+        ensemble = chosen["d/fusion"].choice["ensemble"]
+        assert ensemble == chosen["d/bottleneck"].choice["ensemble"]
+        assert ensemble["members"][0] == chosen["d/fusion"].choice["chosen"] == "bottleneck"
+        assert ensemble["n"] == n and ensemble["beats_best"] is beats
+        if beats:  # right wherever either is: 1 - 0.2 x 0.22
+            assert ensemble["accuracy"] > 0.93 and ensemble["p_value"] < 1e-6
+            assert ensemble["only_best"] == 0 and "beyond noise" in _ensemble_text(ensemble)
+        else:
+            assert ensemble["only_ensemble"] == ensemble["only_best"] == 0
+            assert ensemble["accuracy"] == found["d/bottleneck"].accuracy
+            assert "one model is enough" in _ensemble_text(ensemble)
