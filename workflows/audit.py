@@ -312,6 +312,8 @@ def run_audit(settings: AuditSettings) -> dict[str, dict]:
             pools.append(TrainingPool(max(1, min(settings.folds, cpus))))
         return pools[0]
 
+    import cleanlab.filter  # noqa: F401  (its import, seconds, is not any dataset's audit)
+
     with ray_cluster(settings.cluster):
         try:
             for dataset in chosen:
