@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -112,8 +113,15 @@ def cached_out_of_fold(store_root: str, context: JobContext, folds: int) -> OutO
 
 
 def _keep_out_of_fold(store_root: str, context: JobContext, folds: int, found: OutOfFold) -> None:
+    """Cache ``found`` beside the store; a store this run cannot write (read-only credentials,
+    a full disk) only loses the reuse: a warning, and the run goes on."""
     filesystem, path, stores = _cache(store_root, context, folds)
-    write_bytes(filesystem, path, found.to_bytes(stores))
+    try:
+        write_bytes(filesystem, path, found.to_bytes(stores))
+    except OSError as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(f"out-of-fold probabilities not cached beside the store: {message}",
+                      stacklevel=2)  # fmt: skip
 
 
 def folds_for(images: int, smallest_class: int, asked: int | None) -> int:

@@ -119,13 +119,18 @@ Format = Annotated[Text, typer.Option("--format", help="csv or json (default: fr
 MinConfidence = Annotated[
     float | None,
     typer.Option(
-        "--min-confidence", help="Abstain below this top probability (default: the run's threshold)"
+        "--min-confidence",
+        min=0.0,
+        max=1.0,
+        help="Abstain below this top probability (default: the run's threshold)",
     ),
 ]
 MaxDistance = Annotated[
     float | None,
     typer.Option(
         "--max-distance",
+        min=0.0,
+        max=2.0,
         help="Abstain when the image's embedding is farther than this from the labelled images "
         "(mean 1 - cosine to its 10 nearest; default: the run's threshold)",
     ),

@@ -69,6 +69,11 @@ ERRORS = [
     (["train-all", "--store", "{root}/s", "--abstain-rate", "1.5"], 2, "--abstain-rate must be"),
     (["predict", "{root}/m/model.keras", "{root}/d"], 2, "cannot load model"),
     (["predict", "{root}/nomodel.keras", "{root}/d"], 2, "does not exist"),
+    (
+        ["predict", "{root}/m/model.keras", "{root}/d", "--min-confidence", "1.5"],
+        2,
+        "Input should be less than or equal to 1",
+    ),
     (["evaluate", "{root}/m/model.keras", "/no/folder"], 2, "is not a folder"),
     (["verify"], 2, "name a STORE"),
     (["audit", "--store", "{root}/nothing"], 2, "no efficientnet_lite0 feature store"),
