@@ -1,16 +1,29 @@
 """The KubeRay manifest a cluster operator applies: it parses, runs wf's real commands with
-options wf accepts, keeps data on S3, takes credentials from a secret, and pins wf's Ray."""
+options wf accepts, keeps data on S3, takes credentials from a secret, and runs the Ray that
+constraints.txt (the versions the suite passed on) pins, one that pyproject.toml allows."""
 
 import shlex
+import tomllib
 from pathlib import Path
 
-import ray
 import typer
 import yaml
 
 from workflows.cli import app
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+
+
+def _locked(package: str) -> str:
+    """The version constraints.txt pins for ``package``."""
+    from packaging.utils import canonicalize_name
+
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        name, _, version = line.partition("==")
+        if version and canonicalize_name(name.strip()) == canonicalize_name(package):
+            return version.strip()
+    raise AssertionError(f"constraints.txt pins no {package}")
 
 
 def test_the_rayjob_runs_extract_then_train_all_with_options_wf_accepts():
@@ -28,7 +41,7 @@ def test_the_rayjob_runs_extract_then_train_all_with_options_wf_accepts():
         "s3://"
     )
     assert train[train.index("--runs") + 1].startswith("s3://")
-    assert job["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == _locked("ray")
 
 
 def test_credentials_come_from_a_secret_never_from_the_manifest():
@@ -44,6 +57,17 @@ def test_credentials_come_from_a_secret_never_from_the_manifest():
     assert "AWS_SECRET_ACCESS_KEY=" not in text.replace(documented, "")
 
 
-def test_the_image_uses_the_same_ray_as_wf():
+def test_the_image_the_rayjob_and_the_lock_agree_on_a_ray_wf_allows():
+    from packaging.requirements import Requirement
+
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    assert f"FROM rayproject/ray:{ray.__version__}-" in dockerfile
+    ray = _locked("ray")
+    assert f"FROM rayproject/ray:{ray}-" in dockerfile and "-c /home/ray/wf/constraints.txt" in (
+        dockerfile
+    )
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    allowed = next(r for r in map(Requirement, project["dependencies"]) if r.name == "ray")
+    assert allowed.specifier.contains(ray), (ray, str(allowed.specifier))
+    # every dependency wf names is pinned, at a version its range allows
+    for requirement in map(Requirement, project["dependencies"]):
+        assert requirement.specifier.contains(_locked(requirement.name)), requirement
