@@ -101,6 +101,7 @@ def train_all(
     seed: o.TrainSeed = None, max_failures: o.MaxFailures = None,
     abstain_rate: o.AbstainRate = None,
     max_concurrent: o.MaxConcurrent = None, force: o.Force = False, cv: o.Cv = None,
+    ensemble: o.Ensemble = None,
     json_output: o.Json = False, verbose: o.Verbose = False, address: o.Address = None,
     num_cpus: o.NumCpus = None,
 ) -> None:  # fmt: skip
@@ -121,7 +122,7 @@ def train_all(
     rates_of = parse_assignments(learning_rate_for, float, "--learning-rate-for")
     settings = TrainSettings(**_given(
         store=store, runs=runs, datasets=_csv(datasets), methods=_csv(methods), backbone=backbone,
-        max_concurrent_jobs=max_concurrent), cv=cv,
+        max_concurrent_jobs=max_concurrent, ensemble=ensemble), cv=cv,
         recipes=recipes_from_options(epochs, batch_size, epochs_of, rates_of), options=options,
         force=force, cluster=ClusterSettings(address, num_cpus, verbose))  # fmt: skip
     with train_progress(not json_output) as progress:

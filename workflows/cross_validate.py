@@ -35,6 +35,7 @@ from storage.feature_store import FeatureStore
 from storage.filesystem import file_info, read_bytes, write_bytes
 from storage.hashing import fingerprint, stable_unit_interval
 from storage.layout import StoreLayout
+from tasks.abstention import DEFAULT_RATE, choose
 from tasks.cross_validation import (
     CrossValidated,
     cross_fitted_calibration,
@@ -326,7 +327,8 @@ def cross_validate_dataset(
         found[context.key] = dataclasses.replace(
             result, learning_curve=_curve(curve), reused_out_of_fold=cached is not None
         )
-    return dataset_choice(found, scored, calibrated, truth, time.perf_counter() - started)
+    return dataset_choice(found, scored, calibrated, truth, time.perf_counter() - started,
+                          first.options.abstain_rate)  # fmt: skip
 
 
 def _curve(points: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
@@ -347,14 +349,15 @@ def _curve(points: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
 def dataset_choice(
     found: dict[str, CrossValidated], scored: dict[str, dict[tuple[str, str], np.ndarray]],
     calibrated: dict[str, dict[tuple[str, str], np.ndarray]], truth: dict[tuple[str, str], int],
-    seconds: float,
+    seconds: float, rate: float = DEFAULT_RATE,
 ) -> dict[str, CrossValidated]:  # fmt: skip
     """The dataset's choice written into each job's result: the method with the best
     cross-validated accuracy, its paired test against the next best, and (with two methods or
     more) the average of every method's calibrated out-of-fold probabilities tested against the
     best one (``ensemble``: ``beats_best`` when it is right more often beyond noise). ``scored``
     and ``calibrated``: by job key, each image's out-of-fold probabilities, raw and calibrated
-    (by temperatures fitted on the other folds); ``truth``: each image's label."""
+    (by temperatures fitted on the other folds); ``truth``: each image's label; ``rate``: the
+    in-distribution share the average's abstention threshold declines (``ensemble.abstain``)."""
     ranked = sorted(found, key=lambda key: -found[key].accuracy)
     choice: dict[str, Any] = {"chosen": ranked[0].split("/", 1)[1], "seconds": round(seconds, 3),
                               "among": sorted(key.split("/", 1)[1] for key in found)}  # fmt: skip
@@ -365,16 +368,18 @@ def dataset_choice(
         test = paired_comparison(labels, np.stack([best[k] for k in common]),
                                  np.stack([second[k] for k in common]))  # fmt: skip
         choice.update(next=ranked[1].split("/", 1)[1], images=len(common), **test)
-        choice["ensemble"] = _ensemble(ranked, scored, calibrated, truth)
+        choice["ensemble"] = _ensemble(ranked, scored, calibrated, truth, rate)
     return {key: dataclasses.replace(value, choice=choice) for key, value in found.items()}
 
 
 def _ensemble(
     ranked: list[str], scored: dict[str, dict[tuple[str, str], np.ndarray]],
     calibrated: dict[str, dict[tuple[str, str], np.ndarray]], truth: dict[tuple[str, str], int],
+    rate: float,
 ) -> dict[str, Any]:  # fmt: skip
     """The average of the methods' calibrated probabilities against the best method alone, on
-    the images every method scored."""
+    the images every method scored, and the confidence below which the average would decline
+    ``rate`` of them."""
     common = sorted(set.intersection(*(set(calibrated[key]) for key in ranked)))
     labels = np.array([truth[k] for k in common])
     average = np.mean([np.stack([calibrated[key][k] for k in common]) for key in ranked], axis=0)
@@ -382,9 +387,11 @@ def _ensemble(
     low, high = accuracy_interval(int(right.sum()), len(right)) or (0.0, 0.0)
     test = paired_comparison(labels, average, np.stack([scored[ranked[0]][k] for k in common]))
     beats = not test["within_noise"] and test["only_first"] > test["only_second"]
+    abstain = choose(average.max(axis=1), None, rate, "out-of-fold").to_json()
     return {"members": [key.split("/", 1)[1] for key in ranked],
             "accuracy": round(float(right.mean()), 6), "interval": [round(low, 6), round(high, 6)],
             "n": len(common), "against": ranked[0].split("/", 1)[1],
             "only_ensemble": test["only_first"], "only_best": test["only_second"],
             "p_value": test["p_value"], "within_noise": test["within_noise"],
-            "beats_best": beats}  # fmt: skip
+            "beats_best": beats,
+            "abstain": abstain}  # fmt: skip

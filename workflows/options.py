@@ -90,6 +90,7 @@ TrainBackbone = Annotated[Text, _train("backbone")]
 MaxConcurrent = Annotated[Number, _train("max_concurrent_jobs", "--max-concurrent")]
 Force = Annotated[bool, _train("force", "--force")]
 Cv = Annotated[Number, _train("cv", "--cv")]
+Ensemble = Annotated[Text, _train("ensemble", "--ensemble")]
 Epochs = Annotated[Number, typer.Option(help="Epochs of every method (default: each method's own)")]
 EpochsFor = Annotated[
     list[str] | None, typer.Option(help="METHOD=N: epochs of one method, e.g. finetune=8")

@@ -165,6 +165,9 @@ NOT_FEATURE_SETTINGS = (
 )  # fmt: skip
 
 
+ENSEMBLE_CHOICES = ("off", "beyond-noise", "always")
+
+
 def default_recipes() -> dict[str, Recipe]:
     """Each method's own recipe (the Keras blog's settings for its three)."""
     return {name: method.recipe for name, method in METHODS.items()}
@@ -195,9 +198,19 @@ class TrainSettings:
         "(bottleneck, fusion); 0 turns it off (default: 5 for a dataset of at most 2000 "
         "labelled images, else off)",
     )
+    ensemble: str = setting(
+        "off",
+        "Save the average of a dataset's cross-validated methods as one model "
+        "(<runs>/<dataset>/ensemble): off, beyond-noise (when cross-validation shows it right "
+        "more often than the best method beyond noise) or always",
+    )
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     def __post_init__(self) -> None:
+        if self.ensemble not in ENSEMBLE_CHOICES:
+            raise SettingsError(
+                f"--ensemble takes {', '.join(ENSEMBLE_CHOICES)}, not {self.ensemble!r}"
+            )
         if self.cv is not None and (self.cv < 0 or self.cv == 1):
             raise SettingsError(f"--cv takes 0 (off) or at least 2 folds, not {self.cv}")
         if not self.methods:

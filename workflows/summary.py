@@ -231,6 +231,10 @@ def _job_section(runs: RunsLayout, result: JobResult, best: bool) -> str:
                 f"{metrics.get('loss', 0):.4f}, {metrics.get('epochs')} epochs (kept: "
                 f"{metrics.get('kept', 'last')}, best epoch {metrics.get('best_epoch')}), "
                 f"{metrics.get('seconds_per_epoch')} s per epoch")  # fmt: skip
+    if metrics.get("members"):  # an ensemble: no epochs of its own
+        headline = (f"validation accuracy <b>{html.escape(accuracy_text(metrics))}</b>, loss "
+                    f"{metrics.get('loss', 0):.4f}: the average of "
+                    f"{html.escape(' and '.join(metrics['members']))}, calibrated")  # fmt: skip
     links = " ".join(
         f'<a href="{html.escape(result.dataset)}/{html.escape(result.method)}/{name}">{name}</a>'
         for name in FILES

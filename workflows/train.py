@@ -161,9 +161,10 @@ def run_train_all(
             if settings.cv != 0:
                 jobs = _cross_validated(jobs, runs, settings, runner, on_progress)
             _run_jobs(jobs, runs, runner, board, results, on_progress)
+            extra = _ensembles(jobs, runs, settings, runner, results)
         finally:
             runner.close()
-    ordered = [results[job.key] for job in jobs]
+    ordered = [results[job.key] for job in jobs] + extra
     write_summary(runs, ordered)
     return ordered
 
@@ -208,6 +209,81 @@ def _cross_validated(
         if own:
             pool.close()
     return [replaced.get(job.key, job) for job in jobs]
+
+
+def _ensembles(
+    jobs: list[PlannedJob], runs: RunsLayout, settings: TrainSettings,
+    runner: _PoolRunner | _TrainerPerJob, results: dict[str, JobResult],
+) -> list[JobResult]:  # fmt: skip
+    """With ``--ensemble``: each cross-validated dataset's methods averaged into one saved model
+    (:mod:`tasks.ensemble`), on the engine's pool; with ``beyond-noise``, only where
+    cross-validation shows the average right more often than the best method beyond noise
+    (else a skipped result that says why)."""
+    from tasks.ensemble import ENSEMBLE
+
+    if settings.ensemble == "off":
+        return []
+    offered: dict[str, tuple[PlannedJob, dict]] = {}
+    for job in jobs:
+        result = results.get(job.key)
+        ensemble = ((result.cv or {}).get("choice") or {}).get("ensemble") if result else None
+        if job.context is not None and ensemble and job.dataset not in offered:
+            offered[job.dataset] = (job, ensemble)
+    out: list[JobResult] = []
+    build: list[tuple[PlannedJob, dict]] = []
+    for dataset, (job, ensemble) in offered.items():
+        unfinished = [
+            m
+            for m in ensemble["members"]
+            if getattr(results.get(f"{dataset}/{m}"), "status", "") not in ("done", "kept")
+        ]
+        if unfinished:
+            why = f"not built: {', '.join(unfinished)} did not finish"
+        elif job.context is None or not job.context.has_split("validation"):
+            why = "not built: no validation split to score it on"
+        elif settings.ensemble == "beyond-noise" and not ensemble["beats_best"]:
+            why = (f"not built: within noise of {ensemble['against']} alone (McNemar "
+                   f"p={ensemble['p_value']:.3f}); --ensemble always builds it")  # fmt: skip
+        else:
+            build.append((job, ensemble))
+            continue
+        out.append(JobResult(dataset, ENSEMBLE, "skipped", error=why))
+    if not build:
+        return out
+    pool, own = runner.cv_pool()
+    try:
+        for job, ensemble in build:
+            context = job.context
+            assert context is not None
+            store = FeatureStore.open(StoreLayout.at(settings.store), job.dataset,
+                                      context.store.backbone)  # fmt: skip
+            table = store.read_table("validation", ["path", "label_index", "copy"])
+            validation = [(p, int(y)) for p, y, c in zip(table["path"].to_pylist(),
+                          table["label_index"].to_pylist(), table["copy"].to_pylist(),
+                          strict=True) if c == 0]  # fmt: skip
+            pool.submit(f"{job.dataset}/{ENSEMBLE}", "build_ensemble", runs, job.dataset,
+                        ensemble["members"], list(context.classes), context.dataset_root,
+                        validation, ensemble)  # fmt: skip
+        for outcome in pool.drain():
+            dataset = outcome.key.split("/", 1)[0]
+            if outcome.error is not None:
+                lines = str(outcome.error).strip().splitlines()
+                out.append(
+                    JobResult(
+                        dataset,
+                        ENSEMBLE,
+                        "failed",
+                        error=(f"{type(outcome.error).__name__}: {lines[-1] if lines else ''}")[
+                            :500
+                        ],
+                    )
+                )
+            else:
+                out.append(JobResult.from_artifacts(runs.job(dataset, ENSEMBLE), "done"))
+    finally:
+        if own:
+            pool.close()
+    return sorted(out, key=lambda r: r.dataset)
 
 
 class _PoolRunner:

@@ -72,6 +72,16 @@ class TrainingWorker:
             problem = ray.get(problem)
         return [fit_and_predict(problem, train, held, self._fits) for train, held in splits]
 
+    def build_ensemble(self, *args: Any) -> dict[str, Any]:
+        """A dataset's methods averaged into one saved model (:mod:`tasks.ensemble`)."""
+        from tasks.ensemble import build_ensemble
+
+        try:
+            return build_ensemble(*args)
+        finally:
+            self.jobs_run += 1
+            self._clear()
+
     def _clear(self) -> None:
         """Free the finished job's graphs: a worker lives for many jobs. Keras 3's
         ``clear_session`` runs a full garbage collection (0.6 s here), so every few jobs."""

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 
 from storage.feature_store import FeatureStore
@@ -98,6 +99,97 @@ def test_every_method_learns_well_above_chance(trained):
         assert result.status == "done", result.error
         assert result.accuracy >= floor, (key, result.accuracy)
     assert results["shapes/scratch"].status == "done"
+
+
+def _wf_json(*args: str) -> object:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "workflows.cli", *args, "--json"],
+                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_wf_stores_and_wf_runs_list_what_was_written(trained):
+    _, settings, results = trained
+    listed = {s["dataset"]: s for s in _wf_json("stores", settings.store)}
+    assert set(listed) == {"shapes", "pairs", "broken"}
+    for dataset in ("shapes", "pairs"):
+        manifest = FeatureStore.open(settings.store, dataset, "efficientnet_lite0").manifest
+        shown = listed[dataset]
+        assert shown["images"] == {s: sum(manifest.images_per_class(s))
+                                   for s in ("train", "validation")}  # fmt: skip
+        assert shown["rows"] == sum(r.rows for r in manifest.shards.values())
+        assert shown["classes"] == len(manifest.classes) and shown["augment"] == 1
+        assert shown["shards"] == f"{len(manifest.shards)}/{len(manifest.shards)}"
+    runs = {f"{r['dataset']}/{r['method']}": r for r in _wf_json("runs", settings.runs)}
+    done = {key for key, r in results.items() if r.status == "done"}
+    assert set(runs) == done  # a failed job has no model to list
+    for key in done:
+        metrics = _files(settings.runs, *key.split("/")).read_json("metrics.json")
+        assert runs[key]["accuracy"] == metrics["accuracy"] and runs[key]["n"] == metrics["n"]
+        assert runs[key]["accuracy_interval"] == metrics["accuracy_interval"]
+        assert Path(runs[key]["model"]).is_file() and runs[key]["epochs"] == metrics["epochs"]
+        assert ("cv" in runs[key]) == ("cv" in metrics)
+
+
+def test_tensorboard_event_files_hold_every_epoch_of_the_history(trained):
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    _, settings, _ = trained
+    files = _files(settings.runs, "shapes", "bottleneck")
+    history = list(csv.DictReader(io.StringIO(Path(files.path("history.csv")).read_text())))
+    for run, prefix in (("train", ""), ("validation", "val_")):
+        (events,) = (Path(files.path("tensorboard")) / run).glob("events.out.tfevents.*")
+        scalars: dict[str, dict[int, float]] = {}
+        for record in tf.data.TFRecordDataset(str(events)):
+            event = event_pb2.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+        assert set(scalars) == {"epoch_accuracy", "epoch_loss"}, scalars.keys()
+        for name in ("accuracy", "loss"):
+            logged = scalars[f"epoch_{name}"]
+            assert sorted(logged) == list(range(len(history)))
+            np.testing.assert_allclose([logged[e] for e in range(len(history))],
+                                       [float(row[prefix + name]) for row in history],
+                                       rtol=1e-5)  # fmt: skip
+
+
+def test_every_stored_image_copy_is_one_row(trained):
+    """No duplicate (image_id, copy) rows in a store written by a local run (split by split,
+    and across splits: an image lands in one split)."""
+    _, settings, _ = trained
+    for dataset in ("shapes", "pairs"):
+        store = FeatureStore.open(settings.store, dataset, "efficientnet_lite0")
+        keys = []
+        for split in ("train", "validation"):
+            table = store.read_table(split, ["image_id", "copy"])
+            keys += list(zip(table["image_id"].to_pylist(), table["copy"].to_pylist(),
+                             strict=True))  # fmt: skip
+        assert len(keys) == len(set(keys)) == sum(r.rows for r in store.manifest.shards.values())
+
+
+def test_the_summary_page_shows_every_job_with_its_numbers_and_plots(trained):
+    import base64
+    import html
+    import re
+
+    root, settings, results = trained
+    page = (root / "runs" / "summary.html").read_text()
+    for key, result in results.items():
+        dataset, method = key.split("/")
+        assert dataset in page and method in page
+        if result.status == "done":
+            metrics = _files(settings.runs, dataset, method).read_json("metrics.json")
+            low, high = metrics["accuracy_interval"]
+            assert f"{metrics['accuracy']:.3f} ({low:.3f}-{high:.3f}, n={metrics['n']})" in page
+        else:
+            assert html.escape(result.error)[:60] in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 2 * sum(r.status == "done" for r in results.values())
+    assert all(base64.b64decode(data).startswith(b"\x89PNG") for data in images)
+    assert "http://" not in page and "https://" not in page  # one file, nothing fetched
 
 
 def test_a_failed_job_does_not_stop_the_others(trained):
@@ -442,8 +534,10 @@ def test_fusion_trains_on_every_backbone_and_predicts_from_images(extracted, tmp
     run_extract(lite1)
     recipes = _recipes(fusion=Recipe(epochs=6, optimizer="adam"))
     settings = TrainSettings(store=store, runs=str(tmp_path / "runs"), datasets=("pairs",),
-                             methods=("fusion",), recipes=recipes)  # fmt: skip
-    (result,) = run_train_all(settings)
+                             methods=("bottleneck", "fusion"), recipes=recipes,
+                             ensemble="always")  # fmt: skip
+    results = {r.method: r for r in run_train_all(settings)}
+    result = results["fusion"]
     assert result.status == "done", result.error
     assert result.accuracy >= 0.9
     files = _files(settings.runs, "pairs", "fusion")
@@ -452,3 +546,41 @@ def test_fusion_trains_on_every_backbone_and_predicts_from_images(extracted, tmp
     evaluated = _wf("evaluate", files.model, str(root / "data" / "pairs"), "--json")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert json.loads(evaluated.stdout)["accuracy"] >= 0.9  # one image in, both backbones inside
+
+    # --ensemble always: the two cross-validated methods averaged into one saved model.
+    ensemble = results["ensemble"]
+    assert ensemble.status == "done", ensemble.error
+    folder = _files(settings.runs, "pairs", "ensemble")
+    facts = folder.read_json("metrics.json")
+    choice = metrics["cv"]["choice"]["ensemble"]
+    assert sorted(facts["members"]) == ["bottleneck", "fusion"] and facts["epochs"] == 0
+    assert facts["cv"]["accuracy"] == choice["accuracy"] and facts["n"] == metrics["n"]
+    assert facts["abstain"] == choice["abstain"] and facts["abstain"]["max_distance"] is None
+    assert ensemble.accuracy >= 0.9 and ensemble.cv["n"] == choice["n"]
+    import keras
+
+    from tasks.images import load_image
+
+    model = keras.saving.load_model(folder.model)  # plain Keras: one probabilities output
+    size = tuple(model.input_shape[1:3])
+    photos = sorted((root / "data" / "pairs").rglob("*.jpg"))[:6]
+    pixels = np.stack([load_image(pafs.LocalFileSystem(), str(p), size) for p in photos])
+    pixels = pixels.astype(np.float32)
+    outputs = []
+    for method in facts["members"]:
+        member = keras.saving.load_model(_files(settings.runs, "pairs", method).model)
+        own = tuple(member.input_shape[1:3])
+        x = pixels if own == size else keras.layers.Resizing(*own)(pixels)
+        outputs.append(np.asarray(member.predict_on_batch(x)))
+    np.testing.assert_allclose(model.predict_on_batch(pixels), np.mean(outputs, axis=0),
+                               atol=1e-5)  # fmt: skip
+    served = _wf("predict", folder.model, str(photos[0]), "--format", "json", "--no-abstain")
+    assert served.returncode == 0, served.stderr[-2000:]
+    assert json.loads(served.stdout)[0]["label"] == photos[0].parent.name
+    assert "| pairs | ensemble | done |" in (tmp_path / "runs" / "summary.md").read_text()
+    # Rerun with --ensemble beyond-noise: the jobs are kept, and on these easy images the
+    # average cannot beat fusion beyond noise, so it is not built again; the run says why.
+    again = replace(settings, ensemble="beyond-noise")
+    kept = {r.method: r for r in run_train_all(again)}
+    assert kept["fusion"].status == "kept" and kept["ensemble"].status == "skipped"
+    assert "not built: within noise of" in kept["ensemble"].error

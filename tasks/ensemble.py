@@ -1,0 +1,94 @@
+"""`wf train-all --ensemble`: a dataset's cross-validated methods averaged into one saved model.
+
+Cross-validation tests the average of the methods' calibrated out-of-fold probabilities against
+the best method alone (``cv.choice.ensemble``). When it is asked for (and, unless
+``--ensemble always``, right more often than the best method beyond noise), this builds
+``<runs>/<dataset>/ensemble/`` like any job's folder: ``model.keras`` takes an image and gives
+the average of the members' (calibrated) probabilities, one output, loaded with plain
+``keras.saving.load_model``; ``metrics.json`` holds its validation numbers (the saved model run
+on the validation images), its cross-validated numbers and its abstention threshold (on
+confidence alone: the members' embeddings differ, so there is no one distance to measure).
+Runs in a worker of the engine's pool, which has TensorFlow imported.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from storage.filesystem import Location
+from storage.runs import Artifact, RunsLayout
+from tasks.evaluation import classification_metrics, plot_confusion_matrix
+from tasks.heads import probabilities
+from tasks.images import load_image
+
+ENSEMBLE = "ensemble"
+BATCH = 32
+
+
+def ensemble_model(keras: Any, members: list[tuple[str, Any]]) -> Any:
+    """One model of ``members`` (``(name, complete model)``): the image in at the largest of
+    their input sizes, resized for each member that takes a smaller one, their outputs
+    averaged."""
+    sizes = [tuple(int(d) for d in model.input_shape[1:3]) for _, model in members]
+    size = max(sizes)
+    image = keras.Input((*size, 3), name="image")
+    outputs = []
+    for (name, model), own in zip(members, sizes, strict=True):
+        x = image if own == size else keras.layers.Resizing(*own, name=f"{name}_resize")(image)
+        outputs.append(keras.Model(model.inputs, model.outputs, name=name)(x))
+    average = keras.layers.Average(name="ensemble_average")(outputs)
+    return keras.Model(image, average, name=ENSEMBLE)
+
+
+def build_ensemble(
+    runs: RunsLayout, dataset: str, members: list[str], classes: list[str],
+    dataset_root: str, validation: list[tuple[str, int]], cv: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """Save ``members``' average as ``<runs>/<dataset>/ensemble/`` and return its metrics.
+    ``validation``: each validation image's path (relative to ``dataset_root``) and label;
+    ``cv``: cross-validation's ``choice.ensemble`` (with its ``abstain`` thresholds)."""
+    import keras
+
+    from tasks.classifier import load_classifier
+
+    started = time.perf_counter()
+    loaded = [(m, load_classifier(runs.job(dataset, m).model).model) for m in members]
+    model = ensemble_model(keras, loaded)
+    size = tuple(int(d) for d in model.input_shape[1:3])
+    location = Location.at(dataset_root)
+    pixels = np.stack([load_image(location.filesystem, location.path(p), size)
+                       for p, _ in validation])  # fmt: skip
+    found = np.concatenate([model.predict_on_batch(pixels[i : i + BATCH].astype(np.float32))
+                            for i in range(0, len(pixels), BATCH)])  # fmt: skip
+    metrics = classification_metrics(np.array([label for _, label in validation]),
+                                     probabilities(found, len(classes)), classes)  # fmt: skip
+    folds = cv.get("folds")
+    metrics.update(
+        dataset=dataset, method=ENSEMBLE, members=list(members), epochs=0,
+        input_size=[int(d) for d in size], abstain=cv.get("abstain"),
+        cv={"folds": folds, "accuracy": cv["accuracy"], "interval": cv["interval"], "n": cv["n"],
+            "against": cv["against"], "only_ensemble": cv["only_ensemble"],
+            "only_best": cv["only_best"], "p_value": cv["p_value"],
+            "beats_best": cv["beats_best"]},
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )  # fmt: skip
+    files = runs.job(dataset, ENSEMBLE)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, Artifact.MODEL)
+        model.save(path)
+        with open(path, "rb") as handle:
+            files.write(Artifact.MODEL, handle.read())
+    metrics["seconds"] = round(time.perf_counter() - started, 3)
+    files.write_json(Artifact.METRICS, metrics)
+    files.write_json(Artifact.CLASSES, list(classes))
+    files.write(Artifact.CONFUSION_MATRIX,
+                plot_confusion_matrix(metrics, f"{dataset} / {ENSEMBLE}"))  # fmt: skip
+    files.write_index([Artifact.MODEL, Artifact.METRICS, Artifact.CLASSES,
+                       Artifact.CONFUSION_MATRIX])  # fmt: skip
+    return metrics
