@@ -41,7 +41,10 @@ def ensemble_model(keras: Any, members: list[tuple[str, Any]]) -> Any:
     outputs = []
     for (name, model), own in zip(members, sizes, strict=True):
         x = image if own == size else keras.layers.Resizing(*own, name=f"{name}_resize")(image)
-        outputs.append(keras.Model(model.inputs, model.outputs, name=name)(x))
+        # A model of its own name around each member (one input, one output): the outer
+        # model's layers are then the image, the resizings, the members and the average.
+        wrapped = keras.Model(model.inputs[0], model.outputs[0], name=f"member_{name}")
+        outputs.append(wrapped(x))
     average = keras.layers.Average(name="ensemble_average")(outputs)
     return keras.Model(image, average, name=ENSEMBLE)
 

@@ -169,6 +169,11 @@ def _honest(metrics: dict[str, Any]) -> str:
                     f"{100 * abstain['rate']:.0f}% of them)</li>")  # fmt: skip
     if not cv:
         return f"<ul class=cv>{declines}</ul>" if declines else ""
+    if metrics.get("members"):  # an ensemble: its average's numbers, out of fold
+        line = (f"cross-validated: <b>{html.escape(cv_text(cv))}</b>; {cv['only_ensemble']} right "
+                f"only by the average, {cv['only_best']} only by {html.escape(cv['against'])} "
+                f"(McNemar p={cv['p_value']:.3f})")  # fmt: skip
+        return f"<ul class=cv><li>{line}</li>{declines}</ul>"
     folds = ", ".join(f"{a:.3f}" for a in cv["per_fold"])
     ece = metrics.get("ece", {})
     items = [

@@ -19,6 +19,7 @@ from storage.feature_store import FeatureStore
 from tests.corpus import scene, write_scenes
 from workflows.audit import AuditSettings, audit_context, run_audit
 from workflows.cross_validate import (
+    _keep_out_of_fold,
     cached_out_of_fold,
     cross_validate_dataset,
     shared_out_of_fold,
@@ -200,6 +201,6 @@ def test_out_of_fold_probabilities_are_fitted_once_and_shared_with_cv(audited, t
     shutil.rmtree(derived)
     derived.write_text("in the way")
     with pytest.warns(UserWarning, match="not cached beside the store"):
-        blocked = shared_out_of_fold(context, store, 5)
-    assert blocked is not None and not blocked.reused and blocked.keys == cached.keys
+        _keep_out_of_fold(store, context, 5, fresh)
+    assert cached_out_of_fold(store, context, 5) is None
     derived.unlink()

@@ -67,6 +67,7 @@ ERRORS = [
     (["train-all", "--store", "{root}/s", "--runs", "{root}/r"], 1, "expected a JSON object"),
     (["train-all", "--store", "{root}/s", "--cv", "1"], 2, "--cv takes 0 (off) or at least 2"),
     (["train-all", "--store", "{root}/s", "--abstain-rate", "1.5"], 2, "--abstain-rate must be"),
+    (["train-all", "--store", "{root}/s", "--ensemble", "sometimes"], 2, "--ensemble takes off"),
     (["predict", "{root}/m/model.keras", "{root}/d"], 2, "cannot load model"),
     (["predict", "{root}/nomodel.keras", "{root}/d"], 2, "does not exist"),
     (
