@@ -218,20 +218,11 @@ def test_it_declines_images_unlike_any_it_learned_and_answers_its_own(server, ru
     bare.mkdir()
     for name in ("model.keras", "classes.json", "metrics.json"):
         (bare / name).write_bytes((model.parent / name).read_bytes())
-    refused = subprocess.run(
-        [sys.executable, "-m", "workflows.cli", "predict", str(bare / "model.keras"),
-         str(strange[0]), "--max-distance", "0.5"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert refused.returncode == 2 and "--max-distance needs the run's embeddings.npy" in (
-        refused.stderr
-    ), refused.stderr[-2000:]
-    assert len(refused.stderr.strip().splitlines()) == 1
-    confident = subprocess.run(
-        [sys.executable, "-m", "workflows.cli", "predict", str(bare / "model.keras"),
-         str(strange[0]), "--min-confidence", "1", "--format", "json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert confident.returncode == 0, confident.stderr[-2000:]
-    (answer,) = json.loads(confident.stdout)
-    assert answer["abstained"] and answer["reason"] == "low_confidence" and answer["label"] == ""
+    from storage.errors import SettingsError
+    from workflows.predict import Thresholds, predict_paths
+
+    with pytest.raises(SettingsError, match=r"--max-distance needs the run's embeddings\.npy"):
+        predict_paths(str(bare / "model.keras"), [str(strange[0])], Thresholds(max_distance=0.5))
+    (answer,) = predict_paths(str(bare / "model.keras"), [str(strange[0])],
+                              Thresholds(min_confidence=1.0))  # fmt: skip
+    assert answer.abstained and answer.reason == "low_confidence" and answer.label == ""
