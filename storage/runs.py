@@ -83,6 +83,18 @@ class JobFiles:
     def write(self, name: str, data: bytes) -> None:
         write_bytes(self.location.filesystem, self.path(name), data)
 
+    def write_model(self, model: Any) -> None:
+        """``model.keras``: a Keras model saved to a local file (Keras saves to paths only),
+        then stored like every artifact."""
+        import os
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, Artifact.MODEL)
+            model.save(path)
+            with open(path, "rb") as handle:
+                self.write(Artifact.MODEL, handle.read())
+
     def read(self, name: str) -> bytes:
         try:
             return read_bytes(self.location.filesystem, self.path(name))

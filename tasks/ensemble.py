@@ -13,8 +13,6 @@ Runs in a worker of the engine's pool, which has TensorFlow imported.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +27,9 @@ from tasks.images import load_image
 
 ENSEMBLE = "ensemble"
 BATCH = 32
+# What metrics.json's "cv" keeps of cross-validation's test of the average.
+CV_KEYS = ("folds", "accuracy", "interval", "n", "against", "only_ensemble", "only_best",
+           "p_value", "beats_best")  # fmt: skip
 
 
 def ensemble_model(keras: Any, members: list[tuple[str, Any]]) -> Any:
@@ -55,10 +56,12 @@ def build_ensemble(
 ) -> dict[str, Any]:  # fmt: skip
     """Save ``members``' average as ``<runs>/<dataset>/ensemble/`` and return its metrics.
     ``validation``: each validation image's path (relative to ``dataset_root``) and label;
-    ``cv``: cross-validation's ``choice.ensemble`` (with its ``abstain`` thresholds)."""
+    ``cv``: cross-validation's ``choice.ensemble`` (with its ``abstain`` thresholds) and the
+    ``folds`` it was measured in."""
     import keras
 
     from tasks.classifier import load_classifier
+    from tasks.training.job import predict_in_batches
 
     started = time.perf_counter()
     loaded = [(m, load_classifier(runs.job(dataset, m).model).model) for m in members]
@@ -67,26 +70,17 @@ def build_ensemble(
     location = Location.at(dataset_root)
     pixels = np.stack([load_image(location.filesystem, location.path(p), size)
                        for p, _ in validation])  # fmt: skip
-    found = np.concatenate([model.predict_on_batch(pixels[i : i + BATCH].astype(np.float32))
-                            for i in range(0, len(pixels), BATCH)])  # fmt: skip
+    found = predict_in_batches(model, pixels.astype(np.float32), BATCH)
     metrics = classification_metrics(np.array([label for _, label in validation]),
                                      probabilities(found, len(classes)), classes)  # fmt: skip
-    folds = cv.get("folds")
     metrics.update(
         dataset=dataset, method=ENSEMBLE, members=list(members), epochs=0,
         input_size=[int(d) for d in size], abstain=cv.get("abstain"),
-        cv={"folds": folds, "accuracy": cv["accuracy"], "interval": cv["interval"], "n": cv["n"],
-            "against": cv["against"], "only_ensemble": cv["only_ensemble"],
-            "only_best": cv["only_best"], "p_value": cv["p_value"],
-            "beats_best": cv["beats_best"]},
+        cv={key: cv[key] for key in CV_KEYS},
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )  # fmt: skip
     files = runs.job(dataset, ENSEMBLE)
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, Artifact.MODEL)
-        model.save(path)
-        with open(path, "rb") as handle:
-            files.write(Artifact.MODEL, handle.read())
+    files.write_model(model)
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     files.write_json(Artifact.METRICS, metrics)
     files.write_json(Artifact.CLASSES, list(classes))

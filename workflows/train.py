@@ -228,7 +228,7 @@ def _ensembles(
         result = results.get(job.key)
         ensemble = ((result.cv or {}).get("choice") or {}).get("ensemble") if result else None
         if job.context is not None and ensemble and job.dataset not in offered:
-            offered[job.dataset] = (job, ensemble)
+            offered[job.dataset] = (job, {**ensemble, "folds": result.cv["folds"]})
     out: list[JobResult] = []
     build: list[tuple[PlannedJob, dict]] = []
     for dataset, (job, ensemble) in offered.items():
@@ -239,7 +239,7 @@ def _ensembles(
         ]
         if unfinished:
             why = f"not built: {', '.join(unfinished)} did not finish"
-        elif job.context is None or not job.context.has_split("validation"):
+        elif not job.context.has_split("validation"):
             why = "not built: no validation split to score it on"
         elif settings.ensemble == "beyond-noise" and not ensemble["beats_best"]:
             why = (f"not built: within noise of {ensemble['against']} alone (McNemar "

@@ -339,11 +339,7 @@ def _write_artifacts(
     files = context.runs.job(context.dataset, context.method)
     model = method.complete_model(context, calibrated(context, method, trained), weights)
     metrics["input_size"] = [int(d) for d in model.input_shape[1:3]]  # what `wf serve` decodes to
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, Artifact.MODEL)
-        model.save(path)
-        with open(path, "rb") as handle:
-            files.write(Artifact.MODEL, handle.read())
+    files.write_model(model)
     files.write_weights(Artifact.TRAINED_WEIGHTS, trained)
     files.write_json(Artifact.METRICS, metrics)
     files.write_json(Artifact.CLASSES, list(context.classes))

@@ -555,6 +555,7 @@ def test_fusion_trains_on_every_backbone_and_predicts_from_images(extracted, tmp
     choice = metrics["cv"]["choice"]["ensemble"]
     assert sorted(facts["members"]) == ["bottleneck", "fusion"] and facts["epochs"] == 0
     assert facts["cv"]["accuracy"] == choice["accuracy"] and facts["n"] == metrics["n"]
+    assert facts["cv"]["folds"] == metrics["cv"]["folds"] == 2
     assert facts["abstain"] == choice["abstain"] and facts["abstain"]["max_distance"] is None
     assert ensemble.accuracy >= 0.9 and ensemble.cv["n"] == choice["n"]
     import keras
