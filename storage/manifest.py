@@ -119,6 +119,18 @@ class Manifest:
         )[:16]
 
     @property
+    def labelled_id(self) -> str:
+        """Names what training reads: the features' settings, the classes and the shard files
+        of every split but ``unlabelled`` (new unlabelled images retrain nothing)."""
+        return fingerprint(
+            [
+                self.feature_fingerprint,
+                list(self.classes),
+                sorted((k, r.sha256) for k, r in self.shards.items() if r.split != "unlabelled"),
+            ]
+        )[:16]
+
+    @property
     def rejects(self) -> list[Reject]:
         return [reject for key in sorted(self.shards) for reject in self.shards[key].rejects]
 
@@ -136,6 +148,10 @@ class Manifest:
                 for index, count in enumerate(record.class_images):
                     counts[index] += count
         return counts
+
+    def images_in(self, split: str) -> int:
+        """Usable images in ``split`` (an unlabelled split's too), over the committed shards."""
+        return sum(r.images for r in self.shards.values() if r.split == split)
 
     def files(self, split: str) -> list[str]:
         """The committed part files of ``split`` (relative to the store), in shard order."""

@@ -141,7 +141,8 @@ def _batches(
         return batch
 
     for item, image_id, pixels in _decoded(job, prepared.input_size, rejects):
-        class_images[item.label_index] += 1
+        if item.label_index >= 0:  # an unlabelled image has no class to count
+            class_images[item.label_index] += 1
         pending.append((item, image_id, 0, pixels))
         for copy in range(1, copies):
             seed = copy_seed(image_id, copy, job.seed)

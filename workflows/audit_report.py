@@ -28,7 +28,7 @@ def file_sizes(dataset_root: str) -> dict[str, int]:
     return {escape_name("/".join(e.parts)): e.size for e in tree.files}
 
 
-def _thumbnail(location: Location, path: str) -> str:
+def thumbnail(location: Location, path: str) -> str:
     try:
         pixels = load_image(location.filesystem, location.path(unescape_name(path)), (112, 112))
     except (ImageRejected, OSError):
@@ -42,7 +42,7 @@ def _card(location: Location, issue: dict[str, Any], note: str = "") -> str:
     keep = " keep" if issue.get("keep") else ""
     caption = (f"{html.escape(issue['split'])} · {html.escape(issue['label'])}"
                f"{' · keep' if keep else ''}{note}")  # fmt: skip
-    return (f'<figure class="card{keep}">{_thumbnail(location, issue["path"])}'
+    return (f'<figure class="card{keep}">{thumbnail(location, issue["path"])}'
             f'<figcaption title="{html.escape(issue["path"])}">{caption}<br>'
             f"<small>{html.escape(issue['path'][-40:])}</small></figcaption></figure>")  # fmt: skip
 

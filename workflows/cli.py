@@ -247,6 +247,45 @@ def audit(
 
 
 @app.command()
+def suggest(
+    store: o.TrainStore = None, runs: o.Runs = None, datasets: o.Datasets = None,
+    budget: o.Budget = 100, output: o.SuggestOutput = "suggestions",
+    method: o.SuggestMethod = "bottleneck", backbone: o.AuditBackbone = "efficientnet_lite0",
+    json_output: o.Json = False,
+) -> None:  # fmt: skip
+    """Rank each dataset's unlabelled images for labelling: uncertain, spread out, balanced.
+
+    Example: wf suggest --store store --runs runs --budget 100 --output suggestions
+    """
+    from workflows.console import show_suggest
+    from workflows.suggest import SuggestSettings, run_suggest
+
+    settings = SuggestSettings(store=store or "store", runs=runs or "runs", output=output,
+                               datasets=_csv(datasets) or (), budget=budget, method=method,
+                               backbone=backbone)  # fmt: skip
+    show_suggest(output, run_suggest(settings), json_output)
+
+
+@app.command()
+def label(
+    dataset: o.Dataset, labels_csv: o.LabelsCsv, split: o.LabelSplit = "train",
+    json_output: o.Json = False,
+) -> None:  # fmt: skip
+    """Move the images a path,label CSV names into their class folders, and log who and when.
+
+    Example: wf label data/cats_vs_dogs labels.csv
+    """
+    from storage.errors import RunFailed
+    from workflows.console import show_label
+    from workflows.label import label_images
+
+    report = label_images(dataset, labels_csv, split)
+    show_label(dataset, report, json_output)
+    if report.problems:
+        raise RunFailed(f"{len(report.problems)} rows not applied (see above)")
+
+
+@app.command()
 def stores(
     store: Annotated[str, typer.Argument(help="A feature store root (path or URI).")] = "store",
     json_output: o.Json = False,

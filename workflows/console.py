@@ -297,3 +297,32 @@ def show_audit(output: str, summaries: dict[str, dict], as_json: bool) -> None:
         out.print(
             f"{dataset}: {output.rstrip('/')}/{dataset}/report.html and issues.csv", markup=False
         )
+
+
+def show_suggest(output: str, summaries: dict[str, dict], as_json: bool) -> None:
+    if as_json:
+        print_json(summaries)
+        return
+    rows = [{"dataset": d, "unlabelled": str(s["unlabelled"]), "suggested": str(s["suggested"]),
+             **{r: str(n) for r, n in s["reasons"].items()}}
+            for d, s in summaries.items()]  # fmt: skip
+    print_table(f"wf suggest: {output}", rows)
+    for summary in summaries.values():
+        for warning in summary["warnings"]:
+            say("warning", warning)
+        out.print(f"{summary['dataset']}: {summary['csv']} and {summary['report']}", markup=False)
+    out.print("next: label them (class folders, or `wf label DATASET labels.csv`), then "
+              "`wf extract` and `wf train-all`", markup=False)  # fmt: skip
+
+
+def show_label(dataset: str, report: Any, as_json: bool) -> None:
+    if as_json:
+        print_json({"moved": report.moved, "problems": report.problems, "log": report.log})
+        return
+    for problem in report.problems:
+        say("error", problem)
+    out.print(f"wf label: moved {len(report.moved)} images in {dataset}; log {report.log}",
+              markup=False)  # fmt: skip
+    if report.moved:
+        out.print("next: `wf extract` (only the shards they touched) and `wf train-all`",
+                  markup=False)  # fmt: skip

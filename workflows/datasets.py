@@ -7,6 +7,12 @@ goes to validation when a stable hash of its relative path falls under the valid
 so the split never changes between runs or machines. Classes are the sorted folder names, the
 same indices for every split; files in sub-folders of a class belong to that class.
 
+A folder ``unlabelled/`` (or ``unlabeled/``) beside the split folders (or beside the class
+folders of a dataset without splits) holds images nobody has labelled yet, at any depth: they
+are the split ``unlabelled``, with no class (label ``""``, index -1), read only by
+``wf suggest``. Any other folder or file wf does not use is named in a warning, so a misspelt
+split (``tset/``) is never skipped in silence.
+
 The driver only lists: each file's size and modification time stand for its content in the
 plan (as ``make`` does), and the shard tasks read the bytes where they are.
 """
@@ -28,6 +34,9 @@ from tasks.extract_shard import ImageItem
 from tasks.images import is_ignored_file
 
 SPLITS = ("train", "validation", "test")
+UNLABELLED = "unlabelled"  # the split of images with no class yet
+UNLABELLED_FOLDERS = ("unlabelled", "unlabeled")
+NO_LABEL, NO_LABEL_INDEX = "", -1
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation",
                  "valid": "validation", "test": "test"}  # fmt: skip
 _SPLIT_SALT = "wf-validation-split"
@@ -130,6 +139,8 @@ def _split_folders(tree: Tree) -> dict[str, str]:
     found: dict[str, str] = {}
     for name in tree.children():
         split = SPLIT_ALIASES.get(name.lower())
+        if name.lower() in UNLABELLED_FOLDERS:
+            split = UNLABELLED
         if split:
             if split in found:
                 raise DatasetError(
@@ -141,7 +152,10 @@ def _split_folders(tree: Tree) -> dict[str, str]:
 
 def is_dataset(tree: Tree) -> bool:
     """A dataset has split folders, or at least one class folder that directly holds files."""
-    return bool(_split_folders(tree)) or any(len(e.parts) == 2 for e in tree.files)
+    splits = _split_folders(tree)
+    return bool(set(splits) - {UNLABELLED}) or any(
+        len(e.parts) == 2 and e.parts[0] != splits.get(UNLABELLED) for e in tree.files
+    )
 
 
 def expand_dataset_paths(paths: list[str]) -> list[tuple[str, Tree]]:
@@ -152,7 +166,7 @@ def expand_dataset_paths(paths: list[str]) -> list[tuple[str, Tree]]:
         if is_dataset(tree):
             found.append((tree.location.uri, tree))
             continue
-        children = [tree.sub(name) for name in tree.children()]
+        children = [tree.sub(n) for n in tree.children() if n.lower() not in UNLABELLED_FOLDERS]
         children = [child for child in children if is_dataset(child)]
         if not children:
             raise DatasetError(
@@ -179,16 +193,31 @@ def discover_dataset(
 ) -> DatasetSpec:
     """Classes, splits and images of the dataset at ``root``, or a :class:`DatasetError`."""
     tree = tree or list_tree(root)
+    listed = tree
     location = tree.location
     name = name or posixpath.basename(location.root.rstrip("/")) or "dataset"
     if not _NAME.match(name):
         raise DatasetError(f"dataset name {name!r} must be letters, digits, '.', '_' or '-'")
     warnings: list[str] = []
     split_dirs = _split_folders(tree)
+    pool = split_dirs.pop(UNLABELLED, None)
+    if pool is not None:
+        tree = _without(tree, pool)
     per_split: dict[str, dict[str, list[tuple[str, Entry]]]] = {}
     if split_dirs:
         if "train" not in split_dirs:
             raise DatasetError(f"{name}: has {', '.join(split_dirs)} folders but no train/ folder")
+        unused = [c for c in tree.children() if c not in split_dirs.values()]
+        if unused:
+            warnings.append(
+                f"{name}: ignored folder{'s' if len(unused) > 1 else ''} "
+                f"{', '.join(escape_name(u) + '/' for u in unused)} (not train, validation, "
+                "test or unlabelled)"
+            )
+        if tree.loose_files():
+            warnings.append(
+                f"{name}: ignored {len(tree.loose_files())} files outside split folders"
+            )
         for split, folder in split_dirs.items():
             classes = _by_class(tree.sub(folder), f"{name}/{split}", warnings)
             per_split[split] = {c: [(f"{folder}/{c}", e) for e in es] for c, es in classes.items()}
@@ -222,10 +251,30 @@ def discover_dataset(
                 signatures[relative] = (entry.size, entry.mtime_ns)
                 items.append(ImageItem(entry.path, relative, entry.size, escape_name(label), index))
         images[split] = tuple(items)
+    if pool is not None:
+        images[UNLABELLED] = _unlabelled(listed, pool, signatures)
     return DatasetSpec(
         name, location.uri, location.filesystem, tuple(escape_name(c) for c in classes), images,
         bool(split_dirs), tuple(warnings), signatures,
     )  # fmt: skip
+
+
+def _without(tree: Tree, name: str) -> Tree:
+    """``tree`` without its top-level folder ``name``."""
+    return Tree(tree.location, tuple(e for e in tree.files if e.parts[0] != name),
+                frozenset(f for f in tree.folders if f[0] != name))  # fmt: skip
+
+
+def _unlabelled(
+    tree: Tree, folder: str, signatures: dict[str, tuple[int, int]]
+) -> tuple[ImageItem, ...]:
+    """The images under ``folder`` (any depth), with no class, in path order."""
+    items = []
+    for entry in tree.sub(folder).files:
+        relative = _relative((folder, *entry.parts))
+        signatures[relative] = (entry.size, entry.mtime_ns)
+        items.append(ImageItem(entry.path, relative, entry.size, NO_LABEL, NO_LABEL_INDEX))
+    return tuple(sorted(items, key=lambda i: i.relative_path))
 
 
 def _relative(parts: tuple[str, ...]) -> str:

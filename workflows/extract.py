@@ -24,7 +24,7 @@ from tasks.backbones import get_backbone
 from tasks.extract_shard import ProgressCounter, ShardResult, extract_shard_task
 from workflows.calibration import backbone_preparer
 from workflows.cluster import on_this_node, ray_cluster
-from workflows.datasets import DatasetSpec, discover_dataset, expand_dataset_paths
+from workflows.datasets import UNLABELLED, DatasetSpec, discover_dataset, expand_dataset_paths
 from workflows.extract_plan import DatasetPlan, plan_dataset, remove_unreferenced
 from workflows.settings import ExtractSettings
 
@@ -98,6 +98,8 @@ def without_classes(spec: DatasetSpec, dropped: set[str]) -> DatasetSpec:
     index = {c: i for i, c in enumerate(classes)}
     images = {
         split: tuple(replace(i, label_index=index[i.label]) for i in items if i.label in index)
+        if split != UNLABELLED
+        else items
         for split, items in spec.images.items()
     }
     warning = (

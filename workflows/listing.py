@@ -27,7 +27,7 @@ def list_stores(store: str) -> list[dict[str, Any]]:
             "dataset": dataset,
             "backbone": backbone,
             "classes": len(manifest.classes),
-            "images": {s: sum(manifest.images_per_class(s)) for s in splits},
+            "images": {s: manifest.images_in(s) for s in splits},
             "rows": sum(r.rows for r in records),
             "rejects": len(manifest.rejects),
             "shards": f"{len(manifest.shards)}/{len(manifest.expected_keys())}",

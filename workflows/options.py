@@ -169,3 +169,17 @@ Folds = Annotated[int, typer.Option(help="Cross-validation folds for the label i
 OutlierScore = Annotated[float, typer.Option(help="Outliers: score at least this (1: typical).")]
 FailOn = Annotated[Text, typer.Option(help="Exit 1 when any of these issues is found (for CI).")]
 Resplit = Annotated[bool, typer.Option("--resplit", help="Write a group-aware split proposal.")]
+
+# wf suggest, label
+SuggestOutput = Annotated[
+    str, typer.Option(help="Write DIR/<dataset>/suggestions.csv, .parquet and report.html here.")
+]
+Budget = Annotated[int, typer.Option(min=1, help="Images to suggest per dataset.")]
+SuggestMethod = Annotated[
+    str, typer.Option(help="The trained method that scores them: bottleneck or prototype.")
+]
+Dataset = Annotated[str, typer.Argument(help="The dataset folder (path or URI) to label in.")]
+LabelsCsv = Annotated[
+    str, typer.Argument(help="A CSV of path,label rows (paths relative to the dataset).")
+]
+LabelSplit = Annotated[str, typer.Option(help="The split the labelled images join.")]

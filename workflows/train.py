@@ -55,8 +55,9 @@ def store_facts(store: FeatureStore) -> StoreFacts:
         copies=manifest.augment_copies + 1,
         files={split: tuple(store.files(split)) for split in splits},
         rows={s: sum(r.rows for r in manifest.shards.values() if r.split == s) for s in splits},
-        images={s: sum(manifest.images_per_class(s)) for s in splits},
+        images={s: manifest.images_in(s) for s in splits},
         manifest_id=manifest.manifest_id,
+        labelled_id=manifest.labelled_id,
         weights_source=manifest.weights_source,
         weights_sha256=manifest.weights_sha256,
     )
@@ -118,6 +119,35 @@ def plan_jobs(settings: TrainSettings) -> list[PlannedJob]:
 ProgressHook = Callable[[dict[str, dict]], None]
 
 
+def _stale(jobs: list[PlannedJob], runs: RunsLayout) -> set[str]:
+    """The jobs with artifacts trained on another content of their stores than today's (their
+    labelled rows changed since): retrained, not kept. Unlabelled images change nothing."""
+    stale = set()
+    for job in jobs:
+        files = runs.job(job.dataset, job.method)
+        if job.context is None or not files.exists():
+            continue
+        try:
+            metrics = files.metrics()
+        except StoreError:
+            continue  # reported as it is kept
+        stores = job.context.stores
+        if "store_ids" in metrics:
+            now, then = {s.backbone: s.labelled_id for s in stores}, metrics["store_ids"]
+        else:  # written before store_ids: the whole manifest's id
+            now, then = {s.backbone: s.manifest_id for s in stores}, metrics.get("manifest_ids")
+        if then is not None and then != now:
+            stale.add(job.key)
+    return stale
+
+
+def _forget(runs: RunsLayout, dataset: str, method: str) -> None:
+    """Remove a job's artifacts, Ray Train folder and checkpoints: it trains again."""
+    runs.job(dataset, method).remove()
+    delete_folder(runs.location.filesystem, runs.ray_run_dir(f"{dataset}-{method}"))
+    runs.checkpoints(dataset, method).remove()
+
+
 def _kept(job: PlannedJob, runs: RunsLayout) -> JobResult:
     return JobResult.from_artifacts(
         runs.job(job.dataset, job.method), "kept", "kept: it has artifacts (--force retrains)"
@@ -137,12 +167,14 @@ def run_train_all(
 ) -> list[JobResult]:
     """Run every planned job; one failed job is reported and does not stop the others."""
     jobs = plan_jobs(settings)
+    from tasks.ensemble import ENSEMBLE
+
     runs = RunsLayout(settings.runs)
-    if settings.force:
-        for job in jobs:
-            runs.job(job.dataset, job.method).remove()
-            delete_folder(runs.location.filesystem, runs.ray_run_dir(f"{job.dataset}-{job.method}"))
-            runs.checkpoints(job.dataset, job.method).remove()
+    stale = _stale(jobs, runs)
+    for job in jobs if settings.force else [j for j in jobs if j.key in stale]:
+        _forget(runs, job.dataset, job.method)
+    for dataset in {job.dataset for job in jobs if job.key in stale}:
+        _forget(runs, dataset, ENSEMBLE)  # built from members that are retrained
     results: dict[str, JobResult] = {}
     with ray_cluster(settings.cluster):
         options = settings.options

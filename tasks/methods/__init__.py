@@ -1,6 +1,7 @@
 """The method registry: every way wf trains a classifier, by name.
 
-The blog's three methods run by default; ``fusion`` when asked for. An unknown name is an
+The blog's three methods run by default; ``fusion`` and ``prototype`` when asked
+for. An unknown name is an
 error.
 """
 
@@ -11,9 +12,12 @@ from tasks.methods.base import JobContext, Method, Recipe, StoreFacts, TrainOpti
 from tasks.methods.bottleneck import Bottleneck
 from tasks.methods.finetune import Finetune
 from tasks.methods.fusion import Fusion
+from tasks.methods.prototype import Prototype
 from tasks.methods.scratch import Scratch
 
-METHODS: dict[str, Method] = {m.name: m for m in (Bottleneck(), Finetune(), Scratch(), Fusion())}
+METHODS: dict[str, Method] = {
+    m.name: m for m in (Bottleneck(), Finetune(), Scratch(), Fusion(), Prototype())
+}
 DEFAULT_METHODS = ("bottleneck", "finetune", "scratch")  # the Keras blog's three
 
 __all__ = [

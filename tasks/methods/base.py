@@ -63,6 +63,7 @@ class StoreFacts:
     manifest_id: str
     weights_source: str
     weights_sha256: str
+    labelled_id: str = ""  # the manifest's labelled_id: what a job trained on
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class Method(ABC):
     augments_live: bool = False  # augments images as it reads them (reads copy 0 only)
     output_name: str = ""  # its last Dense layer (logits to probabilities): a temperature divides
     embedding_layer: str = ""  # the layer whose input is the embedding abstention measures
+    closed_form: bool = False  # its trainable model is set in one step (fit_closed_form), no epochs
 
     @property
     def fits_on_rows(self) -> bool:
@@ -152,6 +154,20 @@ class Method(ABC):
         it: what :mod:`tasks.training.small_fits` fits (k-fold folds, learning-curve points).
         Only methods whose model starts from nothing on stored rows have one."""
         raise SettingsError(f"{self.name} has no small fits: it trains on images or from a job")
+
+    def fit_closed_form(
+        self, x: np.ndarray, y: np.ndarray, num_classes: int
+    ) -> dict[str, list[np.ndarray]]:
+        """The trainable model's weights by layer name, computed from rows ``x`` and labels
+        ``y`` in one step (methods with ``closed_form``)."""
+        raise SettingsError(f"{self.name} trains by gradient, not in closed form")
+
+    def predict_closed_form(
+        self, weights: dict[str, list[np.ndarray]], x: np.ndarray
+    ) -> np.ndarray:
+        """The trainable model's raw outputs for rows ``x``, in numpy (methods with
+        ``closed_form``): what its small fits predict without TensorFlow."""
+        raise SettingsError(f"{self.name} trains by gradient, not in closed form")
 
     def initial_weights(
         self, context: JobContext, weights: dict[str, ResolvedWeights]

@@ -316,6 +316,7 @@ def finish_job(
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
         seconds_per_epoch=round(float(np.mean(seconds)), 4) if seconds else None,
         manifest_ids={s.backbone: s.manifest_id for s in context.stores},
+        store_ids={s.backbone: s.labelled_id for s in context.stores},
     )
     if context.cv is not None:
         metrics.update(context.cv.metrics())

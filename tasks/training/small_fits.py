@@ -127,9 +127,15 @@ def fit_and_predict(
     """Fit ``problem``'s method on rows ``train`` and return class probabilities
     ``(len(held), classes)`` for rows ``held``. ``cache`` keeps the compiled fit between
     calls (a worker's; pass a dict of your own to reuse it in-process)."""
+    from tasks.heads import probabilities
+
+    method = get_method(problem.method)
+    if method.closed_form:  # no model to fit: numpy, no TensorFlow
+        weights = method.fit_closed_form(problem.x[train], problem.y[train], problem.num_classes)
+        return probabilities(method.predict_closed_form(weights, problem.x[held]),
+                             problem.num_classes)  # fmt: skip
     import tf_keras
 
-    from tasks.heads import probabilities
     from tasks.training.job import predict_in_batches
 
     cache = {} if cache is None else cache

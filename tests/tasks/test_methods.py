@@ -23,7 +23,7 @@ from workflows.settings import DatasetSource, ExtractSettings
 
 
 def test_registry_and_dependency_order():
-    assert set(METHODS) == {"bottleneck", "finetune", "scratch", "fusion"}
+    assert set(METHODS) == {"bottleneck", "finetune", "scratch", "fusion", "prototype"}
     assert [m.name for m in in_dependency_order(("finetune", "scratch", "bottleneck"))] == [
         "scratch", "bottleneck", "finetune"]  # fmt: skip
     with pytest.raises(SettingsError, match="unknown method 'bottlenek'"):
@@ -150,3 +150,42 @@ def test_workers_read_equal_disjoint_shares(store, tmp_path):
         ],
         whole.x,
     )
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_prototype_is_the_nearest_class_mean_and_its_keras_head_agrees(classes):
+    import tf_keras
+
+    from tasks.heads import probabilities
+    from tasks.methods.prototype import fit_prototypes
+
+    rng = np.random.default_rng(classes)
+    centres = rng.normal(size=(classes, 32)) * 3
+    y = np.repeat(np.arange(classes), 8)
+    x = (centres[y] + rng.normal(size=(len(y), 32))).astype(np.float32)
+    prototypes, scale = fit_prototypes(x, y, classes)
+    unit = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+    assert (np.sum(prototypes * unit, axis=1) > 0.9).all() and 1 < scale < 200
+    method = get_method("prototype")
+    weights = method.fit_closed_form(x, y, classes)
+    found = probabilities(method.predict_closed_form(weights, x), classes)
+    head = method.build_on_rows(tf_keras, (32,), classes)
+    head.get_layer("top_output").set_weights(weights["top_output"])
+    np.testing.assert_allclose(probabilities(head(x).numpy(), classes), found, atol=1e-5)
+    assert (found.argmax(axis=1) == y).mean() > 0.95  # well-separated clusters
+    # The nearest prototype by cosine is the predicted class.
+    cosine = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ prototypes.T
+    np.testing.assert_array_equal(found.argmax(axis=1), cosine.argmax(axis=1))
+    # Leave-one-out: the scale fitted on the training rows is about as good on new images of
+    # the same classes as the best scale for them (an in-sample fit would be far too sure).
+    from tasks.methods.prototype import SCALES, _log_loss, _unit
+
+    noisy = (centres[y] + 3 * rng.normal(size=(len(y), 32))).astype(np.float32)
+    prototypes, scale = fit_prototypes(noisy, y, classes)
+    fresh_y = np.repeat(np.arange(classes), 200)
+    fresh = centres[fresh_y] + 3 * rng.normal(size=(len(fresh_y), 32))
+    cosines = _unit(fresh) @ prototypes.T
+    best = min(_log_loss(cosines, fresh_y, s) for s in SCALES)
+    assert _log_loss(cosines, fresh_y, scale) < best + 0.05
+    with pytest.raises(ValueError, match="a class has no training rows"):
+        fit_prototypes(x[y != 0], y[y != 0], classes)

@@ -68,6 +68,10 @@ ERRORS = [
     (["train-all", "--store", "{root}/s", "--cv", "1"], 2, "--cv takes 0 (off) or at least 2"),
     (["train-all", "--store", "{root}/s", "--abstain-rate", "1.5"], 2, "--abstain-rate must be"),
     (["train-all", "--store", "{root}/s", "--ensemble", "sometimes"], 2, "--ensemble takes off"),
+    (["suggest", "--store", "{root}/s", "--budget", "0"], 2, "Invalid value for '--budget'"),
+    (["suggest", "--store", "{root}/s", "--method", "finetune"], 2, "use bottleneck or prototype"),
+    (["suggest", "--store", "{root}/nostore"], 2, "no efficientnet_lite0 feature store"),
+    (["label", "{root}/d", "{root}/no.csv"], 2, "no.csv: cannot read it"),
     (["predict", "{root}/m/model.keras", "{root}/d"], 2, "cannot load model"),
     (["predict", "{root}/nomodel.keras", "{root}/d"], 2, "does not exist"),
     (

@@ -93,3 +93,32 @@ def test_any_file_name_is_planned_escaped_and_symlinks_are_listed(tmp_path):
     item = next(i for i in spec.images["train"] if i.relative_path == "a/caf\\xe9.jpg")
     assert os.fsencode(item.path).endswith(b"caf\xe9.jpg") and item.size == len(data)
     assert spec.fingerprint  # hashable whatever the names
+
+
+def test_unlabelled_images_are_their_own_split_and_unused_folders_are_named(tmp_path):
+    make_dataset(tmp_path / "ds" / "train", ("cats", "dogs"), 3)
+    make_dataset(tmp_path / "ds" / "validation", ("cats", "dogs"), 2, seed=1)
+    make_dataset(tmp_path / "ds" / "unlabelled" / "batch1", ("x", "y"), 2, seed=2)  # any depth
+    make_dataset(tmp_path / "ds" / "tset", ("cats", "dogs"), 1, seed=3)  # a misspelt split
+    (tmp_path / "ds" / "notes.txt").write_text("loose")
+    spec = discover_dataset(str(tmp_path / "ds"), 0.2)
+    assert spec.classes == ("cats", "dogs")
+    pool = spec.images["unlabelled"]
+    assert (
+        len(pool) == 4 and {i.label for i in pool} == {""} and {i.label_index for i in pool} == {-1}
+    )
+    assert all(i.relative_path.startswith("unlabelled/batch1/") for i in pool)
+    assert any(
+        "tset/" in w and "not train, validation, test or unlabelled" in w for w in spec.warnings
+    )
+    assert any("1 files outside split folders" in w for w in spec.warnings)
+    # Beside class folders (no splits) the American spelling is the pool too, not a class.
+    make_dataset(tmp_path / "flat", ("a", "b"), 4)
+    make_dataset(tmp_path / "flat" / "unlabeled", ("u",), 3, seed=4)
+    flat = discover_dataset(str(tmp_path / "flat"), 0.25)
+    assert flat.classes == ("a", "b") and len(flat.images["unlabelled"]) == 3
+    assert flat.fingerprint != discover_dataset(str(tmp_path / "ds"), 0.2).fingerprint
+    # A folder with nothing but unlabelled images is no dataset.
+    make_dataset(tmp_path / "only" / "unlabelled", ("u",), 2)
+    with pytest.raises(DatasetError, match="holds no images in class folders"):
+        expand_dataset_paths([str(tmp_path / "only")])

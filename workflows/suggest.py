@@ -1,0 +1,274 @@
+"""`wf suggest`: which unlabelled images to label next, from what the store and a run hold.
+
+Every unlabelled image already has its embedding in the store (`wf extract` stores the split
+``unlabelled``), and a run holds a top trained on the labelled ones; scoring the pool is then
+one small matrix product, no image decoded. The batch is chosen in three steps:
+
+1. **Uncertainty**: each image's margin between its two most probable classes under the
+   trained model's calibrated probabilities (the run's cross-validated temperature when it has
+   one); ``score = 1 - margin``.
+2. **Spread**: greedy selection on the unit embeddings: each pick maximises ``score x
+   min(1, d / d0)``, where ``d`` is the cosine distance to the nearest image already labelled or
+   already picked and ``d0`` the pool's median such distance to the labelled images, so a
+   hundred near-copies of one confusing photo cost one label, not a hundred.
+3. **Balance**: each predicted class gets at most its share of the batch (``budget / classes``)
+   while others still have candidates, so a rare class is asked about too.
+
+Near duplicates (the audit's thresholds) of an image already labelled or already picked are
+never suggested. ``reason`` says which step decided each pick: ``uncertain`` (the most
+uncertain left), ``spread`` (chosen over a more uncertain one too close to what is picked or
+labelled) or ``balance`` (its class had room while the more uncertain one's had none).
+``benchmarks/label_next.py`` measures this against random and uncertainty-only batches.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage.errors import SettingsError, StoreError
+from storage.feature_store import FeatureStore, tap_column
+from storage.filesystem import Location, write_bytes
+from storage.layout import StoreLayout
+from storage.runs import Artifact, RunsLayout
+from tasks.audit import normalise
+from tasks.backbones import DEFAULT_BACKBONE
+from tasks.cross_validation import apply_temperature
+from tasks.heads import probabilities
+from tasks.methods import get_method
+from workflows.datasets import UNLABELLED
+
+SIMILARITY, RELATIVE = 0.85, 0.35  # near duplicates, as the audit finds them (workflows.audit)
+LABELLED = ("train", "validation", "test")
+REASONS = ("uncertain", "spread", "balance")
+
+
+@dataclass(frozen=True)
+class SuggestSettings:
+    store: str
+    runs: str
+    output: str
+    datasets: tuple[str, ...] = ()  # empty: every dataset of the store with unlabelled images
+    budget: int = 100
+    method: str = "bottleneck"
+    backbone: str = DEFAULT_BACKBONE
+
+    def __post_init__(self) -> None:
+        if self.budget < 1:
+            raise SettingsError(f"--budget must be at least 1: {self.budget}")
+        method = get_method(self.method)
+        if not method.fits_on_rows or method.all_backbones:
+            raise SettingsError(
+                f"--method {self.method}: wf suggest scores stored rows of one backbone; "
+                "use bottleneck or prototype"
+            )
+
+
+def margin_scores(probs: np.ndarray) -> np.ndarray:
+    """``1 - (p_first - p_second)``: 1 for a coin toss, 0 for a sure answer."""
+    top = np.sort(probs, axis=1)[:, -2:]
+    return 1.0 - (top[:, 1] - top[:, 0])
+
+
+def choose_batch(
+    pool: np.ndarray, labelled: np.ndarray, scores: np.ndarray, predicted: np.ndarray,
+    num_classes: int, budget: int, spread: bool = True, balance: bool = True,
+) -> tuple[list[int], list[str]]:  # fmt: skip
+    """Indices into ``pool`` (unit embeddings) of the batch to label, best first, and why each:
+    see the module's three steps. ``labelled``: unit embeddings of the images already labelled;
+    ``spread`` / ``balance`` off give the plain uncertainty ranking (what the benchmark compares
+    against), near duplicates still left out."""
+    n = len(pool)
+    budget = min(budget, n)
+    nearest = _nearest_distance(pool, labelled) if len(labelled) else np.full(n, 2.0)
+    scale = float(np.median(nearest)) or 1.0
+    near = _near_limit(pool, labelled)
+    open_ = nearest > near  # near duplicates of labelled images are never suggested
+    quota = -(-budget // num_classes) if balance else budget
+    taken = np.zeros(num_classes, np.int64)
+    chosen: list[int] = []
+    reasons: list[str] = []
+    while len(chosen) < budget and open_.any():
+        value = scores * np.minimum(1.0, nearest / scale) if spread else scores.copy()
+        value[~open_] = -np.inf
+        room = taken[predicted] < quota
+        if not (room & open_).any():  # every class with candidates has its share: fill up
+            room = open_
+        best = int(np.argmax(np.where(room, value, -np.inf)))
+        most = int(np.argmax(np.where(open_, scores, -np.inf)))
+        if best == most:
+            reasons.append("uncertain")
+        elif room[most]:
+            reasons.append("spread")
+        else:
+            reasons.append("balance")
+        chosen.append(best)
+        taken[predicted[best]] += 1
+        distance = 1.0 - pool @ pool[best]
+        nearest = np.minimum(nearest, distance)
+        open_ &= distance > near
+        open_[best] = False
+    return chosen, reasons
+
+
+def _nearest_distance(x: np.ndarray, bank: np.ndarray, block: int = 2048) -> np.ndarray:
+    return np.concatenate([1.0 - (x[i : i + block] @ bank.T).max(axis=1)
+                           for i in range(0, len(x), block)])  # fmt: skip
+
+
+def _near_limit(pool: np.ndarray, labelled: np.ndarray) -> float:
+    """The cosine distance under which two images are near duplicates: at most ``1 -
+    SIMILARITY`` and at most ``RELATIVE`` x the typical distance to a 10th neighbour, as the
+    audit finds them (on a sample of the images)."""
+    from tasks.audit import nearest, relative_scale
+
+    every = np.concatenate([pool, labelled]) if len(labelled) else pool
+    sample = every[np.random.default_rng(0).permutation(len(every))[:2000]]
+    if len(sample) < 12:
+        return 1.0 - SIMILARITY
+    return min(1.0 - SIMILARITY, RELATIVE * relative_scale(nearest(sample, 10)))
+
+
+def _rows(store: FeatureStore, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    table = store.read_table(split, ["path", "label_index", "copy", tap_column("bottleneck")])
+    table = table.filter(pc.equal(table["copy"], 0))
+    from storage.feature_store import tap_to_numpy
+
+    x = tap_to_numpy(table[tap_column("bottleneck")], store.manifest.taps["bottleneck"].shape)
+    return (table["path"].to_pylist(), x.astype(np.float32).reshape(len(x), -1),
+            table["label_index"].to_numpy())  # fmt: skip
+
+
+def model_probabilities(runs: RunsLayout, dataset: str, method: str, x: np.ndarray) -> np.ndarray:
+    """The run's calibrated probabilities for stored rows ``x``: the job's trained top (its
+    ``trained_weights.npz``) on the rows, divided by its cross-validated temperature."""
+    files = runs.job(dataset, method)
+    if not files.exists():
+        raise StoreError(
+            f"{dataset}: no trained {method} in {runs.location.uri}: "
+            f"run `wf train-all --methods {method}` first"
+        )
+    trained = files.read_weights(Artifact.TRAINED_WEIGHTS)
+    metrics = files.metrics()
+    classes = len(files.classes())
+    chosen = get_method(method)
+    if chosen.closed_form:
+        raw = chosen.predict_closed_form(trained, x)
+    else:
+        import keras
+
+        from tasks.training.job import predict_in_batches
+        from tasks.training.weights import set_named_weights
+
+        top = chosen.build_on_rows(keras, tuple(x.shape[1:]), classes)
+        set_named_weights(top, trained)
+        raw = predict_in_batches(top, x)
+    found = probabilities(raw, classes)
+    temperature = metrics.get("temperature")
+    return apply_temperature(found, temperature) if temperature else found
+
+
+def suggest_dataset(settings: SuggestSettings, dataset: str) -> dict[str, Any]:
+    """Rank one dataset's unlabelled images and write its suggestions; returns its summary."""
+    layout = StoreLayout.at(settings.store)
+    store = FeatureStore.open(layout, dataset, settings.backbone)
+    if not store.has_split(UNLABELLED):
+        raise StoreError(f"{dataset}: no unlabelled images in the store (put them in "
+                         f"{dataset}/unlabelled/ and run `wf extract`)")  # fmt: skip
+    runs = RunsLayout(settings.runs)
+    warnings = []
+    metrics = runs.job(dataset, settings.method).metrics() if runs.job(
+        dataset, settings.method).exists() else {}  # fmt: skip
+    trained_on = (metrics.get("store_ids") or {}).get(settings.backbone)
+    if trained_on and trained_on != store.manifest.labelled_id:
+        warnings.append(f"{dataset}: the {settings.method} run predates the store's labels; "
+                        "`wf train-all` first for better suggestions")  # fmt: skip
+    paths, x, _ = _rows(store, UNLABELLED)
+    found = [_rows(store, s) for s in LABELLED if store.has_split(s)]
+    labelled = normalise(np.concatenate([f[1] for f in found]))
+    probs = model_probabilities(runs, dataset, settings.method, x)
+    classes = list(store.manifest.classes)
+    scores = margin_scores(probs)
+    predicted = probs.argmax(axis=1)
+    chosen, reasons = choose_batch(normalise(x), labelled, scores, predicted, len(classes),
+                                   settings.budget)  # fmt: skip
+    rows = [{"rank": rank + 1, "path": paths[i], "score": round(float(scores[i]), 6),
+             "predicted_label": classes[int(predicted[i])],
+             "probability": round(float(probs[i, predicted[i]]), 6), "reason": reason}
+            for rank, (i, reason) in enumerate(zip(chosen, reasons, strict=True))]  # fmt: skip
+    out = Location.at(settings.output)
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    write_bytes(out.filesystem, out.path(dataset, "suggestions.csv"), _csv(table))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(
+        out.filesystem, out.path(dataset, "suggestions.parquet"), sink.getvalue().to_pybytes()
+    )
+    root = store.manifest.dataset_root
+    write_bytes(out.filesystem, out.path(dataset, "report.html"),
+                render_suggestions(dataset, root, rows, len(paths)).encode())  # fmt: skip
+    return {"dataset": dataset, "unlabelled": len(paths), "suggested": len(rows),
+            "reasons": {r: reasons.count(r) for r in REASONS},
+            "by_class": {c: sum(1 for r in rows if r["predicted_label"] == c) for c in classes},
+            "method": settings.method, "csv": out.display(out.path(dataset, "suggestions.csv")),
+            "report": out.display(out.path(dataset, "report.html")),
+            "warnings": warnings}  # fmt: skip
+
+
+SCHEMA = pa.schema([("rank", pa.int32()), ("path", pa.string()), ("score", pa.float64()),
+                    ("predicted_label", pa.string()), ("probability", pa.float64()),
+                    ("reason", pa.string())])  # fmt: skip
+
+
+def _csv(table: pa.Table) -> bytes:
+    import pyarrow.csv as pacsv
+
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(table, sink, pacsv.WriteOptions(quoting_style="needed"))
+    return sink.getvalue().to_pybytes()
+
+
+def run_suggest(settings: SuggestSettings) -> dict[str, dict[str, Any]]:
+    """Suggestions for every dataset asked for (or every one with unlabelled images)."""
+    layout = StoreLayout.at(settings.store)
+    stored = sorted({d for d, b in layout.stores() if b == settings.backbone})
+    if not stored:
+        raise StoreError(f"no {settings.backbone} feature store under {settings.store}")
+    unknown = [d for d in settings.datasets if d not in stored]
+    if unknown:
+        raise SettingsError(f"no store for {', '.join(unknown)}; the store has {', '.join(stored)}")
+    names = list(settings.datasets) or [
+        d for d in stored if FeatureStore.open(layout, d, settings.backbone).has_split(UNLABELLED)
+    ]
+    if not names:
+        raise StoreError(f"no dataset under {settings.store} has unlabelled images "
+                         "(DATASET/unlabelled/, then `wf extract`)")  # fmt: skip
+    return {name: suggest_dataset(settings, name) for name in names}
+
+
+def render_suggestions(dataset: str, root: str, rows: list[dict[str, Any]], pool: int) -> str:
+    """A contact sheet of the batch: each image with its rank, predicted label and why."""
+    from workflows.audit_report import STYLE, thumbnail
+
+    location = Location.at(root)
+    cards = "".join(
+        f'<figure class="card">{thumbnail(location, r["path"])}<figcaption '
+        f'title="{html.escape(r["path"])}">#{r["rank"]} {html.escape(r["predicted_label"])} '
+        f"{r['probability']:.2f}<br><small>{html.escape(r['reason'])} · "
+        f"{html.escape(os.path.basename(r['path']))[-28:]}</small></figcaption></figure>"
+        for r in rows
+    )
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>wf suggest: "
+            f"{html.escape(dataset)}</title><style>{STYLE}</style></head><body>"
+            f"<h1>Label next: {html.escape(dataset)}</h1><p>{len(rows)} of {pool} unlabelled "
+            f"images, most useful first (uncertain, spread out, balanced by predicted class). "
+            f"Move each into its class folder, or list them as <code>path,label</code> in a CSV "
+            f"for <code>wf label</code>, then <code>wf extract</code> and <code>wf train-all"
+            f"</code>.</p><div class='group'>{cards}</div></body></html>")  # fmt: skip
