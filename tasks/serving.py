@@ -102,26 +102,131 @@ class Classifier:
         return results
 
 
-def decode_tensor_input(entry: dict[str, Any], size: tuple[int, int]) -> list[bytes | np.ndarray]:
-    """The images of one Open Inference Protocol input: ``BYTES`` (base64 of image files) or a
-    ``UINT8`` tensor of shape ``[n, height, width, 3]`` at the model's input size."""
-    datatype, data = entry.get("datatype"), entry.get("data")
-    if not isinstance(data, list):
+def decode_tensor_input(
+    entry: dict[str, Any], size: tuple[int, int], binary: bytes | None = None
+) -> list[bytes | np.ndarray]:
+    """The images of one Open Inference Protocol input: ``BYTES`` (image files: base64 strings
+    in JSON, or raw in the binary tensor extension) or a ``UINT8`` tensor of shape ``[n,
+    height, width, 3]`` at the model's input size. ``binary``: the input's bytes when it came
+    in the binary extension (``parameters.binary_data_size``), else None (``data`` in JSON)."""
+    datatype, data, shape = entry.get("datatype"), entry.get("data"), entry.get("shape")
+    if binary is None and not isinstance(data, list):
         raise Rejected(400, "input 'data' must be a list")
     if datatype == "BYTES":
+        if binary is not None:
+            return unpack_bytes(binary)
         try:
             return [base64.b64decode(item, validate=True) for item in data]
         except (ValueError, TypeError):
             raise Rejected(400, "BYTES input must be base64 strings of image files") from None
     if datatype == "UINT8":
-        shape = entry.get("shape")
         if not (isinstance(shape, list) and len(shape) == 4 and shape[1:] == [*size, 3]):
             raise Rejected(
                 400, f"UINT8 input must have shape [n, {size[0]}, {size[1]}, 3], not {shape}"
             )
         try:
-            array = np.asarray(data, dtype=np.uint8).reshape(shape)
+            if binary is not None:
+                array = np.frombuffer(binary, dtype=np.uint8).reshape(shape)
+            else:
+                array = np.asarray(data, dtype=np.uint8).reshape(shape)
         except (ValueError, TypeError, OverflowError):
             raise Rejected(400, f"UINT8 data does not fit shape {shape}") from None
         return list(array)
     raise Rejected(400, f"datatype must be BYTES or UINT8, not {datatype!r}")
+
+
+def unpack_bytes(data: bytes) -> list[bytes]:
+    """A ``BYTES`` tensor in the binary extension: each element a 4-byte little-endian length,
+    then that many bytes."""
+    items, at = [], 0
+    while at < len(data):
+        if at + 4 > len(data):
+            raise Rejected(400, "BYTES tensor ends inside an element's length")
+        length = int.from_bytes(data[at : at + 4], "little")
+        if at + 4 + length > len(data):
+            raise Rejected(400, "BYTES tensor ends inside an element")
+        items.append(data[at + 4 : at + 4 + length])
+        at += 4 + length
+    return items
+
+
+def pack_bytes(items: list[bytes]) -> bytes:
+    """:func:`unpack_bytes`' inverse."""
+    return b"".join(len(item).to_bytes(4, "little") + item for item in items)
+
+
+BINARY_HEADER = "Inference-Header-Content-Length"
+
+
+def split_binary_request(
+    body: bytes, header: str | None
+) -> tuple[dict[str, Any], list[bytes | None]]:
+    """The JSON of an inference request and, per input, its bytes in the binary tensor
+    extension (None for an input given as JSON ``data``): the first ``header`` bytes of the body
+    are the JSON, the inputs' bytes follow it in order (KServe v2 / Triton)."""
+    import json
+
+    if header is not None and not header.isdigit():
+        raise Rejected(400, f"{BINARY_HEADER} must be a byte count, not {header!r}")
+    head = int(header) if header is not None else len(body)
+    if head > len(body):
+        raise Rejected(400, f"{BINARY_HEADER} {head} is over the body's {len(body)} bytes")
+    try:
+        payload = json.loads(body[:head])
+        inputs = payload["inputs"]
+        if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise Rejected(400, 'expected {"inputs": [...]} as JSON') from None
+    binary, at = [], head
+    for entry in inputs:
+        size = (entry.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            binary.append(None)
+            continue
+        if not isinstance(size, int) or size < 0 or at + size > len(body):
+            raise Rejected(400, f"input {entry.get('name')!r}: binary_data_size {size} does not "
+                                "fit the body")  # fmt: skip
+        binary.append(body[at : at + size])
+        at += size
+    if at != len(body):
+        raise Rejected(400, f"{len(body) - at} bytes after the inputs' binary data")
+    return payload, binary
+
+
+def encode_outputs(
+    payload: dict[str, Any], outputs: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], bytes]:
+    """The response's outputs as the request asked: only those it names in ``outputs`` (all
+    when it names none), each in JSON ``data`` or, when asked (``parameters.binary_data`` on the
+    output, or ``binary_data_output`` on the request), as binary after the JSON; returns the
+    outputs' JSON and the binary tail."""
+    asked = payload.get("outputs")
+    every = bool((payload.get("parameters") or {}).get("binary_data_output"))
+    by_name = {o["name"]: o for o in outputs}
+    wanted: list[tuple[dict[str, Any], bool]] = []
+    if asked:
+        for request in asked:
+            name = request.get("name") if isinstance(request, dict) else None
+            if name not in by_name:
+                raise Rejected(400, f"no output {name!r}; outputs: {', '.join(by_name)}")
+            wanted.append((by_name[name], bool((request.get("parameters") or {}).get(
+                "binary_data", every))))  # fmt: skip
+    else:
+        wanted = [(o, every) for o in outputs]
+    shown, tail = [], []
+    for output, binary in wanted:
+        if not binary:
+            shown.append(output)
+            continue
+        data = output["data"]
+        if output["datatype"] == "BYTES":
+            raw = pack_bytes([str(item).encode() for item in data])
+        elif output["datatype"] == "BOOL":
+            raw = np.asarray(data, dtype=np.bool_).tobytes()
+        else:
+            raw = np.asarray(data, dtype="<f8").tobytes()
+        tail.append(raw)
+        shown.append({**{k: v for k, v in output.items() if k != "data"},
+                      "parameters": {"binary_data_size": len(raw)}})  # fmt: skip
+    return shown, b"".join(tail)

@@ -5,24 +5,36 @@ v2) in front of one :class:`tasks.serving.Classifier` deployment per model.
     POST /v1/models/<dataset>/<method>:predict         one image (raw bytes), or a multipart
                                                        form of several: label and probabilities
     GET  /v2/health/live, /v2/health/ready
+    GET  /v2                                           server metadata, its extensions
     GET  /v2/models/<dataset>-<method>                 metadata: inputs, outputs, classes
-    POST /v2/models/<dataset>-<method>/infer           BYTES (base64 images) or UINT8 pixels
+    GET  /v2/models/<dataset>-<method>/ready           model ready
+    POST /v2/models/<dataset>-<method>/infer           BYTES (image files) or UINT8 pixels, in
+                                                       JSON or the binary tensor extension;
+                                                       outputs in JSON or binary, as asked
 
 Every refusal is one line of JSON, ``{"error": ...}``, with its status. (No ``from __future__
 import annotations`` here: FastAPI reads the routes' annotations to find the ``Request``.)
 """
 
 import asyncio
+import json
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from tasks.classifier import Answer
-from tasks.serving import ModelFacts, Rejected, decode_tensor_input
+from tasks.serving import (
+    BINARY_HEADER,
+    ModelFacts,
+    Rejected,
+    decode_tensor_input,
+    encode_outputs,
+    split_binary_request,
+)
 
 api = FastAPI(title="wf serve", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -124,24 +136,48 @@ class Gateway:
             "parameters": {"classes": list(facts.classes), **facts.describe()},
         }  # fmt: skip
 
+    @api.get("/v2/models/{name}/ready")
+    async def model_ready(self, name: str) -> dict[str, Any]:
+        self._model(name)  # 404 for a model it does not serve
+        return {"name": name, "ready": True}
+
+    @api.get("/v2/models/{name}/versions/{version}/ready")
+    async def version_ready(self, name: str, version: str) -> dict[str, Any]:
+        return await self.model_ready(name)
+
+    @api.get("/v2")
+    async def server_metadata(self) -> dict[str, Any]:
+        from workflows import __version__
+
+        return {"name": "wf", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @api.post("/v2/models/{name}/versions/{version}/infer")
+    async def version_infer(self, name: str, version: str, request: Request) -> Response:
+        return await self.infer(name, request)
+
     @api.post("/v2/models/{name}/infer")
-    async def infer(self, name: str, request: Request) -> dict[str, Any]:
+    async def infer(self, name: str, request: Request) -> Response:
+        """One input of images (BYTES or UINT8), in JSON or in the binary tensor extension
+        (``Inference-Header-Content-Length``); the outputs in JSON or binary, as asked."""
         facts = self._model(name)
-        try:
-            payload = __import__("json").loads(await self._body(request))
-            (entry,) = payload["inputs"]
-        except (ValueError, KeyError, TypeError):
-            raise Rejected(400, 'expected {"inputs": [one input]} as JSON') from None
-        rows = await self._predict(name, decode_tensor_input(entry, facts.input_size))
-        return {
-            "model_name": name,
-            "id": payload.get("id", ""),
-            "outputs": [{"name": "probabilities", "datatype": "FP64",
-                         "shape": [len(rows), len(facts.classes)],
-                         "data": [float(p) for row in rows for p in row.probabilities]},
-                        {"name": "abstained", "datatype": "BOOL", "shape": [len(rows)],
-                         "data": [row.abstained for row in rows]},
-                        {"name": "reason", "datatype": "BYTES", "shape": [len(rows)],
-                         "data": [row.reason for row in rows]}],
-            "parameters": {"classes": list(facts.classes)},
-        }  # fmt: skip
+        body = await self._body(request)
+        payload, binary = split_binary_request(body, request.headers.get(BINARY_HEADER))
+        if len(payload["inputs"]) != 1:
+            raise Rejected(400, 'expected {"inputs": [one input]}: one tensor of images')
+        images = decode_tensor_input(payload["inputs"][0], facts.input_size, binary[0])
+        rows = await self._predict(name, images)
+        outputs = [{"name": "probabilities", "datatype": "FP64",
+                    "shape": [len(rows), len(facts.classes)],
+                    "data": [float(p) for row in rows for p in row.probabilities]},
+                   {"name": "abstained", "datatype": "BOOL", "shape": [len(rows)],
+                    "data": [row.abstained for row in rows]},
+                   {"name": "reason", "datatype": "BYTES", "shape": [len(rows)],
+                    "data": [row.reason for row in rows]}]  # fmt: skip
+        shown, tail = encode_outputs(payload, outputs)
+        answer = {"model_name": name, "id": payload.get("id", ""), "outputs": shown,
+                  "parameters": {"classes": list(facts.classes)}}  # fmt: skip
+        if not tail:
+            return JSONResponse(answer)
+        head = json.dumps(answer).encode()
+        return Response(head + tail, media_type="application/octet-stream",
+                        headers={BINARY_HEADER: str(len(head))})  # fmt: skip

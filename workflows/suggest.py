@@ -103,7 +103,7 @@ def choose_batch(
             room = open_
         best = int(np.argmax(np.where(room, value, -np.inf)))
         most = int(np.argmax(np.where(open_, scores, -np.inf)))
-        if best == most:
+        if scores[best] >= scores[most]:
             reasons.append("uncertain")
         elif room[most]:
             reasons.append("spread")

@@ -134,6 +134,53 @@ def test_http_answers_equal_wf_predict(server, runs):
         assert all(abs(first[c] - expected[files[0].name][c]) <= 1e-6 for c in first)
 
 
+def test_the_standard_kserve_v2_client_speaks_to_it_for_every_input_kind(server, runs):
+    """Triton's own HTTP client (tritonclient), with its defaults: binary tensors both ways."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    url, _ = server
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    name = "shapes-bottleneck"
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
+    assert not client.is_model_ready("shapes-nomethod")
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    assert client.get_model_metadata(name)["inputs"][1]["datatype"] == "UINT8"
+    files = sorted((runs / "data" / "shapes").rglob("*.jpg"))[:3]
+    expected = []
+    for path in files:
+        _, answer = http(f"{url}/v1/models/shapes/bottleneck:predict", path.read_bytes())
+        expected.append([answer["probabilities"][c] for c in ("circles", "squares")])
+    encoded = np.array([p.read_bytes() for p in files], dtype=np.object_)
+    pixels = np.stack([decode_image(p.read_bytes(), (64, 64)) for p in files])
+    for binary_in in (True, False):
+        for kind, data in (("BYTES", encoded), ("UINT8", pixels)):
+            if kind == "BYTES" and not binary_in:  # JSON BYTES are strings: base64 of the file
+                data = np.array([base64.b64encode(p.read_bytes()) for p in files], np.object_)
+            tensor = triton.InferInput(
+                "images" if kind == "BYTES" else "pixels", list(data.shape), kind
+            )
+            tensor.set_data_from_numpy(data, binary_data=binary_in)
+            for outputs in (
+                None,
+                [
+                    triton.InferRequestedOutput("probabilities", binary_data=False),
+                    triton.InferRequestedOutput("reason", binary_data=True),
+                ],
+            ):
+                result = client.infer(name, [tensor], outputs=outputs)
+                np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-6)
+                assert list(result.as_numpy("reason")) == [b""] * 3
+                if outputs is None:  # every output, binary by the client's default
+                    assert list(result.as_numpy("abstained")) == [False] * 3
+                else:
+                    assert result.as_numpy("abstained") is None
+    broken = triton.InferInput("pixels", [1, 32, 32, 3], "UINT8")
+    broken.set_data_from_numpy(np.zeros((1, 32, 32, 3), np.uint8))
+    with pytest.raises(InferenceServerException, match="UINT8 input must have shape"):
+        client.infer(name, [broken])
+
+
 def test_bad_input_is_one_line_of_json_and_the_server_keeps_serving(server, runs):
     import io
 

@@ -1,0 +1,211 @@
+"""What to label next: wf suggest's batches against random and uncertainty-only batches, and
+the prototype method against the dense top on a few images per class.
+
+Simulated labelling on the real datasets of ``../shared/datasets`` (cats_vs_dogs, flowers),
+from their stored EfficientNet-Lite0 bottleneck features (the store of
+``benchmarks/honest_numbers.py``: train, validation and test halves, ``--augment 0``; extracted
+here when it is missing). Start with 5% of the training images labelled (stratified), the rest
+as the unlabelled pool; each round label a batch of 5% of the pool's first size with its true
+labels, and retrain the bottleneck top (the blog's recipe: 50 epochs, batch 16, the same small
+fit `wf train-all --cv` runs); stop at 50%. Accuracy on the held-out images (the original
+validation folder: validation + test halves) after every round, three ways of choosing:
+
+- ``random``: a uniform draw from the pool;
+- ``uncertainty``: the smallest margins between the two most probable classes (modAL's
+  ``margin_sampling``);
+- ``wf``: `wf suggest`'s choice (``workflows.suggest.choose_batch``): margin, spread on the
+  embeddings, balance by predicted class, near duplicates left out.
+
+Three seeds (the starting 5%, the random draws, the fits' initial weights). Then the prototype
+method against the dense top with 5, 10, 20 and 50 training images per class (three draws).
+Probabilities are the fits' own (no temperature): the margin's order is what matters here.
+
+Usage: python benchmarks/label_next.py [--seeds 3] [--work /tmp/wf-honest]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+DATASETS = ("cats_vs_dogs", "flowers")
+STRATEGIES = ("random", "uncertainty", "wf")
+
+
+def stored(store: str, dataset: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Copy-0 bottleneck rows and labels of each split: train, and held (validation + test)."""
+    from storage.feature_store import FeatureStore
+
+    found = FeatureStore.open(store, dataset, "efficientnet_lite0")
+    splits = [s for s in ("train", "validation", "test") if found.has_split(s)]
+    rows = {s: found.read_numpy(s, "bottleneck", copies=False) for s in splits}
+    held = [rows[s] for s in ("validation", "test") if s in rows]
+    together = (np.concatenate([h[0] for h in held]), np.concatenate([h[1] for h in held]))
+    return {"train": rows["train"], "held": together}
+
+
+def stratified(y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    picked = []
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        picked.extend(rng.choice(members, max(1, round(fraction * len(members))), replace=False))
+    return np.array(sorted(picked))
+
+
+def simulate(x, y, held_x, held_y, strategy: str, seed: int, num_classes: int) -> list[tuple]:
+    """``(labelled share, accuracy)`` after the start and after every round."""
+    from tasks.audit import normalise
+    from tasks.training.small_fits import FitProblem, fit_and_predict
+    from workflows.suggest import choose_batch, margin_scores
+
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    labelled = stratified(y, 0.05, rng)
+    batch = round(0.05 * (n - len(labelled)))
+    every = np.concatenate([x, held_x]).astype(np.float32)
+    problem = FitProblem(every, np.concatenate([y, held_y]), num_classes, "bottleneck", seed=seed)
+    unit = normalise(x.reshape(n, -1))
+    cache: dict = {}
+    out = []
+    while True:
+        pool = np.setdiff1d(np.arange(n), labelled)
+        asked = np.concatenate([pool, n + np.arange(len(held_y))])
+        probs = fit_and_predict(problem, labelled, asked, cache)
+        accuracy = float((probs[len(pool) :].argmax(1) == held_y).mean())
+        out.append((len(labelled) / n, accuracy))
+        if len(labelled) / n >= 0.5 - 1e-9 or len(pool) == 0:
+            return out
+        scores = margin_scores(probs[: len(pool)])
+        if strategy == "random":
+            chosen = rng.choice(len(pool), min(batch, len(pool)), replace=False)
+        elif strategy == "uncertainty":
+            chosen = np.argsort(-scores, kind="stable")[:batch]
+        else:
+            chosen, _ = choose_batch(unit[pool], unit[labelled], scores,
+                                     probs[: len(pool)].argmax(1), num_classes, batch)  # fmt: skip
+        labelled = np.sort(np.concatenate([labelled, pool[np.asarray(chosen, np.int64)]]))
+
+
+def full_accuracy(x, y, held_x, held_y, seed: int, num_classes: int) -> float:
+    from tasks.training.small_fits import FitProblem, fit_and_predict
+
+    every = np.concatenate([x, held_x]).astype(np.float32)
+    problem = FitProblem(every, np.concatenate([y, held_y]), num_classes, "bottleneck", seed=seed)
+    probs = fit_and_predict(problem, np.arange(len(y)), len(y) + np.arange(len(held_y)))
+    return float((probs.argmax(1) == held_y).mean())
+
+
+def few_shot(x, y, held_x, held_y, per_class: int, seed: int, num_classes: int) -> dict:
+    from tasks.training.small_fits import FitProblem, fit_and_predict
+
+    rng = np.random.default_rng(seed)
+    train = np.concatenate([rng.choice(np.flatnonzero(y == c), per_class, replace=False)
+                            for c in range(num_classes)])  # fmt: skip
+    every = np.concatenate([x, held_x]).astype(np.float32)
+    labels = np.concatenate([y, held_y])
+    held = len(y) + np.arange(len(held_y))
+    found = {}
+    for method in ("bottleneck", "prototype"):
+        problem = FitProblem(every, labels, num_classes, method, seed=seed)
+        found[method] = float((fit_and_predict(problem, train, held).argmax(1) == held_y).mean())
+    return found
+
+
+def plot(curves: dict, full: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4))
+    for axis, (name, by_strategy) in zip(np.atleast_1d(axes), curves.items(), strict=True):
+        for strategy, runs in by_strategy.items():
+            share = [s for s, _ in runs[0]]
+            mean = np.mean([[a for _, a in run] for run in runs], axis=0)
+            axis.plot([100 * s for s in share], mean, marker="o", ms=3, label=strategy)
+        axis.axhline(full[name], color="grey", ls="--", label="all labels")
+        axis.set_title(name)
+        axis.set_xlabel("% of training images labelled")
+        axis.set_ylabel("held-out accuracy (mean of seeds)")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--work", default="/tmp/wf-honest")
+    parser.add_argument("--shared", default=str(HERE.parent.parent / "shared" / "datasets"))
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--plot", default=str(HERE / "results" / "label_next.png"))
+    args = parser.parse_args()
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+    from benchmarks.honest_numbers import split_folders
+    from benchmarks.machine import banner
+    from workflows.extract import run_extract
+    from workflows.settings import DatasetSource, ExtractSettings
+
+    print(banner())
+    work, names = Path(args.work), args.datasets.split(",")
+    for name in names:
+        split_folders(Path(args.shared) / name, work / "data" / name)
+    sources = tuple(DatasetSource(str(work / "data" / n)) for n in names)
+    run_extract(ExtractSettings(datasets=sources, store=str(work / "store"), augment=0))
+    curves, full, shots = {}, {}, {}
+    for name in names:
+        data = stored(str(work / "store"), name)
+        (x, y), (hx, hy) = data["train"], data["held"]
+        k = int(max(y.max(), hy.max()) + 1)
+        began = time.perf_counter()
+        curves[name] = {s: [simulate(x, y, hx, hy, s, seed, k) for seed in range(args.seeds)]
+                        for s in STRATEGIES}  # fmt: skip
+        full[name] = float(np.mean([full_accuracy(x, y, hx, hy, s, k) for s in range(args.seeds)]))
+        shots[name] = {n: [few_shot(x, y, hx, hy, n, s, k) for s in range(args.seeds)]
+                       for n in (5, 10, 20, 50)}  # fmt: skip
+        print(
+            f"\n{name}: {len(y)} training images, {len(hy)} held out, {k} classes, "
+            f"{time.perf_counter() - began:.0f} s"
+        )
+        print(f"accuracy with all {len(y)} labels: {full[name]:.4f} (mean of {args.seeds} seeds)")
+        print("| labelled | random | uncertainty | wf | wf - random | wf - uncertainty |")
+        print("|---|---|---|---|---|---|")
+        means = {s: np.mean([[a for _, a in run] for run in runs], axis=0)
+                 for s, runs in curves[name].items()}  # fmt: skip
+        shares = [s for s, _ in curves[name]["wf"][0]]
+        for i, share in enumerate(shares):
+            r, u, w = means["random"][i], means["uncertainty"][i], means["wf"][i]
+            cells = (f"{100 * share:.0f}%", f"{r:.4f}", f"{u:.4f}", f"{w:.4f}", f"{w - r:+.4f}",
+                     f"{w - u:+.4f}")  # fmt: skip
+            print(f"| {' | '.join(cells)} |")
+        later = range(1, len(shares))
+        above_random = sum(means["wf"][i] > means["random"][i] for i in later)
+        above_uncertainty = sum(means["wf"][i] > means["uncertainty"][i] for i in later)
+        reached = [shares[i] for i in range(len(shares)) if means["wf"][i] >= full[name]]
+        print(
+            f"wf above random at {above_random}/{len(later)} rounds, above uncertainty at "
+            f"{above_uncertainty}/{len(later)}; all labels' accuracy reached at "
+            f"{f'{100 * reached[0]:.0f}% labelled' if reached else 'no round up to 50%'}"
+        )
+        print("\n| per class | bottleneck | prototype | prototype - bottleneck |")
+        print("|---|---|---|---|")
+        for n, found in shots[name].items():
+            b = np.mean([f["bottleneck"] for f in found])
+            p = np.mean([f["prototype"] for f in found])
+            print(f"| {n} | {b:.4f} | {p:.4f} | {p - b:+.4f} |")
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    plot(curves, full, Path(args.plot))
+    print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
