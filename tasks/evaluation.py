@@ -65,14 +65,16 @@ def accuracy_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[f
 
 def format_accuracy(
     accuracy: float | None, interval: list[float] | tuple[float, float] | None = None,
-    n: int | None = None, digits: int = 3,
+    n: int | None = None, digits: int = 3, interval_digits: int | None = None,
 ) -> str:  # fmt: skip
-    """``0.912 (0.885-0.934, n=467)``; ``-`` when there is no accuracy."""
+    """``0.912 (0.885-0.934, n=467)``; ``-`` when there is no accuracy. ``interval_digits``:
+    the interval's (default: ``digits``), e.g. 2 for a table that must fit 80 columns."""
     if accuracy is None:
         return "-"
     text = f"{accuracy:.{digits}f}"
     if interval:
-        text += f" ({interval[0]:.{digits}f}-{interval[1]:.{digits}f}"
+        places = digits if interval_digits is None else interval_digits
+        text += f" ({interval[0]:.{places}f}-{interval[1]:.{places}f}"
         text += f", n={n})" if n is not None else ")"
     elif n is not None:
         text += f" (n={n})"

@@ -24,6 +24,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain help: rich's boxes show <bool> after every flag, read [[datasets]] as markup and
+    # break help texts into a narrow column at 80 columns.
+    rich_markup_mode=None,
 )
 
 

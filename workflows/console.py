@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.live import Live
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -36,26 +38,43 @@ def human_bytes(size: float) -> str:
     raise AssertionError  # pragma: no cover
 
 
-def table_width(columns: list[str], rows: list[dict[str, str]]) -> int:
-    """The width rich needs to print every cell whole (borders and padding included)."""
-    widths = [max([len(c), *(len(str(r.get(c, ""))) for r in rows)]) for c in columns]
-    return sum(widths) + 3 * len(columns) + 1
+def _table(title: str, columns: list[str], rows: list[dict[str, str]], compact: bool) -> Table:
+    # Compact: no borders, one space between columns beside the divider (fits 80 columns).
+    style: dict[str, Any] = {}
+    if compact:
+        style = {"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False,
+                 "padding": (0, 1, 0, 0)}  # fmt: skip
+    table = Table(title=title, **style)
+    for column in columns:
+        table.add_column(column, no_wrap=True, overflow="ignore")
+    for row in rows:
+        table.add_row(*(Text(str(row.get(c, ""))) for c in columns))
+    return table
 
 
-def print_table(title: str, rows: list[dict[str, str]], console: Console = out) -> None:
-    """A table when it fits the console's width, else one ``key: value`` block per row."""
+def print_table(
+    title: str, rows: list[dict[str, str]], console: Console = out,
+    optional: tuple[str, ...] = (), whole: str = "",
+) -> None:  # fmt: skip
+    """A table when it fits the console's width (boxed, else without borders, else without the
+    ``optional`` columns, left out in their order and named with where the ``whole`` table
+    is), else one ``key: value`` block per row. Columns empty in every row are left out."""
     if not rows:
         console.print(f"{title}: nothing")
         return
-    columns = list(rows[0])
-    if table_width(columns, rows) <= console.width:
-        table = Table(title=title)
-        for column in columns:
-            table.add_column(column, no_wrap=True, overflow="ignore")
-        for row in rows:
-            table.add_row(*(Text(str(row.get(c, ""))) for c in columns))
-        console.print(table)
-        return
+    columns = [c for c in rows[0] if any(str(r.get(c, "")) != "" for r in rows)]
+    unlimited = console.options.update(max_width=100_000)
+    for dropped in range(len([c for c in optional if c in columns]) + 1):
+        left_out = [c for c in optional if c in columns][:dropped]
+        shown = [c for c in columns if c not in left_out]
+        for compact in (False, True):
+            table = _table(title, shown, rows, compact)
+            if Measurement.get(console, unlimited, table).maximum <= console.width:
+                console.print(table)
+                if left_out:
+                    where = f"in {whole}" if whole else "left out"
+                    console.print(f"(also {where}: {', '.join(left_out)})", markup=False)
+                return
     console.print(Text(title, style="bold"))
     for row in rows:
         first, *rest = columns
@@ -124,6 +143,7 @@ def train_progress(enabled: bool = True) -> Iterator[Callable[[dict[str, dict]],
 
     with Live(Table(title="wf train-all: starting"), console=err, refresh_per_second=2) as live:
         yield lambda status: live.update(render(status))
+    err.print()  # a blank line between the live table's last border and what comes next
 
 
 def show_extract(title: str, reports: list[Any], as_json: bool) -> None:
@@ -156,7 +176,10 @@ def show_train(runs: str, results: list[Any], as_json: bool) -> None:
     if as_json:
         print_json([asdict(r) for r in results])
     else:
-        print_table(f"wf train-all: {runs}", summary_rows(results))
+        from workflows.summary import OPTIONAL_COLUMNS
+
+        print_table(f"wf train-all: {runs}", summary_rows(results, interval_digits=2),
+                    optional=OPTIONAL_COLUMNS, whole="summary.md")  # fmt: skip
         out.print(f"summary: {runs.rstrip('/')}/summary.md and summary.html", markup=False)
     for result in results:
         if result.status == "failed":
@@ -237,12 +260,13 @@ def show_next_steps(runs: str) -> None:
         "  wf train-all --store store --runs runs",
         f"  wf predict {model} some_photos/",
         "  wf stores store; wf runs runs; wf --help",
-        f"serve these models: wf serve --runs {runs}",
-        f"  then: curl --data-binary @{runs.rsplit('/', 1)[0]}/data/shapes/circles/"
+        "serve these models, then ask one from another terminal:",
+        f"  wf serve --runs {runs}",
+        f"  curl --data-binary @{runs.rsplit('/', 1)[0]}/data/shapes/circles/"
         "circles_0000.jpg http://127.0.0.1:8000/v1/models/shapes/finetune:predict",
     ]
-    for line in lines:
-        out.print(line, markup=False, highlight=False)
+    for line in lines:  # a command is one line, however long: it must paste whole
+        out.print(line, markup=False, highlight=False, soft_wrap=line.startswith("  "))
 
 
 def show_serving(url: str, models: list[Any]) -> None:
@@ -252,8 +276,9 @@ def show_serving(url: str, models: list[Any]) -> None:
         out.print(f"  POST {url}/v1/models/{facts.dataset}/{facts.method}:predict"
                   f"   ({', '.join(facts.classes)})", markup=False, highlight=False)  # fmt: skip
     first = models[0]
-    out.print(f"try: curl --data-binary @photo.jpg {url}/v1/models/{first.dataset}/"
-              f"{first.method}:predict", markup=False, highlight=False)  # fmt: skip
+    out.print("try:", markup=False)
+    out.print(f"  curl --data-binary @photo.jpg {url}/v1/models/{first.dataset}/"
+              f"{first.method}:predict", markup=False, highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def show_verify(report: Any) -> None:

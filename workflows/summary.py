@@ -29,16 +29,24 @@ def blog_reference(result: JobResult) -> float | None:
     return BLOG_REFERENCE.get(result.method) if result.dataset.startswith("cats_vs_dogs") else None
 
 
-def cv_text(cv: dict[str, Any] | None) -> str:
+def cv_text(cv: dict[str, Any] | None, interval_digits: int | None = None) -> str:
     """``0.905 (0.890-0.918, n=2000)``: a cross-validated accuracy with its interval."""
     if not cv:
         return "-"
-    return format_accuracy(cv["accuracy"], cv.get("interval"), cv.get("n"))
+    return format_accuracy(cv["accuracy"], cv.get("interval"), cv.get("n"),
+                           interval_digits=interval_digits)  # fmt: skip
 
 
-def summary_rows(results: list[JobResult]) -> list[dict[str, str]]:
+# The console's summary leaves these out, in this order, until it fits the terminal.
+OPTIONAL_COLUMNS = ("note", "blog", "s/epoch", "val loss", "epochs")
+
+
+def summary_rows(
+    results: list[JobResult], interval_digits: int | None = None
+) -> list[dict[str, str]]:
     """One row per job: its validation accuracy with the 95% interval and the count, and its
-    cross-validated accuracy when any job was cross-validated."""
+    cross-validated accuracy when any job was cross-validated. ``interval_digits``: shorter
+    intervals, for the console."""
     rows = []
     any_cv = any(r.cv for r in results)
     for r in results:
@@ -48,8 +56,10 @@ def summary_rows(results: list[JobResult]) -> list[dict[str, str]]:
                 "dataset": r.dataset,
                 "method": r.method,
                 "status": r.status,
-                "val accuracy (95%)": format_accuracy(r.accuracy, r.accuracy_interval, r.n),
-                **({"cv accuracy (95%)": cv_text(r.cv)} if any_cv else {}),
+                "val accuracy (95%)": format_accuracy(
+                    r.accuracy, r.accuracy_interval, r.n, interval_digits=interval_digits
+                ),
+                **({"cv accuracy (95%)": cv_text(r.cv, interval_digits)} if any_cv else {}),
                 "val loss": f"{r.loss:.4f}" if r.loss is not None else "-",
                 "blog": f"{reference:.2f}" if reference else "",
                 "epochs": str(r.epochs),
