@@ -6,19 +6,19 @@ one small matrix product, no image decoded. The batch is chosen in three steps:
 
 1. **Uncertainty**: each image's margin between its two most probable classes under the
    trained model's calibrated probabilities (the run's cross-validated temperature when it has
-   one); ``score = 1 - margin``.
-2. **Spread**: greedy selection on the unit embeddings: each pick maximises ``score x
-   min(1, d / d0)``, where ``d`` is the cosine distance to the nearest image already labelled or
-   already picked and ``d0`` the pool's median such distance to the labelled images, so a
+   one); ``score = 1 - margin``. The shortlist is the ``2 x budget`` least sure images.
+2. **Spread**: from the shortlist, greedy farthest-first (k-center) on the unit embeddings:
+   each pick is the image farthest (cosine) from everything already labelled or picked, so a
    hundred near-copies of one confusing photo cost one label, not a hundred.
-3. **Balance**: each predicted class gets at most its share of the batch (``budget / classes``)
-   while others still have candidates, so a rare class is asked about too.
+3. **Balance**: each predicted class gets at most its share of the batch (``budget /
+   classes``) while others still have candidates, so a rare class is asked about too.
 
 Near duplicates (the audit's thresholds) of an image already labelled or already picked are
-never suggested. ``reason`` says which step decided each pick: ``uncertain`` (the most
-uncertain left), ``spread`` (chosen over a more uncertain one too close to what is picked or
-labelled) or ``balance`` (its class had room while the more uncertain one's had none).
-``benchmarks/label_next.py`` measures this against random and uncertainty-only batches.
+never suggested. ``reason`` says which step decided each pick: ``uncertain`` (also the least
+sure left), ``spread`` (chosen over a less sure one for being farther from what is known) or
+``balance`` (its class had room while the farthest one's had none). This design won against
+weighting uncertainty by distance, spread alone and balance alone on flowers (mean accuracy
+over the rounds, ``benchmarks/label_next.py``; the numbers are in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from tasks.methods import get_method
 from workflows.datasets import UNLABELLED
 
 SIMILARITY, RELATIVE = 0.85, 0.35  # near duplicates, as the audit finds them (workflows.audit)
+CANDIDATES = 2  # the shortlist: this many times the budget, the most uncertain
 LABELLED = ("train", "validation", "test")
 REASONS = ("uncertain", "spread", "balance")
 
@@ -80,41 +81,58 @@ def margin_scores(probs: np.ndarray) -> np.ndarray:
 def choose_batch(
     pool: np.ndarray, labelled: np.ndarray, scores: np.ndarray, predicted: np.ndarray,
     num_classes: int, budget: int, spread: bool = True, balance: bool = True,
+    candidates: int = CANDIDATES,
 ) -> tuple[list[int], list[str]]:  # fmt: skip
-    """Indices into ``pool`` (unit embeddings) of the batch to label, best first, and why each:
-    see the module's three steps. ``labelled``: unit embeddings of the images already labelled;
-    ``spread`` / ``balance`` off give the plain uncertainty ranking (what the benchmark compares
-    against), near duplicates still left out."""
+    """Indices into ``pool`` (unit embeddings) of the batch to label, in the order picked, and
+    why each: see the module's three steps. ``labelled``: unit embeddings of the images
+    already labelled. ``spread`` off ranks by uncertainty alone, ``balance`` off drops the
+    quotas (what the benchmark compares against); near duplicates are left out either way."""
     n = len(pool)
     budget = min(budget, n)
-    nearest = _nearest_distance(pool, labelled) if len(labelled) else np.full(n, 2.0)
-    scale = float(np.median(nearest)) or 1.0
     near = _near_limit(pool, labelled)
-    open_ = nearest > near  # near duplicates of labelled images are never suggested
+    nearest = _nearest_distance(pool, labelled) if len(labelled) else np.full(n, 2.0)
+    order = np.argsort(-scores, kind="stable")
+    allowed = [int(i) for i in order if nearest[i] > near]  # never a copy of a labelled image
     quota = -(-budget // num_classes) if balance else budget
     taken = np.zeros(num_classes, np.int64)
     chosen: list[int] = []
     reasons: list[str] = []
-    while len(chosen) < budget and open_.any():
-        value = scores * np.minimum(1.0, nearest / scale) if spread else scores.copy()
-        value[~open_] = -np.inf
-        room = taken[predicted] < quota
-        if not (room & open_).any():  # every class with candidates has its share: fill up
-            room = open_
-        best = int(np.argmax(np.where(room, value, -np.inf)))
-        most = int(np.argmax(np.where(open_, scores, -np.inf)))
-        if scores[best] >= scores[most]:
-            reasons.append("uncertain")
-        elif room[most]:
-            reasons.append("spread")
-        else:
+    shortlist = allowed[: candidates * budget] if spread else allowed
+    rest = allowed[len(shortlist) :]
+    cand = np.array(shortlist, np.int64)
+    distance = nearest[cand]
+    alive = np.ones(len(cand), bool)
+    while len(chosen) < budget:
+        if not alive.any():  # near duplicates took the shortlist: the next most uncertain
+            more = [i for i in rest[:budget]
+                    if not chosen or (1.0 - pool[chosen] @ pool[i]).min() > near]  # fmt: skip
+            rest = rest[budget:]
+            if not more and not rest:
+                break
+            cand = np.array(more, np.int64)
+            distance = np.minimum(nearest[cand], (1.0 - pool[cand] @ pool[chosen].T).min(axis=1))
+            alive = np.ones(len(cand), bool)
+            continue
+        key = distance if spread else scores[cand]  # farthest from all known, or least sure
+        room = alive & (taken[predicted[cand]] < quota)
+        if not room.any():  # every class with candidates has its share: fill up
+            room = alive
+        pick = int(np.argmax(np.where(room, key, -np.inf)))
+        free = int(np.argmax(np.where(alive, key, -np.inf)))
+        most = int(np.argmax(np.where(alive, scores[cand], -np.inf)))
+        if pick != free:
             reasons.append("balance")
+        elif scores[cand[pick]] >= scores[cand[most]]:
+            reasons.append("uncertain")
+        else:
+            reasons.append("spread")
+        best = int(cand[pick])
         chosen.append(best)
         taken[predicted[best]] += 1
-        distance = 1.0 - pool @ pool[best]
-        nearest = np.minimum(nearest, distance)
-        open_ &= distance > near
-        open_[best] = False
+        apart = 1.0 - pool[cand] @ pool[best]
+        distance = np.minimum(distance, apart)
+        alive &= apart > near
+        alive[pick] = False
     return chosen, reasons
 
 

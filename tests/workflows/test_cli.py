@@ -113,21 +113,25 @@ print(json.dumps(codes))
 """
 
 
-@pytest.fixture(scope="module")
-def errors_run(inputs, tmp_path_factory):
-    """Every case of :data:`ERRORS`, run once: ``{case index: CompletedProcess}``."""
-    folder = tmp_path_factory.mktemp("errors")
-    cases = [[a.format(root=inputs) for a in args] for args, _, _ in ERRORS]
-    environment = {**os.environ, "COLUMNS": "200", "TF_CPP_MIN_LOG_LEVEL": "3"}
+def wf_forked(cases: list[list[str]], folder: Path, columns: int = 200) -> list:
+    """``wf`` with each argv of ``cases``, each in a fork of one process (:data:`_FORKED`)."""
+    environment = {**os.environ, "COLUMNS": str(columns), "TF_CPP_MIN_LOG_LEVEL": "3"}
     environment.pop("RAY_ADDRESS", None)
     given = json.dumps([cases, str(folder)])
     done = subprocess.run([sys.executable, "-c", _FORKED], input=given, capture_output=True,
                           text=True, timeout=900, env=environment, cwd=ROOT)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     codes = json.loads(done.stdout.strip().splitlines()[-1])
-    return {i: subprocess.CompletedProcess(cases[i], code, (folder / f"{i}.out").read_text(),
-                                           (folder / f"{i}.err").read_text())
-            for i, code in enumerate(codes)}  # fmt: skip
+    return [subprocess.CompletedProcess(cases[i], code, (folder / f"{i}.out").read_text(),
+                                        (folder / f"{i}.err").read_text())
+            for i, code in enumerate(codes)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def errors_run(inputs, tmp_path_factory):
+    """Every case of :data:`ERRORS`, run once, in order."""
+    cases = [[a.format(root=inputs) for a in args] for args, _, _ in ERRORS]
+    return wf_forked(cases, tmp_path_factory.mktemp("errors"))
 
 
 @pytest.mark.parametrize(
@@ -148,15 +152,18 @@ def test_debug_shows_the_traceback(inputs):
     assert result.returncode == 2 and "Traceback" in result.stderr
 
 
-def test_help_documents_every_option_with_its_default_and_an_example():
-    result = wf("extract", "--help")
+def test_help_documents_every_option_with_its_default_and_an_example(tmp_path):
+    commands = ("extract", "train-all", "predict", "evaluate", "verify", "backbones", "methods",
+                "demo", "suggest", "label", "audit", "serve")  # fmt: skip
+    result, *others = wf_forked([[c, "--help"] for c in commands], tmp_path)
     assert result.returncode == 0
     for option in ("--shards", "--augment", "--backbone", "--weights", "--store", "--address",
                    "--config", "--taps", "--dtype", "--runtime", "--wait", "Example:"):  # fmt: skip
         assert option in result.stdout
     assert "(default: 8)" in " ".join(result.stdout.split())  # generated from the settings
-    for command in ("train-all", "predict", "evaluate", "verify", "backbones", "methods", "demo"):
-        assert "Example:" in wf(command, "--help").stdout, command
+    assert "TOML file of [[datasets]]" in result.stdout and "<bool>" not in result.stdout
+    for command, shown in zip(commands[1:], others, strict=True):
+        assert shown.returncode == 0 and "Example:" in shown.stdout, command
 
 
 def test_methods_and_backbones_list_the_registries_whole_at_80_columns():

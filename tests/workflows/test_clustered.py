@@ -320,3 +320,33 @@ def test_the_object_store_gone_for_a_while_mid_extract(s3, data, cache_dir):
     assert run.returncode == 0, stderr[-3000:]  # retried with backoff, then went on
     checked = wf("verify", store, env=env)
     assert checked.returncode == 0, checked.stderr  # and the store reads back consistent
+
+
+def test_wf_label_moves_images_on_an_object_store_and_logs_them(s3, tmp_path):
+    local = tmp_path / "local" / "pets"
+    make_dataset(local / "train", ("cats", "dogs"), 2, size=32)
+    make_dataset(local / "unlabelled", ("batch",), 3, size=32, seed=1)
+    s3.upload(str(tmp_path / "local"), f"s3://{BUCKET}/labelling")
+    labels = tmp_path / "labels.csv"
+    rows = [
+        "path,label",
+        "unlabelled/batch/batch_0000.jpg,cats",
+        "unlabelled/batch/batch_0001.jpg,dogs",
+        "unlabelled/batch/gone.jpg,cats",
+    ]
+    labels.write_text("\n".join(rows) + "\n")
+    done = wf("label", f"s3://{BUCKET}/labelling/pets", str(labels), "--json", env=s3.env())
+    assert done.returncode == 1, done.stderr[-3000:]  # one row could not be applied
+    report = json.loads(done.stdout)
+    assert len(report["moved"]) == 2 and "gone.jpg is not in" in report["problems"][0]
+    objects = {
+        p.removeprefix(f"{BUCKET}/labelling/pets/") for p in s3.objects(f"{BUCKET}/labelling")
+    }
+    assert {"train/cats/batch_0000.jpg", "train/dogs/batch_0001.jpg"} <= objects
+    assert "unlabelled/batch/batch_0000.jpg" not in objects
+    assert "unlabelled/batch/batch_0002.jpg" in objects and ".wf-labels.jsonl" in objects
+    logged = s3.read(f"{BUCKET}/labelling/pets/.wf-labels.jsonl").decode().splitlines()
+    assert [json.loads(line)["to"] for line in logged] == ["train/cats/batch_0000.jpg",
+                                                           "train/dogs/batch_0001.jpg"]  # fmt: skip
+    moved = s3.read(f"{BUCKET}/labelling/pets/train/cats/batch_0000.jpg")
+    assert moved == (local / "unlabelled" / "batch" / "batch_0000.jpg").read_bytes()
