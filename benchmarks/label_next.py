@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/wf-honest")
     parser.add_argument("--shared", default=str(HERE.parent.parent / "shared" / "datasets"))
     parser.add_argument("--datasets", default=",".join(DATASETS))
-    parser.add_argument("--plot", default=str(HERE / "results" / "label_next.png"))
+    parser.add_argument("--plot", default=str(HERE.parent / "docs" / "images" / "label_next.png"))
     parser.add_argument("--parts", default="curves,few-shot", help="curves, few-shot or both")
     args = parser.parse_args()
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

@@ -3,6 +3,7 @@ own split, `wf suggest` ranking them from a trained run, `wf label` moving the l
 class folders, and the next extract and train-all redoing only what those labels changed."""
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -112,26 +113,33 @@ def test_suggest_label_extract_train_redoes_only_what_the_labels_changed(
         r["predicted_label"] in CLASSES and 0.5 <= float(r["probability"]) <= 1 for r in rows
     )
     scores = [float(r["score"]) for r in rows]
-    assert rows[0]["reason"] == "uncertain" and scores[0] == max(scores)
+    # A batch of 3 comes from the shortlist: the 6 least sure of the pool (all 20 listed above).
+    run_suggest(dataclasses.replace(asked, budget=3, output=str(tmp_path / "next3")))
+    three = list(csv.DictReader((tmp_path / "next3/shapes/suggestions.csv").open()))
+    assert len(three) == 3 and min(float(r["score"]) for r in three) >= sorted(scores)[-6]
     assert pq.read_table(tmp_path / "next/shapes/suggestions.parquet").num_rows == len(rows)
     assert (tmp_path / "next/shapes/report.html").read_text().count("<img") == len(rows)
 
     # The labeller answers five of them (the true class is in the file's name), plus a label
     # that is no class, a file that is not there, and a target that exists.
-    answers = [
-        (p, "squares" if "squares" in p or "twin" in p else "circles") for p in suggested[:5]
-    ]
-    (shapes / "train" / "circles" / "u_circles_0009.jpg").write_bytes(b"already here")
+    def truth(path: str) -> str:
+        return "squares" if "squares" in path or "twin" in path else "circles"
+
+    answers = [(p, truth(p)) for p in suggested[:5]]
+
+    clash = suggested[6]  # its name is taken in its class folder already
+    taken = shapes / "train" / truth(clash) / Path(clash).name
+    taken.write_bytes(b"already here")
     rows_csv = [("path", "label"), *answers, (suggested[5], "dogs"),
                 ("unlabelled/batch1/missing.jpg", "circles"),
-                ("unlabelled/batch1/u_circles_0009.jpg", "circles")]  # fmt: skip
+                (clash, truth(clash))]  # fmt: skip
     with (tmp_path / "labels.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows(rows_csv)
     report = label_images(str(shapes), str(tmp_path / "labels.csv"))
     assert len(report.moved) == 5 and len(report.problems) == 3
     assert any("'dogs' is not a class" in p for p in report.problems)
     assert any("exists; not overwritten" in p for p in report.problems)
-    assert (shapes / "train" / "circles" / "u_circles_0009.jpg").read_bytes() == b"already here"
+    assert taken.read_bytes() == b"already here"
     for path, label in answers:
         assert not (shapes / path).exists()
         assert (shapes / "train" / label / Path(path).name).is_file()
@@ -139,7 +147,7 @@ def test_suggest_label_extract_train_redoes_only_what_the_labels_changed(
     assert [(e["from"], e["to"]) for e in logged] == [
         (p, f"train/{label}/{Path(p).name}") for p, label in answers]  # fmt: skip
     assert all(e["by"] and e["at"] for e in logged)
-    (shapes / "train" / "circles" / "u_circles_0009.jpg").unlink()
+    taken.unlink()
 
     before = {k: r.sha256 for k, r in store.manifest.shards.items()}
     again = _extract(tmp_path, cache_dir)
