@@ -93,13 +93,14 @@ class OutOfFold:
 
 def _cache(store_root: str, context: JobContext, folds: int) -> tuple[Any, str, str]:
     """The store's filesystem, the cache file of ``context``'s out-of-fold probabilities in
-    ``folds`` folds, and the id of the stores they come from (every manifest's)."""
+    ``folds`` folds, and the id of the stores they come from (every manifest's labelled rows:
+    new unlabelled images keep the cache)."""
     layout = StoreLayout.at(store_root)
     recipe = dataclasses.asdict(context.recipe)
     name = fingerprint([context.method, recipe, context.options.seed, folds, OUT_OF_FOLD_VERSION])
     path = layout.derived_path(context.dataset, context.store.backbone,
                                f"out_of_fold-{context.method}-{name[:16]}.npz")  # fmt: skip
-    return layout.filesystem, path, fingerprint([s.manifest_id for s in context.stores])
+    return layout.filesystem, path, fingerprint([s.labelled_id for s in context.stores])
 
 
 def cached_out_of_fold(store_root: str, context: JobContext, folds: int) -> OutOfFold | None:
