@@ -181,9 +181,11 @@ def test_out_of_fold_probabilities_are_fitted_once_and_shared_with_cv(audited, t
     assert found.reused_out_of_fold and found.metrics()["cv"]["reused_out_of_fold"]
     cached = cached_out_of_fold(store, context, 5)
     assert cached is not None and cached.reused and len(cached.keys) == found.n
-    # Another store (its manifest changed): not reused.
-    changed = dataclasses.replace(context.store, manifest_id="0" * 16)
+    # Another store (its labelled rows changed): not reused; only its unlabelled ones: reused.
+    changed = dataclasses.replace(context.store, labelled_id="0" * 16)
     assert cached_out_of_fold(store, dataclasses.replace(context, stores=(changed,)), 5) is None
+    pool_only = dataclasses.replace(context.store, manifest_id="0" * 16)
+    assert cached_out_of_fold(store, dataclasses.replace(context, stores=(pool_only,)), 5)
     # Fitted again here (the cache removed): the same probabilities the pool fitted.
     shutil.rmtree(next((root / "store" / "planted").glob("*/_derived")))
     fresh = shared_out_of_fold(context, store, 5)
