@@ -38,6 +38,7 @@ from storage.feature_store import FeatureStore, tap_column
 from storage.filesystem import Location, write_bytes
 from storage.layout import StoreLayout
 from storage.runs import Artifact, RunsLayout
+from tasks.abstention import nearest_distance
 from tasks.audit import normalise
 from tasks.backbones import DEFAULT_BACKBONE
 from tasks.cross_validation import apply_temperature
@@ -90,7 +91,7 @@ def choose_batch(
     n = len(pool)
     budget = min(budget, n)
     near = _near_limit(pool, labelled)
-    nearest = _nearest_distance(pool, labelled) if len(labelled) else np.full(n, 2.0)
+    nearest = nearest_distance(pool, labelled, k=1) if len(labelled) else np.full(n, 2.0)
     order = np.argsort(-scores, kind="stable")
     allowed = [int(i) for i in order if nearest[i] > near]  # never a copy of a labelled image
     quota = -(-budget // num_classes) if balance else budget
@@ -134,11 +135,6 @@ def choose_batch(
         alive &= apart > near
         alive[pick] = False
     return chosen, reasons
-
-
-def _nearest_distance(x: np.ndarray, bank: np.ndarray, block: int = 2048) -> np.ndarray:
-    return np.concatenate([1.0 - (x[i : i + block] @ bank.T).max(axis=1)
-                           for i in range(0, len(x), block)])  # fmt: skip
 
 
 def _near_limit(pool: np.ndarray, labelled: np.ndarray) -> float:

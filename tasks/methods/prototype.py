@@ -16,12 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from tasks.backbones import ResolvedWeights
 from tasks.heads import output_layer
-from tasks.methods.base import JobContext, Method, Recipe, pretrained_base, stack_tap
-from tasks.training.weights import set_named_weights
+from tasks.methods.base import Recipe
+from tasks.methods.bottleneck import Bottleneck
 
 SCALES = np.geomspace(1.0, 200.0, 80)  # the cosine scales tried (1/temperature)
 
@@ -89,26 +87,19 @@ def build_head(keras_module: Any, input_shape: tuple[int, ...], num_classes: int
     )
 
 
-class Prototype(Method):
+class Prototype(Bottleneck):
+    """The bottleneck method's rows, model and saved model, with this head set in closed form."""
+
     name = "prototype"
-    output_name = "top_output"
     embedding_layer = "top_output"  # its input: the unit embedding
     summary = "nearest class mean of the stored embeddings, cosine (few-shot; no epochs)"
     recipe = Recipe(epochs=1)  # nothing is trained by gradient: the closed form sets the head
-    taps = ("bottleneck",)
     closed_form = True
-
-    def features(self, context: JobContext, tables: list[pa.Table]) -> np.ndarray:
-        return stack_tap(tables[0]["tap_bottleneck"], context.store.taps["bottleneck"])
 
     def build_on_rows(
         self, keras_module: Any, feature_shape: tuple[int, ...], num_classes: int
     ) -> Any:
         return build_head(keras_module, feature_shape, num_classes)
-
-    def build_trainable(self, keras_module: Any, context: JobContext) -> Any:
-        return self.build_on_rows(keras_module, context.store.taps["bottleneck"],
-                                  len(context.classes))  # fmt: skip
 
     def fit_closed_form(
         self, x: np.ndarray, y: np.ndarray, num_classes: int
@@ -120,14 +111,3 @@ class Prototype(Method):
         self, weights: dict[str, list[np.ndarray]], x: np.ndarray
     ) -> np.ndarray:
         return predict_prototypes(weights, x)
-
-    def complete_model(
-        self, context: JobContext, trained: dict[str, list[np.ndarray]],
-        weights: dict[str, ResolvedWeights],
-    ) -> Any:  # fmt: skip
-        import keras
-
-        base = pretrained_base(context.store, weights)
-        top = self.build_trainable(keras, context)
-        set_named_weights(top, trained)
-        return keras.Model(base.input, top(base.output["bottleneck"]), name=context.run_name)
