@@ -38,6 +38,7 @@ class Artifact:
     """The file names of a job's artifacts: spelled here and nowhere else."""
 
     MODEL = "model.keras"
+    ONNX_MODEL = "model.onnx"  # instead of model.keras, for a job on an ONNX backbone
     METRICS = "metrics.json"
     CLASSES = "classes.json"
     SETTINGS = "settings.json"
@@ -66,8 +67,17 @@ class JobFiles:
         return self.location.display(self.path(name))
 
     @property
+    def model_name(self) -> str:
+        """The job's model file: ``model.onnx`` where its index lists one, else ``model.keras``."""
+        try:
+            index = self.index()
+        except StoreError:
+            return Artifact.MODEL
+        return Artifact.ONNX_MODEL if Artifact.ONNX_MODEL in index else Artifact.MODEL
+
+    @property
     def model(self) -> str:
-        return self.path(Artifact.MODEL)
+        return self.path(self.model_name)
 
     def metrics(self) -> dict[str, Any]:
         """``metrics.json``: what the job measured and how it ran."""
@@ -83,17 +93,20 @@ class JobFiles:
     def write(self, name: str, data: bytes) -> None:
         write_bytes(self.location.filesystem, self.path(name), data)
 
-    def write_model(self, model: Any) -> None:
+    def write_model(self, model: Any) -> str:
         """``model.keras``: a Keras model saved to a local file (Keras saves to paths only),
-        then stored like every artifact."""
+        then stored like every artifact; a model that names its own ``artifact``
+        (``model.onnx``) is saved under that name. Returns the name."""
         import os
         import tempfile
 
+        name = getattr(model, "artifact", Artifact.MODEL)
         with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, Artifact.MODEL)
+            path = os.path.join(folder, name)
             model.save(path)
             with open(path, "rb") as handle:
-                self.write(Artifact.MODEL, handle.read())
+                self.write(name, handle.read())
+        return name
 
     def read(self, name: str) -> bytes:
         try:

@@ -1,6 +1,7 @@
-"""A trained classifier as users run it: the saved Keras model and its classes, loaded from a
-path or URI, and the one forward pass that `wf predict`, `wf evaluate` and `wf serve` share
-(same decoding, same resizing, same numbers)."""
+"""A trained classifier as users run it: the saved Keras model (or ``model.onnx``, in
+onnxruntime, for a job on an ONNX backbone) and its classes, loaded from a path or URI, and the
+one forward pass that `wf predict`, `wf evaluate` and `wf serve` share (same decoding, same
+resizing, same numbers)."""
 
 from __future__ import annotations
 
@@ -107,6 +108,29 @@ def load_classifier(model_path: str) -> Classifier:
     if not isinstance(classes, list):
         raise StoreError(f"classes.json beside {model_path} is not a list")
     data = read_bytes(location.filesystem, location.path(name))
+    if name.endswith(".onnx"):
+        model = _onnx_model(data, model_path)
+    else:
+        model = _keras_model(data, model_path)
+    abstention, bank, embedding = _abstention(location, model, model_path)
+    return Classifier(model, [str(c) for c in classes], sha256_stream([data]), abstention, bank,
+                      embedding)  # fmt: skip
+
+
+def _onnx_model(data: bytes, model_path: str) -> Any:
+    """A ``model.onnx`` (a job on an ONNX backbone) in onnxruntime."""
+    from tasks.backbones.onnx_backbone import OnnxModel
+
+    try:
+        return OnnxModel(data)
+    except SettingsError:
+        raise
+    except Exception as error:  # onnxruntime's own errors: all mean "cannot load"
+        first = str(error).strip().splitlines()[0][:240] if str(error).strip() else ""
+        raise StoreError(f"cannot load model {model_path}: {first}") from None
+
+
+def _keras_model(data: bytes, model_path: str) -> Any:
     import keras
 
     with tempfile.TemporaryDirectory() as temporary:
@@ -120,9 +144,7 @@ def load_classifier(model_path: str) -> Classifier:
             raise StoreError(
                 f"cannot load model {model_path}: {type(error).__name__}: {first}"
             ) from None
-    abstention, bank, embedding = _abstention(location, model, model_path)
-    return Classifier(model, [str(c) for c in classes], sha256_stream([data]), abstention, bank,
-                      embedding)  # fmt: skip
+    return model
 
 
 def _abstention(location: Location, model: Any, model_path: str) -> tuple[Any, Any, Any]:
@@ -140,7 +162,11 @@ def _abstention(location: Location, model: Any, model_path: str) -> tuple[Any, A
         return abstention, None, None
     try:
         bank = bank_from_bytes(read_bytes(location.filesystem, location.path(Artifact.EMBEDDINGS)))
-        embedding = embedding_model(keras, model, METHODS[method].embedding_layer)
+        layer = METHODS[method].embedding_layer
+        if hasattr(model, "with_embedding"):  # model.onnx has its embedding as an output
+            embedding = model.with_embedding()
+        else:
+            embedding = embedding_model(keras, model, layer)
     except FileNotFoundError:
         return dataclasses.replace(abstention, max_distance=None), None, None
     except ValueError as error:

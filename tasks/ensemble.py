@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from storage.errors import SettingsError
 from storage.filesystem import Location
 from storage.runs import Artifact, RunsLayout
 from tasks.evaluation import classification_metrics, plot_confusion_matrix
@@ -65,6 +66,9 @@ def build_ensemble(
 
     started = time.perf_counter()
     loaded = [(m, load_classifier(runs.job(dataset, m).model).model) for m in members]
+    onnx = [m for m, model in loaded if not isinstance(model, keras.Model)]
+    if onnx:
+        raise SettingsError(f"an ensemble of ONNX models is not built yet: {', '.join(onnx)}")
     model = ensemble_model(keras, loaded)
     size = tuple(int(d) for d in model.input_shape[1:3])
     location = Location.at(dataset_root)

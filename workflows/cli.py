@@ -177,6 +177,34 @@ def evaluate(
 
 
 @app.command()
+def export(
+    model: o.Model,
+    export_format: Annotated[str, typer.Option("--format", help="onnx, tflite or tflite-int8.")],
+    output: Annotated[str, typer.Option(help="The file to write (a path or URI).")],
+    check: Annotated[str | None, typer.Option(help=(
+        "A labelled folder to check the exported model on (default: the dataset's validation/)"
+    ))] = None,
+    calibration: Annotated[str | None, typer.Option(help=(
+        "tflite-int8: images to calibrate on (default: the dataset's train/)"
+    ))] = None,
+    json_output: o.Json = False,
+) -> None:  # fmt: skip
+    """Write a trained model as ONNX or TFLite, only if it gives the Keras model's answers.
+
+    Example: wf export runs/cats_vs_dogs/bottleneck/model.keras --format onnx --output cats.onnx
+    """
+    from workflows.console import show_export
+    from workflows.export import ExportRefused, export_model
+
+    try:
+        report = export_model(model, export_format, output, check, calibration)
+    except ExportRefused as refused:
+        show_export(refused.report, json_output)
+        raise
+    show_export(report, json_output)
+
+
+@app.command()
 def verify(
     store: Annotated[str | None, typer.Argument(help="A feature store root (path or URI).")] = None,
     runs: Annotated[str | None, typer.Option(help="Also check a runs folder's artifacts.")] = None,

@@ -206,6 +206,22 @@ def show_evaluation(folder: str, metrics: dict[str, Any], as_json: bool) -> None
         out.print(f"declined: {declined}", markup=False)
 
 
+def show_export(report: Any, as_json: bool) -> None:
+    """``wf export``: the parity gate's numbers, and whether the file was written."""
+    if as_json:
+        print_json(report.to_json())
+        return
+    print_table(f"wf export: {report.format} -> {report.output}", [{
+        "images": str(report.images), "top-1 agreement": f"{report.agreement:.4f}",
+        "max prob diff": f"{report.max_probability_difference:.2e}",
+        "accuracy keras": f"{report.keras_accuracy:.4f}",
+        "accuracy exported": f"{report.exported_accuracy:.4f}",
+        "worst class": f"{report.worst_class} {-report.worst_class_drop * 100:+.1f} pts",
+    }])  # fmt: skip
+    if report.written:
+        out.print(f"written: {report.output} ({report.bytes:,} bytes)", markup=False)
+
+
 def show_registries(backbones: bool) -> None:
     """``wf backbones`` or ``wf methods``: the registry as a table."""
     if backbones:
@@ -218,6 +234,16 @@ def show_registries(backbones: bool) -> None:
             for b in BACKBONES.values()])  # fmt: skip
         for tap, text in TAP_DESCRIPTIONS.items():
             out.print(f"  {tap}: {text}")
+        out.print(
+            "  Your own ONNX model: --backbone onnx:PATH_OR_URI, with PATH_OR_URI.json beside "
+            'it, e.g. {"name": "dinov2_s", "input_size": [224, 224], "layout": "NCHW", '
+            '"scale": 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], '
+            '"output": "tokens", "pool": "cls+mean"} (pool: none, mean, cls, cls+mean); '
+            "it has the bottleneck tap and trains with bottleneck and prototype "
+            "(README: Your own ONNX backbone)",
+            markup=False,
+            soft_wrap=True,
+        )
         return
     from tasks.methods import DEFAULT_METHODS, METHODS
 

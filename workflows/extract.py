@@ -134,7 +134,7 @@ def run_extract(
         }
         reports = [redone.get(r.dataset, r) for r in reports]
     write_run_log(layout, "extract", [
-        {"event": "extract", "backbone": settings.backbone, "shards": settings.shards,
+        {"event": "extract", "backbone": settings.backbone_name, "shards": settings.shards,
          "augment": settings.augment, "runtime": settings.runtime, "datasets": len(reports)},
         *({"event": "dataset", **asdict(report)} for report in reports),
     ])  # fmt: skip
@@ -145,8 +145,8 @@ def _extract(settings, specs, prepare, layout, on_progress, on_message) -> list[
     with ExitStack() as stack:
         leases = {
             spec.name: stack.enter_context(Lease(
-                layout.filesystem, layout.lease_path(spec.name, settings.backbone),
-                f"store {spec.name}/{settings.backbone}", command="wf extract",
+                layout.filesystem, layout.lease_path(spec.name, settings.backbone_name),
+                f"store {spec.name}/{settings.backbone_name}", command="wf extract",
                 wait=settings.wait, on_wait=on_message,
             ))
             for spec in specs

@@ -71,6 +71,8 @@ def feature_fingerprint(settings: ExtractSettings, prepared: PreparedBackbone) -
             list(prepared.input_size),
             sorted(prepared.taps),
             prepared.calibration,
+            # An ONNX backbone's sidecar (preprocessing, pooling) changes its features too.
+            *([prepared.preprocessing] if prepared.preprocessing else []),
         ]
     )
 

@@ -7,7 +7,7 @@ from typing import Any
 from storage.errors import StoreError
 from storage.feature_store import FeatureStore
 from storage.layout import StoreLayout
-from storage.runs import Artifact, RunsLayout
+from storage.runs import RunsLayout
 from tasks.evaluation import format_accuracy
 
 
@@ -62,8 +62,8 @@ def list_runs(runs: str) -> list[dict[str, Any]]:
             "epochs": metrics.get("epochs"),
             "seconds_per_epoch": metrics.get("seconds_per_epoch"),
             "finished": metrics.get("finished_at", ""),
-            "model_bytes": index.get(Artifact.MODEL, {}).get("bytes"),
-            "model": job.display(Artifact.MODEL),
+            "model_bytes": index.get(job.model_name, {}).get("bytes"),
+            "model": job.display(job.model_name),
         })  # fmt: skip
     return entries
 

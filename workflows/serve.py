@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from storage.errors import SettingsError, StoreError
-from storage.runs import Artifact, RunsLayout
+from storage.runs import RunsLayout
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.serving import MAX_BODY_BYTES, ModelFacts
 from workflows.settings import ClusterSettings
@@ -59,9 +59,9 @@ def find_models(settings: ServeSettings) -> list[ModelFacts]:
             continue
         metrics = job.metrics()
         found.append(ModelFacts(
-            dataset=job.dataset, method=job.method, model_uri=job.display(Artifact.MODEL),
+            dataset=job.dataset, method=job.method, model_uri=job.display(job.model_name),
             classes=tuple(job.classes()),
-            sha256=job.index()[Artifact.MODEL]["sha256"],
+            sha256=job.index()[job.model_name]["sha256"],
             input_size=tuple(metrics["input_size"]),
             metrics={k: metrics.get(k) for k in ("accuracy", "n", "accuracy_interval", "loss",
                                                  "epochs", "per_class", "cv", "temperature")},

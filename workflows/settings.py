@@ -13,8 +13,9 @@ from typing import Any
 from storage.errors import SettingsError
 from storage.feature_store import FEATURE_DTYPES
 from tasks.augment import AugmentPolicy
-from tasks.backbones import BACKBONES, DEFAULT_BACKBONE
-from tasks.backbones.runtime import DEFAULT_RUNTIME, RUNTIMES
+from tasks.backbones import DEFAULT_BACKBONE, get_backbone
+from tasks.backbones.onnx_backbone import OnnxBackbone
+from tasks.backbones.runtime import DEFAULT_RUNTIME, RUNTIMES, runtime_for
 from tasks.heads import SCRATCH_IMAGE_SIZE
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.methods import DEFAULT_METHODS, METHODS, Recipe, TrainOptions, get_method
@@ -91,7 +92,11 @@ class ExtractSettings:
     datasets: tuple[DatasetSource, ...]
     store: str = setting("store", "Feature store root: a path or a URI (s3://...)")
     shards: int = setting(8, "Shards per split, one Ray task each")
-    backbone: str = setting(DEFAULT_BACKBONE, "Backbone (see `wf backbones`)")
+    backbone: str = setting(
+        DEFAULT_BACKBONE,
+        "Backbone: a name from `wf backbones`, or onnx:PATH_OR_URI (your ONNX "
+        "model, with its sidecar PATH_OR_URI.json)",
+    )
     weights: str = setting("imagenet", "imagenet, none (random) or a local weights file")
     input_size: int | None = setting(None, "Square input size in pixels (default: the backbone's)")
     taps: tuple[str, ...] | None = setting(
@@ -122,10 +127,10 @@ class ExtractSettings:
             raise SettingsError("no dataset given: pass DATA_ROOT... or --config FILE")
         if not 1 <= self.shards <= 99_999:
             raise SettingsError(f"--shards must be between 1 and 99999, got {self.shards}")
-        if self.backbone not in BACKBONES:
-            raise SettingsError(
-                f"unknown backbone {self.backbone!r}; choose one of {', '.join(sorted(BACKBONES))}"
-            )
+        backbone = get_backbone(self.backbone)  # an unknown name or a bad ONNX file: one line
+        runtime_for(backbone, self.runtime)
+        if self.input_size is not None and self.input_size != backbone.default_input_size:
+            backbone.check_input_size((self.input_size, self.input_size))
         if self.dtype not in FEATURE_DTYPES:
             raise SettingsError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)}: {self.dtype}")
         if self.runtime not in RUNTIMES:
@@ -143,13 +148,21 @@ class ExtractSettings:
             raise SettingsError(f"--image-size must be at least 32, got {self.input_size}")
 
     @property
+    def backbone_name(self) -> str:
+        """The store's folder for the backbone: its name (an ONNX model's sidecar name)."""
+        return get_backbone(self.backbone).name
+
+    @property
     def image_size(self) -> tuple[int, int]:
-        size = self.input_size or BACKBONES[self.backbone].default_input_size
+        backbone = get_backbone(self.backbone)
+        if isinstance(backbone, OnnxBackbone):
+            return backbone.input_size
+        size = self.input_size or backbone.default_input_size
         return (size, size)
 
     @property
     def selected_taps(self) -> tuple[str, ...]:
-        return self.taps or BACKBONES[self.backbone].default_taps
+        return self.taps or get_backbone(self.backbone).default_taps
 
 
 # Settings that do not change a single stored number: left out of the features' fingerprint.

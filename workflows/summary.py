@@ -21,7 +21,7 @@ from tasks.training.job import JobResult
 
 # Validation accuracy in the Keras blog on the same 2000/800 cats-vs-dogs split.
 BLOG_REFERENCE = {"scratch": 0.80, "bottleneck": 0.90, "finetune": 0.94}
-FILES = (Artifact.MODEL, Artifact.METRICS, Artifact.HISTORY, Artifact.SETTINGS, Artifact.CLASSES,
+FILES = (Artifact.METRICS, Artifact.HISTORY, Artifact.SETTINGS, Artifact.CLASSES,
          Artifact.TRAINED_WEIGHTS, Artifact.INDEX)  # fmt: skip
 
 
@@ -252,7 +252,7 @@ def _job_section(runs: RunsLayout, result: JobResult, best: bool) -> str:
                     f"{html.escape(' and '.join(metrics['members']))}, calibrated")  # fmt: skip
     links = " ".join(
         f'<a href="{html.escape(result.dataset)}/{html.escape(result.method)}/{name}">{name}</a>'
-        for name in FILES
+        for name in (job.model_name, *FILES)
     )
     plots = "".join(_image(job, name, alt) for name, alt in (
         (Artifact.LEARNING_CURVES, "learning curves"),

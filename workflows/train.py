@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import ray
 
-from storage.errors import RunFailed, StoreError
+from storage.errors import RunFailed, SettingsError, StoreError
 from storage.feature_store import FeatureStore
 from storage.filesystem import delete_folder
 from storage.layout import StoreLayout
 from storage.runs import RunsLayout
-from tasks.backbones import DEFAULT_BACKBONE
-from tasks.methods import JobContext, StoreFacts, get_method, in_dependency_order
+from tasks.backbones import DEFAULT_BACKBONE, is_onnx_store
+from tasks.methods import JobContext, Method, StoreFacts, get_method, in_dependency_order
 from tasks.training.engine import TrainingPool
 from tasks.training.job import JobBoard, JobResult, run_job_task
 from workflows.cluster import on_this_node, ray_cluster
@@ -72,6 +72,22 @@ def _open_verified(layout: StoreLayout, dataset: str, backbone: str) -> FeatureS
     return store
 
 
+def _onnx(store: FeatureStore) -> bool:
+    return is_onnx_store(store.manifest.weights_source)
+
+
+def _check_method(method: Method, store: FeatureStore) -> None:
+    """What a method cannot do with its own store's backbone, as one line."""
+    missing = [tap for tap in method.taps if tap not in store.manifest.taps]
+    if _onnx(store) and (missing or method.all_backbones):
+        why = "no last block to train" if missing else "its saved model holds every base in Keras"
+        raise SettingsError(f"{method.name} cannot train on {store.manifest.backbone}, an ONNX "
+                            f"model: {why}")  # fmt: skip
+    if missing:
+        raise StoreError(f"{store.name} has no tap {', '.join(missing)} for {method.name}: "
+                         "extract with --taps")  # fmt: skip
+
+
 def plan_jobs(settings: TrainSettings) -> list[PlannedJob]:
     """Every selected (dataset, method) job, each after the job it depends on."""
     layout = StoreLayout.at(settings.store)
@@ -101,9 +117,12 @@ def plan_jobs(settings: TrainSettings) -> list[PlannedJob]:
             depends = f"{dataset}/{method.depends_on}" if method.depends_on else None
             try:
                 stores = [_open_verified(layout, dataset, b) for b in names]
+                if method.all_backbones:  # fusion's saved model holds every base in Keras
+                    stores = [stores[0], *(s for s in stores[1:] if not _onnx(s))]
+                _check_method(method, stores[0])
                 if len({s.manifest.classes for s in stores}) > 1:
                     raise StoreError(f"{dataset}: its backbones' stores have different classes")
-            except StoreError as error:
+            except (StoreError, SettingsError) as error:
                 jobs.append(PlannedJob(dataset, method.name, None, depends, str(error)))
                 continue
             context = JobContext(

@@ -11,6 +11,9 @@ The driver builds the Keras model with its weights and converts it for the chose
   kernels about 2x float32, features at a cosine similarity of about 0.99 to float32's (the
   accuracy it costs is measured in the training benchmark).
 - ``keras``: the ``.keras`` archive, run with ``model.predict_on_batch``.
+- ``onnxruntime``: a user's ONNX model (``--backbone onnx:PATH``) with its sidecar's
+  preprocessing and pooling written into the graph (:mod:`tasks.backbones.onnx_backbone`), run
+  by onnxruntime on the CPU with the task's threads. The only runtime of an ONNX backbone.
 
 The bytes are cached under ``<cache>/backbones/`` by a key of everything that changes outputs,
 and shipped to workers through Ray's object store, so remote nodes need no shared disk.
@@ -32,8 +35,15 @@ from storage.errors import SettingsError
 from storage.filesystem import write_bytes
 from storage.hashing import fingerprint
 from tasks.backbones import Backbone, ResolvedWeights, feature_model
+from tasks.backbones.onnx_backbone import (
+    FEATURES_OUTPUT,
+    OnnxBackbone,
+    run_in_batches,
+    session,
+)
 
-RUNTIMES = ("litert", "litert-int8", "keras")
+RUNTIMES = ("litert", "litert-int8", "keras", "onnxruntime")
+ONNX_RUNTIME = "onnxruntime"
 DEFAULT_RUNTIME = "litert"
 _CONVERSION_VERSION = 1
 
@@ -50,6 +60,21 @@ class PreparedBackbone:
     weights: ResolvedWeights
     model_bytes: bytes
     calibration: str = ""  # the calibration images' fingerprint (int8 only)
+    preprocessing: str = ""  # an ONNX backbone's sidecar fingerprint (its features depend on it)
+    batch_one: bool = False  # an ONNX backbone whose batch is fixed at 1
+
+
+def runtime_for(backbone: Backbone, runtime: str) -> str:
+    """The runtime ``backbone`` runs in when ``runtime`` was asked for: an ONNX model always in
+    onnxruntime (the default ``litert`` means it too), a built-in one never."""
+    if isinstance(backbone, OnnxBackbone):
+        if runtime not in (DEFAULT_RUNTIME, ONNX_RUNTIME):
+            raise SettingsError(f"{backbone.name} is an ONNX model: it runs in onnxruntime, "
+                                f"not {runtime}")  # fmt: skip
+        return ONNX_RUNTIME
+    if runtime == ONNX_RUNTIME:
+        raise SettingsError("--runtime onnxruntime runs ONNX models: --backbone onnx:PATH")
+    return runtime
 
 
 def calibration_fingerprint(images: np.ndarray) -> str:
@@ -70,11 +95,20 @@ def prepare_backbone(
     images ``(n, height, width, 3)`` of the model's input size."""
     if runtime not in RUNTIMES:
         raise SettingsError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    runtime = runtime_for(backbone, runtime)
     unknown = [tap for tap in taps if tap not in backbone.taps]
     if unknown:
         raise SettingsError(
             f"{backbone.name} has no tap {', '.join(unknown)}; its taps: {', '.join(backbone.taps)}"
         )
+    if isinstance(backbone, OnnxBackbone):
+        backbone.check_input_size(input_size)
+        key = fingerprint([_CONVERSION_VERSION, backbone.name, weights.sha256,
+                           backbone.preprocessing])[:24]  # fmt: skip
+        taps_shape = {"bottleneck": (backbone.features,)}
+        return PreparedBackbone(key, backbone.name, input_size, taps_shape, runtime, weights,
+                                backbone.graph, "", backbone.preprocessing,
+                                backbone.batch_one)  # fmt: skip
     calibrated = ""
     if runtime == "litert-int8":
         if calibration is None or not len(calibration):
@@ -137,7 +171,9 @@ class FeatureExtractor:
 
     def __init__(self, prepared: PreparedBackbone, threads: int = 1) -> None:
         self.prepared = prepared
-        if prepared.runtime != "keras":
+        if prepared.runtime == ONNX_RUNTIME:
+            self._session = session(prepared.model_bytes, threads)
+        elif prepared.runtime != "keras":
             from ai_edge_litert.interpreter import Interpreter
 
             self._interpreter = Interpreter(model_content=prepared.model_bytes, num_threads=threads)
@@ -156,6 +192,10 @@ class FeatureExtractor:
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """``images``: ``(n, h, w, 3)`` uint8. Returns each tap as ``(n, *shape)`` float32."""
         pixels = images.astype(np.float32)
+        if self.prepared.runtime == ONNX_RUNTIME:
+            (out,) = run_in_batches(self._session, pixels, [FEATURES_OUTPUT],
+                                    self.prepared.batch_one)  # fmt: skip
+            return {"bottleneck": np.asarray(out, np.float32)}
         if self.prepared.runtime == "keras":
             out = self._model.predict_on_batch(pixels)
             return {tap: np.asarray(out[tap], np.float32) for tap in self.prepared.taps}

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from storage.errors import SettingsError
 from storage.lease import Lease
 from storage.runs import Artifact, JobFiles
 from tasks.abstention import (
@@ -36,7 +37,7 @@ from tasks.abstention import (
     nearest_distance,
 )
 from tasks.audit import normalise
-from tasks.backbones import ResolvedWeights, get_backbone
+from tasks.backbones import ResolvedWeights, is_onnx_store, store_backbone
 from tasks.cross_validation import apply_temperature
 from tasks.evaluation import (
     classification_metrics,
@@ -83,7 +84,7 @@ class JobResult:
             files.dataset, files.method, status, metrics.get("accuracy"), metrics.get("loss"),
             metrics.get("epochs", 0), seconds_per_epoch=metrics.get("seconds_per_epoch"),
             workers_in_sync=metrics.get("workers_in_sync"), nodes=tuple(metrics.get("nodes", ())),
-            error=error, model_path=files.display(Artifact.MODEL), **_honest(metrics),
+            error=error, model_path=files.display(files.model_name), **_honest(metrics),
         )  # fmt: skip
 
 
@@ -107,7 +108,13 @@ def backbone_weights(
     for s in stores:
         key = (s.backbone, s.weights_source)
         if key not in cache:
-            cache[key] = get_backbone(s.backbone).resolve_weights(s.weights_source)
+            resolved = store_backbone(s.backbone, s.weights_source).resolve_weights(
+                s.weights_source
+            )
+            if is_onnx_store(s.weights_source) and resolved.sha256 != s.weights_sha256:
+                raise SettingsError(f"{s.weights_source} changed since its store was extracted: "
+                                    "run `wf extract` again")  # fmt: skip
+            cache[key] = resolved
     return {s.backbone: cache[(s.backbone, s.weights_source)] for s in stores}
 
 
@@ -328,7 +335,7 @@ def finish_job(
         context.dataset, context.method, "done", metrics.get("accuracy"), metrics.get("loss"),
         metrics["epochs"], metrics["resumed_from_epoch"], metrics["seconds"],
         metrics["seconds_per_epoch"], workers_in_sync, nodes,
-        model_path=files.display(Artifact.MODEL), **_honest(metrics),
+        model_path=files.display(files.model_name), **_honest(metrics),
     )  # fmt: skip
 
 
@@ -340,7 +347,7 @@ def _write_artifacts(
     files = context.runs.job(context.dataset, context.method)
     model = method.complete_model(context, calibrated(context, method, trained), weights)
     metrics["input_size"] = [int(d) for d in model.input_shape[1:3]]  # what `wf serve` decodes to
-    files.write_model(model)
+    model_name = files.write_model(model)
     files.write_weights(Artifact.TRAINED_WEIGHTS, trained)
     files.write_json(Artifact.METRICS, metrics)
     files.write_json(Artifact.CLASSES, list(context.classes))
@@ -348,7 +355,7 @@ def _write_artifacts(
     files.write_history(history)
     title = f"{context.dataset} / {context.method}"
     files.write(Artifact.LEARNING_CURVES, plot_learning_curves(history, title))
-    names = [Artifact.MODEL, Artifact.TRAINED_WEIGHTS, Artifact.METRICS, Artifact.CLASSES,
+    names = [model_name, Artifact.TRAINED_WEIGHTS, Artifact.METRICS, Artifact.CLASSES,
              Artifact.SETTINGS, Artifact.HISTORY, Artifact.LEARNING_CURVES]  # fmt: skip
     if metrics.get("confusion_matrix"):
         files.write(Artifact.CONFUSION_MATRIX, plot_confusion_matrix(metrics, title))

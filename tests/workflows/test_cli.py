@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_dataset
+from tests.onnx_models import conv_model, custom_op_model, rank3_input_model
 from tests.tasks.test_pth_reader import crafted
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +43,13 @@ def inputs(tmp_path_factory):
     _safe_mode_refused_model(root / "m")
     (root / "s" / "d" / "bb").mkdir(parents=True)
     (root / "s" / "d" / "bb" / "manifest.json").write_text("[1, 2, 3]")
+    conv_model(root / "onnx" / "good.onnx")
+    conv_model(root / "onnx" / "noout.onnx", sidecar={"name": "x", "input_size": [32, 32],
+                                                      "output": "logits"})  # fmt: skip
+    custom_op_model(root / "onnx" / "custom.onnx")
+    rank3_input_model(root / "onnx" / "rank3.onnx")
+    (root / "onnx" / "junk.onnx").write_bytes(b"not a model at all")
+    (root / "onnx" / "junk.onnx.json").write_text('{"name": "junk", "input_size": [32, 32]}')
     return root
 
 
@@ -61,6 +69,22 @@ ERRORS = [
         "reach past its storage",
     ),
     (["extract", "{root}/d", "--shardz", "3"], 2, "No such option"),
+    # A bad ONNX backbone is refused in one line before any shard runs.
+    (
+        ["extract", "{root}/d", "--backbone", "onnx:{root}/onnx/junk.onnx"],
+        2,
+        "is not an ONNX model",
+    ),
+    (["extract", "{root}/d", "--backbone", "onnx:{root}/onnx/custom.onnx"], 2, "uses custom ops"),
+    (["extract", "{root}/d", "--backbone", "onnx:{root}/onnx/rank3.onnx"], 2, "has rank 3, not 4"),
+    (["extract", "{root}/d", "--backbone", "onnx:{root}/onnx/noout.onnx"], 2, "no output 'logits'"),
+    (["extract", "{root}/d", "--backbone", "onnx:{root}/onnx/none.onnx"], 2, "does not exist"),
+    (
+        ["extract", "{root}/d", "--backbone", "onnx:{root}/onnx/good.onnx", "--runtime", "keras"],
+        2,
+        "runs in onnxruntime, not keras",
+    ),
+    (["extract", "{root}/d", "--runtime", "onnxruntime"], 2, "runs ONNX models"),
     (["train-all", "--store", "{root}/nothing"], 2, "no feature store"),
     (["train-all", "--store", "{root}/s", "--methods", "bottlenek"], 2, "unknown method"),
     (["train-all", "--store", "{root}/s", "--epochs-for", "finetune"], 2, "METHOD=VALUE"),

@@ -350,3 +350,23 @@ def test_wf_label_moves_images_on_an_object_store_and_logs_them(s3, tmp_path):
                                                            "train/dogs/batch_0001.jpg"]  # fmt: skip
     moved = s3.read(f"{BUCKET}/labelling/pets/train/cats/batch_0000.jpg")
     assert moved == (local / "unlabelled" / "batch" / "batch_0000.jpg").read_bytes()
+
+
+def test_an_onnx_backbone_on_the_object_store_extracts_into_a_store_there(s3, tmp_path, cache_dir):
+    from tests.onnx_models import conv_model
+
+    conv_model(tmp_path / "models" / "tinyconv.onnx")
+    s3.upload(str(tmp_path / "models"), f"s3://{BUCKET}/models")
+    make_dataset(tmp_path / "pets", ("cats", "dogs"), 4, size=32)
+    source = f"onnx:s3://{BUCKET}/models/tinyconv.onnx"
+    store = f"s3://{BUCKET}/onnx-store"
+    args = ["--shards", "2", "--augment", "0", "--cache-dir", cache_dir]
+    done = wf("extract", str(tmp_path / "pets"), "--store", store, "--backbone", source, *args,
+              env=s3.env())  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads(s3.read(f"{BUCKET}/onnx-store/pets/tinyconv/manifest.json"))
+    assert manifest["weights_source"] == source and manifest["runtime"] == "onnxruntime"
+    local = (tmp_path / "models" / "tinyconv.onnx").read_bytes()
+    import hashlib
+
+    assert manifest["weights_sha256"] == hashlib.sha256(local).hexdigest()

@@ -590,3 +590,22 @@ def test_fusion_trains_on_every_backbone_and_predicts_from_images(extracted, tmp
     kept = {r.method: r for r in run_train_all(again)}
     assert kept["fusion"].status == "kept" and kept["ensemble"].status == "skipped"
     assert "not built: within noise of" in kept["ensemble"].error
+
+
+def test_wf_export_writes_the_trained_model_as_onnx_that_runs_without_wf(trained, tmp_path):
+    from tests.workflows.test_export import plain_run
+    from workflows.export import export_model
+
+    root, settings, _ = trained
+    model = _files(settings.runs, "pairs", "bottleneck").model
+    output = tmp_path / "pairs.onnx"
+    report = export_model(model, "onnx", str(output), check=str(root / "data" / "pairs"))
+    assert report.written and report.agreement >= 0.995 and report.images == 48
+    photos = sorted((root / "data" / "pairs").rglob("*.jpg"))[::8]
+    from tasks.classifier import load_classifier
+    from tasks.images import load_image
+
+    classifier = load_classifier(model)
+    pixels = np.stack([load_image(pafs.LocalFileSystem(), str(p), (64, 64)) for p in photos])
+    expected = classifier.model.predict_on_batch(pixels.astype(np.float32))
+    np.testing.assert_allclose(plain_run(output, 64, photos), expected, atol=1e-3)

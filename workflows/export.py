@@ -1,0 +1,263 @@
+"""``wf export``: a trained ``model.keras`` as ONNX, TFLite or fully quantised int8 TFLite, with
+a parity gate.
+
+The file is written only when it gives the Keras model's answers on labelled images (``--check
+FOLDER``, by default the dataset's ``validation`` folder): top-1 agreement at least
+:data:`MIN_AGREEMENT` for ``onnx`` and ``tflite``; for ``tflite-int8`` (int8 weights and
+activations, float32 in and out, calibrated on the dataset's training images), accuracy within
+:data:`INT8_MAX_ACCURACY_DROP` of Keras's and no class's recall more than
+:data:`INT8_MAX_CLASS_DROP` lower (conversions that collapse to one class are refused). The
+numbers are reported either way. Every exported model takes what ``model.keras`` takes, RGB
+pixels in [0, 255] of its input size (preprocessing inside), as ``image``, and gives its output,
+``probabilities`` (one sigmoid unit for two classes, else a softmax); it runs in onnxruntime or
+LiteRT with nothing of wf or TensorFlow installed.
+
+ONNX through Keras's own ``model.export(format="onnx")`` (tf2onnx); TFLite through
+``tf.lite.TFLiteConverter`` (its int8 as ``tasks.backbones.runtime`` quantises backbones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import posixpath
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from storage.errors import RunFailed, SettingsError
+from storage.filesystem import Location, file_info, read_bytes, write_bytes
+from storage.hashing import stable_unit_interval
+from storage.names import escape_name
+from storage.runs import Artifact
+from tasks.heads import probabilities
+from tasks.images import ImageRejected, load_image
+from workflows.datasets import list_tree
+
+FORMATS = ("onnx", "tflite", "tflite-int8")
+MIN_AGREEMENT = 0.995
+INT8_MAX_ACCURACY_DROP = 0.005
+INT8_MAX_CLASS_DROP = 0.02
+CALIBRATION_IMAGES = 100
+INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What ``wf export`` measured, and whether it wrote the file."""
+
+    format: str
+    output: str
+    written: bool
+    images: int  # the labelled images checked
+    agreement: float  # top-1 agreement with the Keras model
+    max_probability_difference: float
+    keras_accuracy: float
+    exported_accuracy: float
+    worst_class: str  # the class whose recall fell most
+    worst_class_drop: float
+    bytes: int
+    reason: str = ""  # why it was not written
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def export_model(
+    model_path: str, fmt: str, output: str, check: str | None = None,
+    calibration: str | None = None,
+) -> ExportReport:  # fmt: skip
+    """Convert ``model_path`` to ``fmt``, check it on ``check`` and write it to ``output`` when
+    it passes; a model it refuses raises :class:`ExportRefused` holding the report."""
+    from tasks.classifier import load_classifier
+
+    if fmt not in FORMATS:
+        raise SettingsError(f"--format must be one of {', '.join(FORMATS)}: {fmt}")
+    if model_path.endswith(".onnx"):
+        raise SettingsError(f"{model_path} is already ONNX (a job on an ONNX backbone): use it")
+    classifier = load_classifier(model_path)
+    folder = _beside(model_path)
+    root = _dataset_root(folder)
+    check = check or _default(root, "validation", "--check FOLDER (a labelled folder)")
+    pixels, labels = labelled_images(check, classifier.classes, classifier.input_size)
+    expected = classifier.probabilities(pixels)
+    if fmt == "tflite-int8":
+        where = calibration or _default(root, "train", "--calibration FOLDER (training images)")
+        sample = calibration_images(where, classifier.input_size)
+    else:
+        sample = None
+    data = convert(classifier.model, fmt, sample)
+    found = probabilities(run_exported(data, fmt, pixels), len(classifier.classes))
+    report = compare(fmt, output, expected, found, labels, classifier.classes, len(data))
+    if not report.written:
+        raise ExportRefused(report)
+    location = Location.at(_beside(output))
+    write_bytes(location.filesystem, location.path(posixpath.basename(output)), data)
+    return report
+
+
+class ExportRefused(RunFailed):
+    """The exported model did not give the Keras model's answers: nothing was written."""
+
+    def __init__(self, report: ExportReport) -> None:
+        super().__init__(f"not written: {report.reason}")
+        self.report = report
+
+
+def _beside(path: str) -> str:
+    return posixpath.dirname(path) if "://" in path else os.path.dirname(os.path.abspath(path))
+
+
+def _dataset_root(folder: str) -> str | None:
+    location = Location.at(folder)
+    path = location.path(Artifact.SETTINGS)
+    if file_info(location.filesystem, path) is None:
+        return None
+    try:
+        return json.loads(read_bytes(location.filesystem, path)).get("dataset_root")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _default(root: str | None, split: str, option: str) -> str:
+    if root:
+        location = Location.at(root)
+        info = file_info(location.filesystem, location.path(split))
+        if info is not None and info.type.name == "Directory":
+            return f"{root.rstrip('/')}/{split}"
+    raise SettingsError(f"the model's dataset has no {split}/ folder: name one with {option}")
+
+
+def labelled_images(
+    folder: str, classes: list[str], size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every decodable image of a labelled folder (one sub-folder per class), decoded to
+    ``size``, and its class index; unreadable files are left out."""
+    tree = list_tree(folder)
+    unknown = [c for c in tree.children() if escape_name(c) not in classes]
+    if unknown:
+        raise SettingsError(
+            f"{folder} has classes the model does not know: {', '.join(map(escape_name, unknown))}"
+        )
+    pixels, labels = [], []
+    for entry in tree.files:
+        if len(entry.parts) < 2:
+            continue
+        try:
+            pixels.append(load_image(tree.location.filesystem, entry.path, size))
+        except ImageRejected:
+            continue
+        labels.append(classes.index(escape_name(entry.parts[0])))
+    if not pixels:
+        raise SettingsError(f"{folder} has no image to check the exported model on")
+    return np.stack(pixels).astype(np.float32), np.array(labels)
+
+
+def calibration_images(folder: str, size: tuple[int, int]) -> np.ndarray:
+    """Up to :data:`CALIBRATION_IMAGES` images under ``folder``, the same ones every time."""
+    tree = list_tree(folder)
+    entries = sorted(tree.files, key=lambda e: stable_unit_interval("/".join(e.parts), "wf-export"))
+    images = []
+    for entry in entries:
+        with contextlib.suppress(ImageRejected):
+            images.append(load_image(tree.location.filesystem, entry.path, size))
+        if len(images) == CALIBRATION_IMAGES:
+            break
+    if not images:
+        raise SettingsError(f"{folder} has no image to calibrate the int8 model on")
+    return np.stack(images).astype(np.float32)
+
+
+def convert(model: Any, fmt: str, calibration: np.ndarray | None = None) -> bytes:
+    """The Keras 3 ``model`` as ``fmt`` bytes, its input named ``image`` and its output
+    ``probabilities``."""
+    if fmt == "onnx":
+        return _to_onnx(model)
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(_named(model))
+    if fmt == "tflite-int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.representative_dataset = lambda: ([image[None]] for image in calibration)  # type: ignore[union-attr]
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its signatures
+        return converter.convert()
+
+
+def _named(model: Any) -> Any:
+    """The model with its input called ``image`` and its one output ``probabilities``."""
+    import keras
+
+    image = keras.Input(model.input_shape[1:], name=INPUT_NAME)
+    out = keras.layers.Identity(name=OUTPUT_NAME)(model(image))
+    return keras.Model(image, {OUTPUT_NAME: out}, name=model.name)
+
+
+def _to_onnx(model: Any) -> bytes:
+    import onnx
+
+    model(np.zeros((1, *model.input_shape[1:]), np.float32))  # export needs a called model
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.onnx")
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            model.export(path, format="onnx", verbose=False)
+        exported = onnx.load_model(path)
+    graph = exported.graph
+    renames = {graph.input[0].name: INPUT_NAME, graph.output[0].name: OUTPUT_NAME}
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    graph.input[0].name, graph.output[0].name = INPUT_NAME, OUTPUT_NAME
+    onnx.checker.check_model(exported)
+    return exported.SerializeToString()
+
+
+def run_exported(data: bytes, fmt: str, pixels: np.ndarray) -> np.ndarray:
+    """The exported model's raw outputs for ``pixels``, in its own runtime."""
+    if fmt == "onnx":
+        from tasks.backbones.onnx_backbone import session
+
+        runner = session(data)
+        return np.concatenate([runner.run([OUTPUT_NAME], {INPUT_NAME: pixels[i : i + 32]})[0]
+                               for i in range(0, len(pixels), 32)])  # fmt: skip
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=data, num_threads=os.cpu_count() or 1)
+    runner = interpreter.get_signature_runner()
+    return np.concatenate([runner(**{INPUT_NAME: pixels[i : i + 1]})[OUTPUT_NAME]
+                           for i in range(len(pixels))])  # fmt: skip
+
+
+def compare(
+    fmt: str, output: str, expected: np.ndarray, found: np.ndarray, labels: np.ndarray,
+    classes: list[str], size: int,
+) -> ExportReport:  # fmt: skip
+    """The parity gate's numbers and verdict."""
+    agree = float(np.mean(expected.argmax(1) == found.argmax(1)))
+    keras_right, exported_right = expected.argmax(1) == labels, found.argmax(1) == labels
+    drops = {
+        c: float(keras_right[labels == i].mean() - exported_right[labels == i].mean())
+        for i, c in enumerate(classes) if np.any(labels == i)
+    }  # fmt: skip
+    worst = max(drops, key=lambda c: drops[c])
+    accuracy_keras, accuracy_exported = float(keras_right.mean()), float(exported_right.mean())
+    reason = ""
+    if fmt == "tflite-int8":
+        if accuracy_keras - accuracy_exported > INT8_MAX_ACCURACY_DROP:
+            reason = (f"int8 accuracy {accuracy_exported:.4f} against Keras's {accuracy_keras:.4f}"
+                      f" (more than {INT8_MAX_ACCURACY_DROP * 100:g} points lower)")  # fmt: skip
+        elif drops[worst] > INT8_MAX_CLASS_DROP:
+            reason = (f"class {worst}'s recall is {drops[worst] * 100:.1f} points lower (more "
+                      f"than {INT8_MAX_CLASS_DROP * 100:g})")  # fmt: skip
+    elif agree < MIN_AGREEMENT:
+        reason = f"top-1 agreement {agree:.4f} with the Keras model, below {MIN_AGREEMENT}"
+    return ExportReport(
+        format=fmt, output=output, written=not reason, images=len(labels), agreement=agree,
+        max_probability_difference=float(np.abs(expected - found).max()),
+        keras_accuracy=accuracy_keras, exported_accuracy=accuracy_exported, worst_class=worst,
+        worst_class_drop=drops[worst], bytes=size, reason=reason,
+    )  # fmt: skip
