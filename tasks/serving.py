@@ -17,6 +17,7 @@ decompression bomb, 404 unknown model, 503 over capacity.
 from __future__ import annotations
 
 import base64
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,10 +70,15 @@ def rejection(error: ImageRejected) -> Rejected:
 class Classifier:
     """One model's replica: requests of one image each, batched into one forward pass."""
 
-    def __init__(self, model_uri: str, max_pixels: int, batch_size: int, wait_s: float) -> None:
+    def __init__(self, model_uri: str, max_pixels: int, batch_size: int, wait_s: float,
+                 runtime: str = "onnx") -> None:  # fmt: skip
         from tasks.classifier import load_classifier
 
         self.classifier = load_classifier(model_uri)
+        if runtime == "onnx":
+            self.classifier, kept = self.classifier.on_onnxruntime()
+            if kept:  # in the replica's log
+                print(f"{model_uri}: {kept}", file=sys.stderr, flush=True)
         self.max_pixels = max_pixels
         self.predict.set_max_batch_size(batch_size)
         self.predict.set_batch_wait_timeout_s(wait_s)

@@ -229,8 +229,11 @@ def serve(
     datasets: o.Datasets = None, methods: o.ServeMethods = None, replicas: o.Replicas = 1,
     max_replicas: o.MaxReplicas = None,
     max_batch_size: o.MaxBatchSize = 16, batch_wait_ms: o.BatchWaitMs = 10.0,
-    max_queued: o.MaxQueued = 64, max_body_mb: o.MaxBodyMb = 20.0, verbose: o.Verbose = False,
-    address: o.Address = None, num_cpus: o.NumCpus = None,
+    max_queued: o.MaxQueued = 64, max_body_mb: o.MaxBodyMb = 20.0,
+    runtime: Annotated[str, typer.Option(help=(
+        "onnx: run each model.keras exported to ONNX in onnxruntime (about 2.5x Keras; checked "
+        "at load, Keras kept where it differs), or keras"))] = "onnx",
+    verbose: o.Verbose = False, address: o.Address = None, num_cpus: o.NumCpus = None,
 ) -> None:  # fmt: skip
     """Serve every trained model of a runs folder over HTTP (Ray Serve), until stopped.
 
@@ -243,7 +246,7 @@ def serve(
         runs=runs or "runs", host=host, port=port, datasets=_csv(datasets), methods=_csv(methods),
         replicas=replicas, max_replicas=max_replicas, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, max_queued_requests=max_queued,
-        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        max_body_bytes=int(max_body_mb * 1024 * 1024), runtime=runtime,
         cluster=ClusterSettings(address, num_cpus, verbose),
     )  # fmt: skip
     serve_forever(settings, show_serving)

@@ -12,18 +12,16 @@ pixels in [0, 255] of its input size (preprocessing inside), as ``image``, and g
 ``probabilities`` (one sigmoid unit for two classes, else a softmax); it runs in onnxruntime or
 LiteRT with nothing of wf or TensorFlow installed.
 
-ONNX through Keras's own ``model.export(format="onnx")`` (tf2onnx); TFLite through
-``tf.lite.TFLiteConverter`` (its int8 as ``tasks.backbones.runtime`` quantises backbones).
+The conversions are :mod:`tasks.converters`'s (ONNX through Keras's own
+``model.export(format="onnx")``, TFLite through ``tf.lite.TFLiteConverter``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import posixpath
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,16 +32,15 @@ from storage.filesystem import Location, file_info, read_bytes, write_bytes
 from storage.hashing import stable_unit_interval
 from storage.names import escape_name
 from storage.runs import Artifact
+from tasks.converters import FORMATS, convert, run_exported
 from tasks.heads import probabilities
 from tasks.images import ImageRejected, load_image
 from workflows.datasets import list_tree
 
-FORMATS = ("onnx", "tflite", "tflite-int8")
 MIN_AGREEMENT = 0.995
 INT8_MAX_ACCURACY_DROP = 0.005
 INT8_MAX_CLASS_DROP = 0.02
 CALIBRATION_IMAGES = 100
-INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 
 
 @dataclass(frozen=True)
@@ -170,66 +167,6 @@ def calibration_images(folder: str, size: tuple[int, int]) -> np.ndarray:
     if not images:
         raise SettingsError(f"{folder} has no image to calibrate the int8 model on")
     return np.stack(images).astype(np.float32)
-
-
-def convert(model: Any, fmt: str, calibration: np.ndarray | None = None) -> bytes:
-    """The Keras 3 ``model`` as ``fmt`` bytes, its input named ``image`` and its output
-    ``probabilities``."""
-    if fmt == "onnx":
-        return _to_onnx(model)
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(_named(model))
-    if fmt == "tflite-int8":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.representative_dataset = lambda: ([image[None]] for image in calibration)  # type: ignore[union-attr]
-    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its signatures
-        return converter.convert()
-
-
-def _named(model: Any) -> Any:
-    """The model with its input called ``image`` and its one output ``probabilities``."""
-    import keras
-
-    image = keras.Input(model.input_shape[1:], name=INPUT_NAME)
-    out = keras.layers.Identity(name=OUTPUT_NAME)(model(image))
-    return keras.Model(image, {OUTPUT_NAME: out}, name=model.name)
-
-
-def _to_onnx(model: Any) -> bytes:
-    import onnx
-
-    model(np.zeros((1, *model.input_shape[1:]), np.float32))  # export needs a called model
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "model.onnx")
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            model.export(path, format="onnx", verbose=False)
-        exported = onnx.load_model(path)
-    graph = exported.graph
-    renames = {graph.input[0].name: INPUT_NAME, graph.output[0].name: OUTPUT_NAME}
-    for node in graph.node:
-        node.input[:] = [renames.get(n, n) for n in node.input]
-        node.output[:] = [renames.get(n, n) for n in node.output]
-    graph.input[0].name, graph.output[0].name = INPUT_NAME, OUTPUT_NAME
-    onnx.checker.check_model(exported)
-    return exported.SerializeToString()
-
-
-def run_exported(data: bytes, fmt: str, pixels: np.ndarray) -> np.ndarray:
-    """The exported model's raw outputs for ``pixels``, in its own runtime."""
-    if fmt == "onnx":
-        from tasks.backbones.onnx_backbone import session
-
-        runner = session(data)
-        return np.concatenate([runner.run([OUTPUT_NAME], {INPUT_NAME: pixels[i : i + 32]})[0]
-                               for i in range(0, len(pixels), 32)])  # fmt: skip
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=data, num_threads=os.cpu_count() or 1)
-    runner = interpreter.get_signature_runner()
-    return np.concatenate([runner(**{INPUT_NAME: pixels[i : i + 1]})[OUTPUT_NAME]
-                           for i in range(len(pixels))])  # fmt: skip
 
 
 def compare(

@@ -17,6 +17,8 @@ from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.serving import MAX_BODY_BYTES, ModelFacts
 from workflows.settings import ClusterSettings
 
+SERVE_RUNTIMES = ("onnx", "keras")
+
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -33,6 +35,7 @@ class ServeSettings:
     max_queued_requests: int = 64  # per model; past it, HTTP 503 at once
     max_body_bytes: int = MAX_BODY_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    runtime: str = "onnx"  # or "keras": how replicas run a model.keras (model.onnx: onnxruntime)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     def __post_init__(self) -> None:
@@ -42,6 +45,8 @@ class ServeSettings:
             self.max_replicas is not None and self.max_replicas < self.replicas
         ):
             raise SettingsError("--replicas must be >= 1 and --max-replicas >= --replicas")
+        if self.runtime not in SERVE_RUNTIMES:
+            raise SettingsError(f"--runtime must be onnx or keras, got {self.runtime}")
         if self.max_batch_size < 1 or self.batch_wait_ms < 0 or self.max_body_bytes < 1:
             raise SettingsError(
                 "--max-batch-size, --batch-wait-ms and --max-body-mb must be positive"
@@ -96,7 +101,7 @@ def start(settings: ServeSettings, models: list[ModelFacts]) -> str:
             max_queued_requests=settings.max_queued_requests,
             ray_actor_options={"num_cpus": 0}, **scaling,
         ).bind(facts.model_uri, settings.max_pixels, settings.max_batch_size,
-               settings.batch_wait_ms / 1000)
+               settings.batch_wait_ms / 1000, settings.runtime)
         for facts in models
     ]  # fmt: skip
     gateway = Gateway.options(

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 
 from tasks.images import decode_image
@@ -273,3 +274,21 @@ def test_it_declines_images_unlike_any_it_learned_and_answers_its_own(server, ru
     (answer,) = predict_paths(str(bare / "model.keras"), [str(strange[0])],
                               Thresholds(min_confidence=1.0))  # fmt: skip
     assert answer.abstained and answer.reason == "low_confidence" and answer.label == ""
+
+
+def test_replicas_run_the_model_exported_to_onnx_with_keras_answers(runs, tmp_path):
+    from tasks.classifier import load_classifier
+    from tasks.images import load_image
+
+    keras_one = load_classifier(str(runs / "runs" / "shapes" / "bottleneck" / "model.keras"))
+    onnx_one, kept = keras_one.on_onnxruntime()  # what each replica does by default
+    assert kept == "" and onnx_one.runtime == "onnxruntime" and keras_one.runtime == "keras"
+    assert onnx_one.embedding is not None  # the distance to the labelled images comes along
+    photos = [*sorted((runs / "data" / "shapes").rglob("*.jpg"))[:6],
+              *sorted(write_out_of_distribution(tmp_path / "strange").iterdir())[:4]]  # fmt: skip
+    pixels = np.stack([load_image(pafs.LocalFileSystem(), str(p), keras_one.input_size)
+                       for p in photos])  # fmt: skip
+    for ours, theirs in zip(onnx_one.answer(pixels), keras_one.answer(pixels), strict=True):
+        np.testing.assert_allclose(ours.probabilities, theirs.probabilities, atol=1e-4)
+        assert (ours.abstained, ours.reason) == (theirs.abstained, theirs.reason)
+    assert any(a.abstained for a in keras_one.answer(pixels))  # the strange ones are declined
