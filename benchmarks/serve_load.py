@@ -1,8 +1,8 @@
 """`wf serve` under load, against the simplest server a user would write, in the same run.
 
-- wf serve: the cats_vs_dogs `finetune` and `bottleneck` models of a runs folder (made by
+- wf serve: the cats_vs_dogs `finetune` model (or `--method`) of a runs folder (made by
   benchmarks/train_accuracy.py), on a local Ray cluster, with batching (default) and without
-  (--max-batch-size 1).
+  (--max-batch-size 1), in its default ONNX runtime and in Keras (`--runtime keras`).
 - plain: one process, `keras.saving.load_model`, Pillow to decode and resize, `model.predict`
   per request, behind Python's `http.server` (what a user writes in ten minutes).
 
@@ -111,9 +111,9 @@ async def load(
     }  # fmt: skip
 
 
-def start_wf(runs: str, port: int, *extra: str) -> subprocess.Popen:
+def start_wf(runs: str, port: int, method: str, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "workflows.cli", "serve", "--runs", runs, "--port",
-               str(port), "--datasets", "cats_vs_dogs", "--methods", "finetune,bottleneck",
+               str(port), "--datasets", "cats_vs_dogs", "--methods", method,
                "--num-cpus", "2", *extra]  # fmt: skip
     process = subprocess.Popen(command, cwd=HERE.parent, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True,
@@ -136,8 +136,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--port", type=int, default=18080)
+    parser.add_argument("--method", default="finetune", help="the cats_vs_dogs job to serve")
     args = parser.parse_args()
-    model = Path(args.runs, "cats_vs_dogs", "finetune", "model.keras")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # the plain server gets it too
+    model = Path(args.runs, "cats_vs_dogs", args.method, "model.keras")
     if not model.exists():
         sys.exit(f"no {model}: run benchmarks/train_accuracy.py first")
     photos = [p.read_bytes() for p in sorted(PHOTOS.rglob("*.jpg"))]
@@ -157,15 +159,16 @@ def main() -> None:
     wait_ready(f"http://127.0.0.1:{args.port}/", plain)
     measure("plain keras + http.server", f"http://127.0.0.1:{args.port}/")
     stop(plain)
+    url = f"http://127.0.0.1:{args.port}/v1/models/cats_vs_dogs/{args.method}:predict"
     for name, extra in (
         ("wf serve, batching", ()),
+        ("wf serve, batching, keras runtime", ("--runtime", "keras")),
         ("wf serve, no batching", ("--max-batch-size", "1")),
     ):
-        server = start_wf(args.runs, args.port, *extra)
-        measure(name, f"http://127.0.0.1:{args.port}/v1/models/cats_vs_dogs/finetune:predict")
+        server = start_wf(args.runs, args.port, args.method, *extra)
+        measure(name, url)
         stop(server)
-    server = start_wf(args.runs, args.port, "--max-queued", "16")
-    url = f"http://127.0.0.1:{args.port}/v1/models/cats_vs_dogs/finetune:predict"
+    server = start_wf(args.runs, args.port, args.method, "--max-queued", "16")
     results["wf serve, overload @128"] = asyncio.run(
         load(url, photos, 128, args.requests * 2, args.seconds)
     )
@@ -174,11 +177,18 @@ def main() -> None:
 
     print("\n" + banner())
     header = ("server", "in flight", "req/s", "p50 ms", "p95 ms", "p99 ms", "503")
-    print("{:<34} {:>9} {:>7} {:>8} {:>8} {:>8} {:>6}".format(*header))
+    print("{:<36} {:>9} {:>7} {:>8} {:>8} {:>8} {:>6}".format(*header))
     for name, r in results.items():
-        print(f"{name.split(' @')[0]:<34} {r['in_flight']:>9} {r['rps']:>7} {r['p50_ms']:>8} "
+        print(f"{name.split(' @')[0]:<36} {r['in_flight']:>9} {r['rps']:>7} {r['p50_ms']:>8} "
               f"{r['p95_ms']:>8} {r['p99_ms']:>8} {r['rejected_503']:>6}")  # fmt: skip
-    base, ours = results["plain keras + http.server @32"], results["wf serve, batching @32"]
+    keras_runtime = results["wf serve, batching, keras runtime @32"]
+    ours = results["wf serve, batching @32"]
+    print(
+        "\nonnx runtime against keras runtime at 32 in flight: "
+        f"{ours['rps'] / keras_runtime['rps']:.2f}x req/s, p99 {ours['p99_ms']} ms against "
+        f"{keras_runtime['p99_ms']} ms"
+    )
+    base = results["plain keras + http.server @32"]
     print(
         f"\nat 32 in flight: wf serve {ours['rps'] / base['rps']:.2f}x the plain server's "
         f"throughput, p99 {ours['p99_ms']} ms against {base['p99_ms']} ms "
