@@ -35,7 +35,7 @@ from storage.runs import Artifact
 from tasks.converters import FORMATS, convert, run_exported
 from tasks.heads import probabilities
 from tasks.images import ImageRejected, load_image
-from workflows.datasets import list_tree
+from workflows.datasets import UNLABELLED_FOLDERS, list_tree
 
 MIN_AGREEMENT = 0.995
 INT8_MAX_ACCURACY_DROP = 0.005
@@ -135,14 +135,15 @@ def labelled_images(
     """Every decodable image of a labelled folder (one sub-folder per class), decoded to
     ``size``, and its class index; unreadable files are left out."""
     tree = list_tree(folder)
-    unknown = [c for c in tree.children() if escape_name(c) not in classes]
+    present = [c for c in tree.children() if c not in UNLABELLED_FOLDERS]
+    unknown = [c for c in present if escape_name(c) not in classes]
     if unknown:
         raise SettingsError(
             f"{folder} has classes the model does not know: {', '.join(map(escape_name, unknown))}"
         )
     pixels, labels = [], []
     for entry in tree.files:
-        if len(entry.parts) < 2:
+        if len(entry.parts) < 2 or entry.parts[0] not in present:
             continue
         try:
             pixels.append(load_image(tree.location.filesystem, entry.path, size))

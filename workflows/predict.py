@@ -20,7 +20,7 @@ from tasks.abstention import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION
 from tasks.classifier import Classifier, load_classifier
 from tasks.evaluation import accuracy_interval, classification_metrics
 from tasks.images import ImageRejected, load_image
-from workflows.datasets import list_tree
+from workflows.datasets import UNLABELLED_FOLDERS, list_tree
 
 BATCH = 32
 
@@ -139,13 +139,13 @@ def evaluate_folder(model_path: str, folder: str, thresholds: Thresholds | None 
     and the coverage) when it can abstain."""
     tree = list_tree(folder)
     classifier = (thresholds or Thresholds()).apply(load_classifier(model_path))
-    present = tree.children()
+    present = [c for c in tree.children() if c not in UNLABELLED_FOLDERS]  # no class to score
     unknown = [c for c in present if escape_name(c) not in classifier.classes]
     if unknown:
         raise SettingsError(
             f"{folder} has classes the model does not know: {', '.join(map(escape_name, unknown))}"
         )
-    entries = [e for e in tree.files if len(e.parts) > 1]
+    entries = [e for e in tree.files if len(e.parts) > 1 and e.parts[0] in present]
     files = [(escape_name(e.path), tree.location, e.path) for e in entries]
     labels = [classifier.classes.index(escape_name(e.parts[0])) for e in entries]
     predictions = classify(classifier, files)

@@ -41,6 +41,7 @@ def _reference(model: Path, images: np.ndarray) -> np.ndarray:
 def extracted(tmp_path_factory, cache_dir, ray_local):
     root = tmp_path_factory.mktemp("onnx")
     data = make_colour_dataset(root / "data" / "pairs", 20, size=48, seed=4)
+    make_colour_dataset(data / "unlabelled", 3, size=48, seed=5)  # for wf suggest
     model = conv_model(root / "models" / "tinyconv.onnx")
     settings = ExtractSettings(datasets=(DatasetSource(str(data)),), store=str(root / "store"),
                                shards=2, backbone=f"onnx:{model}", augment=1,
@@ -51,7 +52,7 @@ def extracted(tmp_path_factory, cache_dir, ray_local):
 
 def test_extract_stores_the_models_features_under_its_sidecar_name(extracted):
     root, data, model, _settings, report = extracted
-    assert report.backbone == "tinyconv" and report.images == 40 and not report.shards_failed
+    assert report.backbone == "tinyconv" and report.images == 46 and not report.shards_failed
     store = FeatureStore.open(str(root / "store"), "pairs", "tinyconv")
     manifest = store.manifest
     assert manifest.weights_source == f"onnx:{model}" and manifest.runtime == "onnxruntime"
@@ -119,6 +120,20 @@ def test_bottleneck_and_prototype_save_one_onnx_model_that_predict_and_plain_onn
                        image_files(list(map(str, photos))))  # fmt: skip
     assert [a.label for a in answers] == [p.parent.name for p in photos]
     assert metrics["input_size"] == [32, 32] and metrics["cv"]["folds"] == 2
+    # wf audit and wf suggest read the store by its name, as for a built-in backbone.
+    from workflows.audit import AuditSettings, run_audit
+    from workflows.suggest import SuggestSettings, run_suggest
+
+    audited = run_audit(AuditSettings(store=settings.store, output=str(root / "audit"),
+                                      backbone="tinyconv", folds=2))  # fmt: skip
+    assert audited["pairs"]["images"] == 40
+    suggested = run_suggest(SuggestSettings(store=settings.store, runs=str(runs),
+                                            output=str(root / "next"), budget=3,
+                                            backbone="tinyconv"))  # fmt: skip
+    # (the pool's six plain-colour images are near duplicates of each other: fewer than 3)
+    assert 1 <= suggested["pairs"]["suggested"] <= 3
+    rows = (root / "next" / "pairs" / "suggestions.csv").read_text().splitlines()[1:]
+    assert rows and all(row.split(",")[1].startswith('"unlabelled/') for row in rows)
     # model.onnx runs with nothing of wf or TensorFlow imported: image in, probabilities out.
     script = (
         "import sys, json, numpy as np, onnxruntime as ort\n"
