@@ -1,5 +1,5 @@
-"""One writer per store: the lease, on a local folder (the object-store case is in
-tests/workflows/test_object_store.py)."""
+"""One writer per store: the lease, on a local folder (the same checks on an S3 server are in
+tests/workflows/test_clustered.py, through :func:`race` and :func:`refuse_second`)."""
 
 import json
 import os
@@ -19,18 +19,57 @@ def _lease(tmp_path, **kwargs) -> Lease:
     return Lease(pafs.LocalFileSystem(), str(tmp_path / "_lease.json"), "store d/bb", **kwargs)
 
 
-def test_a_second_writer_is_refused_in_one_line_naming_the_holder(tmp_path):
-    with _lease(tmp_path, command="wf extract"):
-        record = json.loads((tmp_path / "_lease.json").read_text())
+def refuse_second(filesystem: pafs.FileSystem, path: str) -> None:
+    """A lease held on ``path``: a second writer is refused in one line naming the holder, and
+    once it is released the next writer takes it."""
+    with Lease(filesystem, path, "store d/bb", command="wf extract"):
+        record = json.loads(filesystem.open_input_stream(path).read())
         assert record["pid"] == os.getpid() and record["command"] == "wf extract"
         with pytest.raises(StoreBusyError) as caught:
-            _lease(tmp_path).acquire()
+            Lease(filesystem, path, "store d/bb").acquire()
         message = str(caught.value)
         assert "store d/bb is being written by wf extract" in message and "--wait" in message
         assert f"pid {os.getpid()}" in message and "\n" not in message
-    assert not (tmp_path / "_lease.json").exists()  # released
-    with _lease(tmp_path):
+    assert filesystem.get_file_info(path).type == pafs.FileType.NotFound  # released
+    with Lease(filesystem, path, "store d/bb"):
         pass
+
+
+def race(filesystem: pafs.FileSystem, path: str, writers: int = 4) -> None:
+    """``writers`` threads take the lease at the same instant: exactly one holds it, and every
+    other is refused naming a holder."""
+    leases = [Lease(filesystem, path, f"store d/bb ({i})", command=f"writer {i}")
+              for i in range(writers)]  # fmt: skip
+    start = threading.Barrier(writers)
+    won, refused = [], []
+
+    def take(lease: Lease) -> None:
+        start.wait()
+        try:
+            lease.acquire()
+            won.append(lease)
+        except StoreBusyError as error:
+            refused.append(str(error))
+
+    threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(won) == 1 and len(refused) == writers - 1, (won, refused)
+    holder = won[0].read()
+    assert holder is not None and holder.owner == won[0].owner
+    assert all(f"being written by {won[0].command}" in message for message in refused)
+    won[0].release()
+
+
+def test_a_second_writer_is_refused_in_one_line_naming_the_holder(tmp_path):
+    refuse_second(pafs.LocalFileSystem(), str(tmp_path / "_lease.json"))
+
+
+def test_writers_racing_for_one_lease_leave_exactly_one_holder(tmp_path):
+    for round_ in range(3):
+        race(pafs.LocalFileSystem(), str(tmp_path / f"_lease{round_}.json"))
 
 
 def test_wait_takes_the_lease_once_the_holder_releases_it(tmp_path):

@@ -370,3 +370,10 @@ def test_an_onnx_backbone_on_the_object_store_extracts_into_a_store_there(s3, tm
     import hashlib
 
     assert manifest["weights_sha256"] == hashlib.sha256(local).hexdigest()
+
+
+def test_the_lease_on_an_object_store_refuses_a_second_writer_and_survives_a_race(s3):
+    from tests.storage.test_lease import race, refuse_second
+
+    refuse_second(s3.filesystem(), f"{BUCKET}/leases/one/_lease.json")
+    race(s3.filesystem(), f"{BUCKET}/leases/race/_lease.json")
