@@ -44,16 +44,18 @@ def _named(model: Any) -> Any:
     return keras.Model(image, {OUTPUT_NAME: out}, name=model.name)
 
 
-def to_onnx(model: Any, outputs: tuple[str, ...] = (OUTPUT_NAME,)) -> bytes:
-    """``model`` as ONNX through Keras's export, its input renamed ``image`` and its outputs
-    ``outputs``, in order."""
+def to_onnx(
+    model: Any, outputs: tuple[str, ...] = (OUTPUT_NAME,), opset: int | None = None
+) -> bytes:
+    """``model`` as ONNX through Keras's export (at ``opset``, or tf2onnx's default), its input
+    renamed ``image`` and its outputs ``outputs``, in order."""
     import onnx
 
     model(np.zeros((1, *model.input_shape[1:]), np.float32))  # export needs a called model
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.onnx")
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            model.export(path, format="onnx", verbose=False)
+            model.export(path, format="onnx", verbose=False, opset_version=opset)
         exported = onnx.load_model(path)
     graph = exported.graph
     if len(graph.output) != len(outputs):

@@ -239,7 +239,7 @@ def show_registries(backbones: bool) -> None:
             'it, e.g. {"name": "dinov2_s", "input_size": [224, 224], "layout": "NCHW", '
             '"scale": 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], '
             '"output": "tokens", "pool": "cls+mean"} (pool: none, mean, cls, cls+mean); '
-            "it has the bottleneck tap and trains with bottleneck and prototype "
+            "it has the bottleneck tap and trains with bottleneck, prototype and fusion "
             "(README: Your own ONNX backbone)",
             markup=False,
             soft_wrap=True,

@@ -21,7 +21,7 @@ from storage.errors import RunFailed, SettingsError, StoreError
 from storage.feature_store import FeatureStore
 from storage.filesystem import delete_folder
 from storage.layout import StoreLayout
-from storage.runs import RunsLayout
+from storage.runs import Artifact, RunsLayout
 from tasks.backbones import DEFAULT_BACKBONE, is_onnx_store
 from tasks.methods import JobContext, Method, StoreFacts, get_method, in_dependency_order
 from tasks.training.engine import TrainingPool
@@ -79,10 +79,9 @@ def _onnx(store: FeatureStore) -> bool:
 def _check_method(method: Method, store: FeatureStore) -> None:
     """What a method cannot do with its own store's backbone, as one line."""
     missing = [tap for tap in method.taps if tap not in store.manifest.taps]
-    if _onnx(store) and (missing or method.all_backbones):
-        why = "no last block to train" if missing else "its saved model holds every base in Keras"
+    if _onnx(store) and missing:
         raise SettingsError(f"{method.name} cannot train on {store.manifest.backbone}, an ONNX "
-                            f"model: {why}")  # fmt: skip
+                            "model: no last block to train")  # fmt: skip
     if missing:
         raise StoreError(f"{store.name} has no tap {', '.join(missing)} for {method.name}: "
                          "extract with --taps")  # fmt: skip
@@ -117,8 +116,6 @@ def plan_jobs(settings: TrainSettings) -> list[PlannedJob]:
             depends = f"{dataset}/{method.depends_on}" if method.depends_on else None
             try:
                 stores = [_open_verified(layout, dataset, b) for b in names]
-                if method.all_backbones:  # fusion's saved model holds every base in Keras
-                    stores = [stores[0], *(s for s in stores[1:] if not _onnx(s))]
                 _check_method(method, stores[0])
                 if len({s.manifest.classes for s in stores}) > 1:
                     raise StoreError(f"{dataset}: its backbones' stores have different classes")
@@ -292,6 +289,9 @@ def _ensembles(
             why = f"not built: {', '.join(unfinished)} did not finish"
         elif not job.context.has_split("validation"):
             why = "not built: no validation split to score it on"
+        elif any(runs.job(dataset, m).model_name == Artifact.ONNX_MODEL
+                 for m in ensemble["members"]):  # fmt: skip
+            why = "not built: an average of model.onnx files is not built yet"
         elif settings.ensemble == "beyond-noise" and not ensemble["beats_best"]:
             why = (f"not built: within noise of {ensemble['against']} alone (McNemar "
                    f"p={ensemble['p_value']:.3f}); --ensemble always builds it")  # fmt: skip

@@ -512,6 +512,58 @@ def classifier_graph(backbone_graph: bytes, top: Any, embedding_layer: str) -> b
     return model.SerializeToString()
 
 
+def fusion_graph(
+    builtin: bytes | None, parts: dict[int, bytes], order: list[str], side: int = 0
+) -> bytes:
+    """One feature graph for the fusion method over built-in and ONNX backbones: ``builtin``
+    is the Keras part exported to ONNX, taking ``image`` and giving, in ``order``, each built-in
+    backbone's flattened features and, for each ONNX backbone ``i``, the image resized to its
+    input (``wf_image_{i}``, or ``image`` itself at the model's size); ``parts[i]`` is that
+    backbone's feature graph. Returns the graph with every part's features side by side as
+    ``bottleneck``."""
+    import onnx
+    from onnx import compose, helper, version_converter
+
+    if builtin is None:  # only ONNX backbones: a graph of the image alone to start from
+        first = onnx.load_model_from_string(next(iter(parts.values())))
+        image = helper.make_tensor_value_info(IMAGE_INPUT, _FLOAT, ["batch", side, side, 3])
+        opsets = [helper.make_opsetid("", _opset(first))]
+        model = helper.make_model(helper.make_graph([], "wf_fusion", [image], []),
+                                  opset_imports=opsets)  # fmt: skip
+        model.ir_version = first.ir_version
+    else:
+        model = onnx.load_model_from_string(builtin)
+    graph, opset = model.graph, _opset(model)
+    features = list(order)
+    for index, data in parts.items():
+        part = onnx.load_model_from_string(data)
+        if _opset(part) != opset:
+            part = version_converter.convert_version(part, opset)
+        part = compose.add_prefix(part, f"wf_part{index}_")
+        source = order[index]  # wf_image_{index}, or the image itself
+        graph.node.append(helper.make_node("Identity", [source], [f"wf_part{index}_{IMAGE_INPUT}"],
+                                           name=f"wf_feed{index}"))  # fmt: skip
+        graph.node.extend(part.graph.node)
+        graph.initializer.extend(part.graph.initializer)
+        known = {o.domain for o in model.opset_import}
+        model.opset_import.extend(o for o in part.opset_import if o.domain not in known)
+        features[index] = f"wf_part{index}_{FEATURES_OUTPUT}"
+    graph.node.append(helper.make_node("Concat", features, [FEATURES_OUTPUT], axis=1,
+                                       name="wf_fuse"))  # fmt: skip
+    del graph.output[:]
+    batch = graph.input[0].type.tensor_type.shape.dim[0]
+    batch_dim = batch.dim_value if batch.HasField("dim_value") else "batch"
+    graph.output.append(helper.make_tensor_value_info(FEATURES_OUTPUT, _FLOAT, [batch_dim, None]))
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def graph_opset(data: bytes) -> int:
+    import onnx
+
+    return _opset(onnx.load_model_from_string(data))
+
+
 class OnnxModel:
     """A saved ``model.onnx`` (:func:`classifier_graph`) with the two calls wf's classifier
     makes of a Keras model: ``input_shape`` and ``predict_on_batch``."""
