@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import tempfile
+import warnings
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,10 @@ def convert(model: Any, fmt: str, calibration: np.ndarray | None = None) -> byte
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.representative_dataset = lambda: ([image[None]] for image in calibration)  # type: ignore[union-attr]
-    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its signatures
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        # It prints its signatures, and warns that the float input has no quantised statistics
+        # (on purpose: int8 inside, float32 in and out).
+        warnings.simplefilter("ignore", UserWarning)
         return converter.convert()
 
 
@@ -54,7 +58,12 @@ def to_onnx(
     model(np.zeros((1, *model.input_shape[1:]), np.float32))  # export needs a called model
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.onnx")
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore", FutureWarning)  # tf2onnx's own np.object check
             model.export(path, format="onnx", verbose=False, opset_version=opset)
         exported = onnx.load_model(path)
     graph = exported.graph

@@ -191,7 +191,7 @@ def export(
 ) -> None:  # fmt: skip
     """Write a trained model as ONNX or TFLite, only if it gives the Keras model's answers.
 
-    Example: wf export runs/cats_vs_dogs/bottleneck/model.keras --format onnx --output cats.onnx
+    Example: wf export runs/d/bottleneck/model.keras --format onnx --output d.onnx
     """
     from workflows.console import show_export
     from workflows.export import ExportRefused, export_model

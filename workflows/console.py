@@ -216,7 +216,7 @@ def show_export(report: Any, as_json: bool) -> None:
         "max prob diff": f"{report.max_probability_difference:.2e}",
         "accuracy keras": f"{report.keras_accuracy:.4f}",
         "accuracy exported": f"{report.exported_accuracy:.4f}",
-        "worst class": f"{report.worst_class} {-report.worst_class_drop * 100:+.1f} pts",
+        "worst class": f"{report.worst_class} {-report.worst_class_drop * 100 + 0.0:+.1f} pts",
     }])  # fmt: skip
     if report.written:
         out.print(f"written: {report.output} ({report.bytes:,} bytes)", markup=False)

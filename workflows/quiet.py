@@ -21,6 +21,7 @@ NOISE = re.compile(
     r"|[IWE]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] "  # absl's native log lines
     r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] \S+:\d+\] "  # TF's older native format
     r"|INFO: Created TensorFlow Lite XNNPACK delegate"
+    r"|fully_quantize: \d+, inference_type: \d+"  # the TFLite quantiser's note
     r"|To enable the following instructions: .* rebuild TensorFlow)"
 )
 
