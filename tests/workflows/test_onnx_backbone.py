@@ -179,3 +179,19 @@ def test_a_token_model_pools_cls_and_mean_and_a_bad_sidecar_is_one_line(tmp_path
     load_onnx_backbone.cache_clear()
     with pytest.raises(SettingsError, match="unknown field pol"):
         get_backbone(f"onnx:{model}")
+
+
+def test_a_model_over_the_size_cap_or_with_external_weights_is_refused(tmp_path):
+    import onnx
+
+    from tasks.backbones.onnx_backbone import load_onnx_backbone
+
+    model = conv_model(tmp_path / "conv.onnx")
+    with pytest.raises(SettingsError, match=r"is 1,\d{3} bytes, over the cap of 1,000"):
+        load_onnx_backbone(f"onnx:{model}", max_bytes=1000)
+    split = tmp_path / "split.onnx"
+    onnx.save_model(onnx.load_model(str(model)), str(split), save_as_external_data=True,
+                    size_threshold=0, location="split.onnx.data")  # fmt: skip
+    Path(f"{split}.json").write_text(Path(f"{model}.json").read_text())
+    with pytest.raises(SettingsError, match="keeps its weights in an external file"):
+        load_onnx_backbone(f"onnx:{split}")
