@@ -100,6 +100,7 @@ class Manifest:
     split_sizes: dict[str, int]
     wf_version: str
     calibration: str = ""  # fingerprint of the images an int8 runtime was calibrated on
+    preprocessing: str = ""  # an ONNX backbone's sidecar fingerprint (what its features used)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     shards: dict[str, ShardRecord] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)

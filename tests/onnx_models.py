@@ -114,3 +114,21 @@ def rank3_input_model(path: Path) -> Path:
         [],
     )
     return _save(model, path, {"name": "flat", "input_size": [32, 32], "pool": "mean"})
+
+
+def clashing_model(path: Path, size: int = 32) -> Path:
+    """A model that uses wf's own names: input ``image``, output ``bottleneck``, a tensor
+    ``probabilities`` inside, and a reshape that fixes the batch at 1 though the input says
+    ``N`` (the features: ``[1, 12]``)."""
+    nodes = [
+        helper.make_node("ReduceMean", ["image"], ["probabilities"], axes=[2, 3], keepdims=0),
+        helper.make_node("Concat", ["probabilities"] * 4, ["wide"], axis=1),
+        helper.make_node("Reshape", ["wide", "one"], ["bottleneck"]),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("bottleneck", TensorProto.FLOAT, ["N", 12])],
+        [numpy_helper.from_array(np.array([1, 12], np.int64), "one")],
+    )
+    return _save(model, path, {"name": "clash", "input_size": [size, size], "scale": 1})

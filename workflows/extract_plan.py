@@ -91,6 +91,7 @@ def _fresh_manifest(
         input_size=prepared.input_size,
         runtime=prepared.runtime,
         calibration=prepared.calibration,
+        preprocessing=prepared.preprocessing,
         augment_copies=settings.augment,
         augment_policy=settings.policy.to_dict(),
         seed=settings.seed,

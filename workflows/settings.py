@@ -128,6 +128,9 @@ class ExtractSettings:
         if not 1 <= self.shards <= 99_999:
             raise SettingsError(f"--shards must be between 1 and 99999, got {self.shards}")
         backbone = get_backbone(self.backbone)  # an unknown name or a bad ONNX file: one line
+        if isinstance(backbone, OnnxBackbone):  # one spelling of the file and the runtime, so
+            object.__setattr__(self, "backbone", backbone.source)  # the fingerprint is the same
+            object.__setattr__(self, "runtime", runtime_for(backbone, self.runtime))
         runtime_for(backbone, self.runtime)
         if self.input_size is not None and self.input_size != backbone.default_input_size:
             backbone.check_input_size((self.input_size, self.input_size))

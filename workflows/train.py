@@ -60,6 +60,7 @@ def store_facts(store: FeatureStore) -> StoreFacts:
         labelled_id=manifest.labelled_id,
         weights_source=manifest.weights_source,
         weights_sha256=manifest.weights_sha256,
+        preprocessing=manifest.preprocessing,
     )
 
 

@@ -50,6 +50,7 @@ IMAGE_INPUT = "image"
 FEATURES_OUTPUT = "bottleneck"
 PROBABILITIES_OUTPUT = "probabilities"
 EMBEDDING_OUTPUT = "embedding"
+USER_PREFIX = "user/"  # before every name of the user's graph
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 _GRAPH_VERSION = 1  # bump when the wrapping graph changes: it is in the features' fingerprint
@@ -200,15 +201,49 @@ class OnnxBackbone(Backbone):
             )
 
 
-@functools.lru_cache(maxsize=2)
-def load_onnx_backbone(source: str, max_bytes: int = MAX_ONNX_BYTES) -> OnnxBackbone:
-    """Read, check and wrap the ONNX model of ``source`` (``onnx:PATH_OR_URI``) and its sidecar;
-    every reason it cannot be used is one :class:`SettingsError`."""
-    import onnx
-
+def normalised_source(source: str) -> str:
+    """``onnx:PATH`` with a local path made absolute (the manifest keeps it: a later command
+    run from elsewhere finds the file); a URI as it is."""
     uri = source[len(ONNX_PREFIX) :]
     if not uri:
         raise SettingsError("--backbone onnx: needs a file: onnx:PATH_OR_URI")
+    if "://" in uri:
+        return source
+    import os
+
+    return ONNX_PREFIX + os.path.abspath(os.path.expanduser(uri))
+
+
+def load_onnx_backbone(source: str, max_bytes: int = MAX_ONNX_BYTES) -> OnnxBackbone:
+    """Read, check and wrap the ONNX model of ``source`` (``onnx:PATH_OR_URI``) and its sidecar;
+    every reason it cannot be used is one :class:`SettingsError`. Loaded once per process for
+    the same files (their sizes and times: a changed file is read again)."""
+    source = normalised_source(source)
+    uri = source[len(ONNX_PREFIX) :]
+    return _load(source, max_bytes, _signature(uri), _signature(uri + ".json"))
+
+
+def _signature(uri: str) -> tuple[int, int] | None:
+    folder = posixpath.dirname(uri) if "://" in uri else _local_folder(uri)
+    location = Location.at(folder)
+    info = file_info(location.filesystem, location.path(posixpath.basename(uri)))
+    if info is None:
+        return None
+    mtime = info.mtime_ns if info.mtime_ns is not None else 0
+    return (int(info.size or 0), int(mtime))
+
+
+@functools.lru_cache(maxsize=2)
+def _load(source: str, max_bytes: int, model: Any, sidecar: Any) -> OnnxBackbone:
+    import onnx
+
+    uri = source[len(ONNX_PREFIX) :]
+    if model is None:
+        raise SettingsError(f"ONNX model {uri} does not exist")
+    if model[0] > max_bytes:
+        raise SettingsError(
+            f"ONNX model {uri} is {model[0]:,} bytes, over the cap of {max_bytes:,}"
+        )
     data = _read(uri)
     if data is None:
         raise SettingsError(f"ONNX model {uri} does not exist")
@@ -216,10 +251,6 @@ def load_onnx_backbone(source: str, max_bytes: int = MAX_ONNX_BYTES) -> OnnxBack
     if sidecar_bytes is None:
         raise SettingsError(f"no sidecar {uri}.json beside the ONNX model (see `wf backbones`)")
     sidecar = Sidecar.parse(sidecar_bytes, f"{uri}.json")
-    if len(data) > max_bytes:
-        raise SettingsError(
-            f"ONNX model {uri} is {len(data):,} bytes, over the cap of {max_bytes:,}"
-        )
     try:
         model = onnx.load_model_from_string(data)
     except Exception:  # protobuf's DecodeError and friends: not a model
@@ -307,6 +338,13 @@ def _feature_graph(model: Any, sidecar: Sidecar, uri: str) -> tuple[bytes, int, 
     opset = _opset(model)
     if opset < 13:
         raise SettingsError(f"{uri} uses opset {opset}; wf needs 13 or newer")
+    # Every name of the user's graph gets a prefix, so none meets wf's own (image,
+    # bottleneck, probabilities, embedding, wf_*).
+    from onnx import compose
+
+    model = compose.add_prefix(model, USER_PREFIX)
+    source_input = next(i for i in model.graph.input if i.name == USER_PREFIX + source_input.name)
+    output = USER_PREFIX + output
     batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else "batch"
     height, width = sidecar.input_size
     graph = model.graph
@@ -328,7 +366,7 @@ def _feature_graph(model: Any, sidecar: Sidecar, uri: str) -> tuple[bytes, int, 
         before.append(to_nchw)
     # The output's rank decides the pooling's axes; shape inference may not know it, so ask
     # the model itself on one image.
-    rank = len(_probe(model, sidecar, source_input.name, batch).shape)
+    rank = len(_probe(model, sidecar, source_input.name, output).shape)
     after, consts_after = _pool_nodes(output, rank, sidecar, uri, opset)
     new_nodes = [*before, *graph.node, *after]
     del graph.node[:]
@@ -341,19 +379,41 @@ def _feature_graph(model: Any, sidecar: Sidecar, uri: str) -> tuple[bytes, int, 
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(FEATURES_OUTPUT, _FLOAT, [batch, None]))
     data = model.SerializeToString()
-    probe = _run(data, np.zeros((1, height, width, 3), np.float32), [FEATURES_OUTPUT])[0]
+    try:
+        onnx.checker.check_model(model)
+        probe = _run(data, np.zeros((1, height, width, 3), np.float32), [FEATURES_OUTPUT])[0]
+    except Exception as error:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise SettingsError(f"{uri}: wf's graph around the model does not run: {first}") from None
     if probe.ndim != 2:
         raise SettingsError(f"{uri}: the pooled output has shape {list(probe.shape)}, not "
                             "[batch, features]")  # fmt: skip
-    onnx.checker.check_model(model)
-    return data, int(probe.shape[1]), batch == 1
+    batch_one = batch == 1
+    if not batch_one:  # a batch it declares but cannot run (a reshape fixed at 1 inside)
+        try:
+            two = _run(data, np.zeros((2, height, width, 3), np.float32), [FEATURES_OUTPUT])[0]
+            batch_one = two.shape[0] != 2
+        except Exception:
+            batch_one = True
+        if batch_one:  # say so in the graph: its users run it one image at a time
+            _fix_batch(model, 1)
+            data = model.SerializeToString()
+    return data, int(probe.shape[1]), batch_one
 
 
-def _probe(model: Any, sidecar: Sidecar, name: str, batch: Any) -> np.ndarray:
+def _fix_batch(model: Any, size: int) -> None:
+    """The graph's input and outputs declared with a batch of ``size``."""
+    for value in (*model.graph.input, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].ClearField("dim_param")
+            dims[0].dim_value = size
+
+
+def _probe(model: Any, sidecar: Sidecar, name: str, output: str) -> np.ndarray:
     """The original model's feature output on one blank image, or one line saying why not."""
     height, width = sidecar.input_size
     shape = (1, 3, height, width) if sidecar.layout == "NCHW" else (1, height, width, 3)
-    output = sidecar.output or model.graph.output[0].name
     try:
         return _run(model.SerializeToString(), np.zeros(shape, np.float32), [output], name)[0]
     except Exception as error:
@@ -381,11 +441,12 @@ def _pool_nodes(
     from onnx import helper
 
     pool = sidecar.pool
+    shown = output.removeprefix(USER_PREFIX)  # the user's own name, in messages
     axes = helper.make_tensor("wf_token_axis", 7, [1], [1])  # INT64
     if pool == "none":
         if rank != 2:
             raise SettingsError(
-                f"{uri}: output {output!r} has rank {rank}; pool 'none' needs a vector "
+                f"{uri}: output {shown!r} has rank {rank}; pool 'none' needs a vector "
                 "[batch, features] (choose mean, cls or cls+mean)"
             )
         return [helper.make_node("Identity", [output], [FEATURES_OUTPUT], name="wf_pool")], []
@@ -394,7 +455,7 @@ def _pool_nodes(
         return _mean(output, FEATURES_OUTPUT, spatial, opset, "wf_pool")
     if rank != 3:
         raise SettingsError(f"{uri}: pool {pool!r} needs a token sequence [batch, tokens, dim] "
-                            f"{'or a conv map ' if pool == 'mean' else ''}; output {output!r} "
+                            f"{'or a conv map ' if pool == 'mean' else ''}; output {shown!r} "
                             f"has rank {rank}")  # fmt: skip
     if pool == "mean":
         return _mean(output, FEATURES_OUTPUT, [1], opset, "wf_pool")
@@ -524,19 +585,22 @@ def fusion_graph(
     import onnx
     from onnx import compose, helper, version_converter
 
+    loaded = {index: onnx.load_model_from_string(data) for index, data in parts.items()}
+    opset = max(_opset(part) for part in loaded.values())
     if builtin is None:  # only ONNX backbones: a graph of the image alone to start from
-        first = onnx.load_model_from_string(next(iter(parts.values())))
         image = helper.make_tensor_value_info(IMAGE_INPUT, _FLOAT, ["batch", side, side, 3])
-        opsets = [helper.make_opsetid("", _opset(first))]
         model = helper.make_model(helper.make_graph([], "wf_fusion", [image], []),
-                                  opset_imports=opsets)  # fmt: skip
-        model.ir_version = first.ir_version
+                                  opset_imports=[helper.make_opsetid("", opset)])  # fmt: skip
     else:
         model = onnx.load_model_from_string(builtin)
-    graph, opset = model.graph, _opset(model)
+        if _opset(model) < opset:
+            model = version_converter.convert_version(model, opset)
+        opset = max(opset, _opset(model))
+    model.ir_version = max(model.ir_version, *(part.ir_version for part in loaded.values()))
+    graph = model.graph
     features = list(order)
-    for index, data in parts.items():
-        part = onnx.load_model_from_string(data)
+    batch_one = any(_dims(part.graph.input[0])[0] == 1 for part in loaded.values())
+    for index, part in loaded.items():
         if _opset(part) != opset:
             part = version_converter.convert_version(part, opset)
         part = compose.add_prefix(part, f"wf_part{index}_")
@@ -551,9 +615,9 @@ def fusion_graph(
     graph.node.append(helper.make_node("Concat", features, [FEATURES_OUTPUT], axis=1,
                                        name="wf_fuse"))  # fmt: skip
     del graph.output[:]
-    batch = graph.input[0].type.tensor_type.shape.dim[0]
-    batch_dim = batch.dim_value if batch.HasField("dim_value") else "batch"
-    graph.output.append(helper.make_tensor_value_info(FEATURES_OUTPUT, _FLOAT, [batch_dim, None]))
+    graph.output.append(helper.make_tensor_value_info(FEATURES_OUTPUT, _FLOAT, ["batch", None]))
+    if batch_one:  # a part runs one image at a time: so does the whole
+        _fix_batch(model, 1)
     onnx.checker.check_model(model)
     return model.SerializeToString()
 

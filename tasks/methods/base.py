@@ -64,6 +64,7 @@ class StoreFacts:
     weights_source: str
     weights_sha256: str
     labelled_id: str = ""  # the manifest's labelled_id: what a job trained on
+    preprocessing: str = ""  # an ONNX backbone's sidecar fingerprint at extraction
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from tasks.methods.base import JobContext, Method, Recipe, pretrained_base, stac
 from tasks.training.weights import set_named_weights
 
 DROPOUT = 0.5
+TF2ONNX_MAX_OPSET = 18
 
 
 class Fusion(Method):
@@ -118,7 +119,8 @@ class Fusion(Method):
             base = keras.Model(base.input, base.output["bottleneck"], name=store.backbone)
             outputs.append(keras.layers.Flatten(name=f"flat_{store.backbone}")(base(resized)))
             names.append(f"wf_features_{index}")
-        opset = max(graph_opset(graph) for graph in parts.values())
+        # tf2onnx 1.17 writes opsets up to 18; fusion_graph converts its part up where needed.
+        opset = min(TF2ONNX_MAX_OPSET, max(graph_opset(graph) for graph in parts.values()))
         top = self.build_trainable(keras, context)
         set_named_weights(top, trained)
         if not outputs:  # every backbone is an ONNX model

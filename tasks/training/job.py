@@ -108,12 +108,14 @@ def backbone_weights(
     for s in stores:
         key = (s.backbone, s.weights_source)
         if key not in cache:
-            resolved = store_backbone(s.backbone, s.weights_source).resolve_weights(
-                s.weights_source
-            )
-            if is_onnx_store(s.weights_source) and resolved.sha256 != s.weights_sha256:
-                raise SettingsError(f"{s.weights_source} changed since its store was extracted: "
-                                    "run `wf extract` again")  # fmt: skip
+            backbone = store_backbone(s.backbone, s.weights_source)
+            resolved = backbone.resolve_weights(s.weights_source)
+            if is_onnx_store(s.weights_source) and (
+                resolved.sha256 != s.weights_sha256
+                or getattr(backbone, "preprocessing", "") != s.preprocessing
+            ):
+                raise SettingsError(f"{s.weights_source} or its sidecar changed since its store "
+                                    "was extracted: run `wf extract` again")  # fmt: skip
             cache[key] = resolved
     return {s.backbone: cache[(s.backbone, s.weights_source)] for s in stores}
 

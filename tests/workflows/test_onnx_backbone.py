@@ -174,10 +174,7 @@ def test_a_token_model_pools_cls_and_mean_and_a_bad_sidecar_is_one_line(tmp_path
     with pytest.raises(SettingsError, match="runs in onnxruntime, not litert-int8"):
         replace(settings, runtime="litert-int8")
     Path(f"{model}.json").write_text('{"name": "tinyvit", "input_size": [32, 32], "pol": "cls"}')
-    from tasks.backbones.onnx_backbone import load_onnx_backbone
-
-    load_onnx_backbone.cache_clear()
-    with pytest.raises(SettingsError, match="unknown field pol"):
+    with pytest.raises(SettingsError, match="unknown field pol"):  # read again: it changed
         get_backbone(f"onnx:{model}")
 
 
@@ -195,3 +192,19 @@ def test_a_model_over_the_size_cap_or_with_external_weights_is_refused(tmp_path)
     Path(f"{split}.json").write_text(Path(f"{model}.json").read_text())
     with pytest.raises(SettingsError, match="keeps its weights in an external file"):
         load_onnx_backbone(f"onnx:{split}")
+
+
+def test_a_model_with_wfs_own_names_and_a_batch_fixed_inside_runs_one_image_at_a_time(tmp_path):
+    from tasks.backbones import get_backbone
+    from tasks.backbones.runtime import FeatureExtractor, prepare_backbone
+    from tests.onnx_models import clashing_model
+
+    backbone = get_backbone(f"onnx:{clashing_model(tmp_path / 'clash.onnx')}")
+    assert backbone.batch_one and backbone.features == 12  # found by running two images
+    prepared = prepare_backbone(backbone, backbone.resolve_weights("imagenet"), (32, 32),
+                                ("bottleneck",), "litert", str(tmp_path))  # fmt: skip
+    assert prepared.runtime == "onnxruntime"
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    found = FeatureExtractor(prepared)(images)["bottleneck"]
+    means = images.astype(np.float32).mean(axis=(1, 2))  # its features: the channel means x4
+    np.testing.assert_allclose(found, np.tile(means, 4), rtol=1e-5)
