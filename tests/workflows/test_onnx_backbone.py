@@ -87,7 +87,7 @@ def test_bottleneck_and_prototype_save_one_onnx_model_that_predict_and_plain_onn
 ):
     root, data, _model, settings, _ = extracted
     # A built-in backbone beside it, for fusion: the same images and splits, at 32 px.
-    run_extract(replace(settings, backbone="efficientnet_lite0", input_size=32))
+    run_extract(replace(settings, backbone="efficientnet_lite0", input_size=32, runtime="litert"))
     runs = root / "runs"
     train = TrainSettings(store=settings.store, runs=str(runs), backbone="tinyconv",
                           methods=("bottleneck", "prototype", "finetune", "fusion"),
