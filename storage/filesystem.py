@@ -129,6 +129,17 @@ class Location:
             raise StoreError(f"cannot write to {self.uri}: {_first_line(error)}") from None
 
 
+def file_location(where: str) -> tuple[Location, str]:
+    """The folder of the file ``where`` (a local path or a URI) and the file's path in it, as
+    its filesystem names it."""
+    if "://" in where:
+        folder = posixpath.dirname(where)
+    else:
+        folder = os.path.dirname(os.path.abspath(os.path.expanduser(where)))
+    location = Location.at(folder)
+    return location, location.path(posixpath.basename(where))
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from storage.errors import SettingsError, StoreError
-from storage.filesystem import Location, file_info, read_bytes
+from storage.filesystem import Location, file_info, file_location, read_bytes
 from storage.hashing import sha256_stream
 from storage.runs import Artifact
 from tasks.abstention import (
@@ -123,10 +123,9 @@ class Classifier:
 def load_classifier(model_path: str) -> Classifier:
     """The Keras 3 model at ``model_path`` (a path or URI) and its class names (``classes.json``
     beside it); anything that stops it loading is one :class:`StoreError`."""
-    folder = posixpath.dirname(model_path) if "://" in model_path else os.path.dirname(
-        os.path.abspath(model_path))  # fmt: skip
-    location, name = Location.at(folder), posixpath.basename(model_path)
-    if file_info(location.filesystem, location.path(name)) is None:
+    location, path = file_location(model_path)
+    name = posixpath.basename(path)
+    if file_info(location.filesystem, path) is None:
         raise StoreError(f"model {model_path} does not exist")
     try:
         classes = json.loads(read_bytes(location.filesystem, location.path(Artifact.CLASSES)))
@@ -136,7 +135,7 @@ def load_classifier(model_path: str) -> Classifier:
         raise StoreError(f"classes.json beside {model_path} is not valid JSON: {error}") from None
     if not isinstance(classes, list):
         raise StoreError(f"classes.json beside {model_path} is not a list")
-    data = read_bytes(location.filesystem, location.path(name))
+    data = read_bytes(location.filesystem, path)
     if name.endswith(".onnx"):
         model = _onnx_model(data, model_path)
     else:

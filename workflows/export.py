@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import posixpath
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from storage.errors import RunFailed, SettingsError
-from storage.filesystem import Location, file_info, read_bytes, write_bytes
+from storage.filesystem import Location, file_info, file_location, read_bytes
 from storage.hashing import stable_unit_interval
 from storage.names import escape_name
 from storage.runs import Artifact
@@ -36,6 +35,7 @@ from tasks.converters import FORMATS, convert, run_exported
 from tasks.heads import probabilities
 from tasks.images import ImageRejected, load_image
 from workflows.datasets import UNLABELLED_FOLDERS, list_tree
+from workflows.predict import write_output
 
 MIN_AGREEMENT = 0.995
 INT8_MAX_ACCURACY_DROP = 0.005
@@ -77,8 +77,7 @@ def export_model(
     if model_path.endswith(".onnx"):
         raise SettingsError(f"{model_path} is already ONNX (a job on an ONNX backbone): use it")
     classifier = load_classifier(model_path)
-    folder = _beside(model_path)
-    root = _dataset_root(folder)
+    root = _dataset_root(model_path)
     check = check or _default(root, "validation", "--check FOLDER (a labelled folder)")
     pixels, labels = labelled_images(check, classifier.classes, classifier.input_size)
     expected = classifier.probabilities(pixels)
@@ -92,8 +91,7 @@ def export_model(
     report = compare(fmt, output, expected, found, labels, classifier.classes, len(data))
     if not report.written:
         raise ExportRefused(report)
-    location = Location.at(_beside(output))
-    write_bytes(location.filesystem, location.path(posixpath.basename(output)), data)
+    write_output(output, data)
     return report
 
 
@@ -105,13 +103,10 @@ class ExportRefused(RunFailed):
         self.report = report
 
 
-def _beside(path: str) -> str:
-    return posixpath.dirname(path) if "://" in path else os.path.dirname(os.path.abspath(path))
-
-
-def _dataset_root(folder: str) -> str | None:
-    location = Location.at(folder)
-    path = location.path(Artifact.SETTINGS)
+def _dataset_root(model_path: str) -> str | None:
+    """The dataset root the model's job recorded in ``settings.json`` beside it."""
+    location, model = file_location(model_path)
+    path = posixpath.join(posixpath.dirname(model), Artifact.SETTINGS)
     if file_info(location.filesystem, path) is None:
         return None
     try:

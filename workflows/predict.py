@@ -8,13 +8,12 @@ import csv
 import io
 import json
 import os
-import posixpath
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from storage.errors import SettingsError
-from storage.filesystem import Location, file_info, write_bytes
+from storage.filesystem import Location, file_info, file_location, write_bytes
 from storage.names import escape_name
 from tasks.abstention import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION
 from tasks.classifier import Classifier, load_classifier
@@ -127,10 +126,8 @@ def write_predictions(predictions: list[Prediction], output: str | None, fmt: st
 
 def write_output(where: str, data: bytes) -> None:
     """Write a result file the user named: a local path or a URI."""
-    folder, name = (posixpath.dirname(where), posixpath.basename(where)) if "://" in where else (
-        os.path.dirname(os.path.abspath(where)), os.path.basename(where))  # fmt: skip
-    location = Location.at(folder)
-    write_bytes(location.filesystem, location.path(name), data)
+    location, path = file_location(where)
+    write_bytes(location.filesystem, path, data)
 
 
 def evaluate_folder(model_path: str, folder: str, thresholds: Thresholds | None = None) -> dict:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import json
-import posixpath
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from storage.errors import SettingsError
-from storage.filesystem import Location, file_info, read_bytes
+from storage.filesystem import file_info, file_location, read_bytes
 from storage.hashing import fingerprint, sha256_stream
 from tasks.backbones.base import Backbone, ResolvedWeights
 
@@ -134,23 +133,11 @@ def _triple(value: Any, field: str) -> tuple[float, float, float]:
     return float(value[0]), float(value[1]), float(value[2])
 
 
-def is_onnx_spec(backbone: str) -> bool:
-    return backbone.startswith(ONNX_PREFIX)
-
-
 def _read(uri: str) -> bytes | None:
-    folder = posixpath.dirname(uri) if "://" in uri else _local_folder(uri)
-    location = Location.at(folder)
-    path = location.path(posixpath.basename(uri))
+    location, path = file_location(uri)
     if file_info(location.filesystem, path) is None:
         return None
     return read_bytes(location.filesystem, path)
-
-
-def _local_folder(path: str) -> str:
-    import os
-
-    return os.path.dirname(os.path.abspath(os.path.expanduser(path)))
 
 
 class OnnxBackbone(Backbone):
@@ -224,9 +211,8 @@ def load_onnx_backbone(source: str, max_bytes: int = MAX_ONNX_BYTES) -> OnnxBack
 
 
 def _signature(uri: str) -> tuple[int, int] | None:
-    folder = posixpath.dirname(uri) if "://" in uri else _local_folder(uri)
-    location = Location.at(folder)
-    info = file_info(location.filesystem, location.path(posixpath.basename(uri)))
+    location, path = file_location(uri)
+    info = file_info(location.filesystem, path)
     if info is None:
         return None
     mtime = info.mtime_ns if info.mtime_ns is not None else 0
@@ -381,7 +367,9 @@ def _feature_graph(model: Any, sidecar: Sidecar, uri: str) -> tuple[bytes, int, 
     data = model.SerializeToString()
     try:
         onnx.checker.check_model(model)
-        probe = _run(data, np.zeros((1, height, width, 3), np.float32), [FEATURES_OUTPUT])[0]
+        runner = session(data, threads=1)
+        probe = runner.run([FEATURES_OUTPUT], {IMAGE_INPUT: np.zeros((1, height, width, 3),
+                                                                   np.float32)})[0]  # fmt: skip
     except Exception as error:
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise SettingsError(f"{uri}: wf's graph around the model does not run: {first}") from None
@@ -391,7 +379,8 @@ def _feature_graph(model: Any, sidecar: Sidecar, uri: str) -> tuple[bytes, int, 
     batch_one = batch == 1
     if not batch_one:  # a batch it declares but cannot run (a reshape fixed at 1 inside)
         try:
-            two = _run(data, np.zeros((2, height, width, 3), np.float32), [FEATURES_OUTPUT])[0]
+            two = runner.run([FEATURES_OUTPUT], {IMAGE_INPUT: np.zeros((2, height, width, 3),
+                                                                     np.float32)})[0]  # fmt: skip
             batch_one = two.shape[0] != 2
         except Exception:
             batch_one = True
@@ -415,7 +404,8 @@ def _probe(model: Any, sidecar: Sidecar, name: str, output: str) -> np.ndarray:
     height, width = sidecar.input_size
     shape = (1, 3, height, width) if sidecar.layout == "NCHW" else (1, height, width, 3)
     try:
-        return _run(model.SerializeToString(), np.zeros(shape, np.float32), [output], name)[0]
+        runner = session(model.SerializeToString(), threads=1)
+        return runner.run([output], {name: np.zeros(shape, np.float32)})[0]
     except Exception as error:
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise SettingsError(f"onnxruntime cannot run the model: {first}") from None
@@ -488,10 +478,6 @@ def session(data: bytes, threads: int = 0) -> Any:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-
-
-def _run(data: bytes, x: np.ndarray, outputs: list[str], name: str = IMAGE_INPUT) -> list:
-    return session(data, threads=1).run(outputs, {name: x})
 
 
 def run_in_batches(runner: Any, x: np.ndarray, outputs: list[str], batch_one: bool) -> list:
