@@ -120,8 +120,9 @@ def top_k_flipped(ranked: list[str], flipped: dict) -> float:
 
 
 def extract(data: Path, store: Path, cache: str) -> None:
-    from workflows.extract import run_extract
-    from workflows.settings import ClusterSettings, DatasetSource, ExtractSettings
+    from workflows.extract.run import run_extract
+    from workflows.extract.settings import DatasetSource, ExtractSettings
+    from workflows.settings import ClusterSettings
 
     if store.exists():
         shutil.rmtree(store)
@@ -134,7 +135,8 @@ def run_wf(data: Path, store: Path, output: Path, fresh: bool) -> tuple[dict, li
     """``wf audit`` of one store; ``fresh``: its cached out-of-fold probabilities removed first."""
     import pyarrow.csv as pacsv
 
-    from workflows.audit import AuditSettings, run_audit
+    from workflows.audit.run import run_audit
+    from workflows.audit.settings import AuditSettings
     from workflows.settings import ClusterSettings
 
     if fresh:
@@ -172,7 +174,7 @@ def run_datalab(store: Path, dataset: str, planted: dict) -> dict:
         return {"skipped": f"cleanlab's Datalab is not importable ({error})"}
     from storage.feature_store import FeatureStore
     from storage.layout import StoreLayout
-    from workflows.audit import load_images
+    from workflows.audit.run import load_images
 
     images = load_images(FeatureStore.open(StoreLayout.at(str(store)), dataset,
                                            "efficientnet_lite0"))  # fmt: skip
@@ -251,7 +253,7 @@ def knn_vote_top_k(store: Path, dataset: str, flipped: dict, k: int = 10) -> flo
     from storage.feature_store import FeatureStore
     from storage.layout import StoreLayout
     from tasks.audit import nearest, neighbour_votes
-    from workflows.audit import load_images
+    from workflows.audit.run import load_images
 
     images = load_images(FeatureStore.open(StoreLayout.at(str(store)), dataset,
                                            "efficientnet_lite0"))  # fmt: skip

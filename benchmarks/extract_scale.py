@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def generate(root: Path, images: int) -> Path:
-    from workflows.demo import SHAPES, generate_shapes_dataset
+    from workflows.cli.demo import SHAPES, generate_shapes_dataset
 
     folder, done = root / f"shapes-{images}", root / f"shapes-{images}.done"
     if not done.exists():
@@ -42,8 +42,9 @@ def generate(root: Path, images: int) -> Path:
 def run_one(data: str, store: str, shards: int, cache: str) -> dict:
     """One extraction in this process (called with --one): the report and memory facts."""
     from workflows.cluster import ray_cluster
-    from workflows.extract import run_extract
-    from workflows.settings import ClusterSettings, DatasetSource, ExtractSettings
+    from workflows.extract.run import run_extract
+    from workflows.extract.settings import DatasetSource, ExtractSettings
+    from workflows.settings import ClusterSettings
 
     cluster = ClusterSettings(num_cpus=2)
     settings = ExtractSettings(

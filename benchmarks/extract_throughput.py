@@ -101,8 +101,9 @@ def run_ray_data(images: str, work: str) -> dict:
 
 
 def run_wf(images: str, work: str, runtime: str = "litert") -> dict:
-    from workflows.extract import run_extract
-    from workflows.settings import ClusterSettings, DatasetSource, ExtractSettings
+    from workflows.extract.run import run_extract
+    from workflows.extract.settings import DatasetSource, ExtractSettings
+    from workflows.settings import ClusterSettings
 
     def settings(store: str) -> ExtractSettings:
         return ExtractSettings(

@@ -32,8 +32,9 @@ SHARED = HERE.parent.parent / "shared" / "datasets" / "cats_vs_dogs"
 
 def run_wf(work: str, epochs: int, epoch_copies: str) -> dict:
     from tasks.methods import TrainOptions
-    from workflows.settings import ClusterSettings, TrainSettings, recipes_from_options
-    from workflows.train import run_train_all
+    from workflows.settings import ClusterSettings
+    from workflows.train.run import run_train_all
+    from workflows.train.settings import TrainSettings, recipes_from_options
 
     runs = os.path.join(work, "speed-runs")
     shutil.rmtree(runs, ignore_errors=True)

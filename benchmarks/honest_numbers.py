@@ -110,15 +110,11 @@ def main() -> None:
     from tasks.evaluation import accuracy_interval, expected_calibration_error
     from tasks.methods import TrainOptions
     from tests.corpus import write_out_of_distribution
-    from workflows.extract import run_extract
-    from workflows.settings import (
-        ClusterSettings,
-        DatasetSource,
-        ExtractSettings,
-        TrainSettings,
-        default_recipes,
-    )
-    from workflows.train import run_train_all
+    from workflows.extract.run import run_extract
+    from workflows.extract.settings import DatasetSource, ExtractSettings
+    from workflows.settings import ClusterSettings
+    from workflows.train.run import run_train_all
+    from workflows.train.settings import TrainSettings, default_recipes
 
     print(banner())
     work = Path(args.work)

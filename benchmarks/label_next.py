@@ -13,7 +13,7 @@ validation folder: validation + test halves) after every round, three ways of ch
 - ``random``: a uniform draw from the pool;
 - ``uncertainty``: the smallest margins between the two most probable classes (modAL's
   ``margin_sampling``);
-- ``wf``: `wf suggest`'s choice (``workflows.suggest.choose_batch``): margin, spread on the
+- ``wf``: `wf suggest`'s choice (``workflows.label.suggest.choose_batch``): margin, spread on the
   embeddings, balance by predicted class, near duplicates left out.
 
 Three seeds (the starting 5%, the random draws, the fits' initial weights). Then the prototype
@@ -64,7 +64,7 @@ def simulate(x, y, held_x, held_y, strategy: str, seed: int, num_classes: int) -
     """``(labelled share, accuracy)`` after the start and after every round."""
     from tasks.audit import normalise
     from tasks.training.small_fits import FitProblem, fit_and_predict
-    from workflows.suggest import choose_batch, margin_scores
+    from workflows.label.suggest import choose_batch, margin_scores
 
     rng = np.random.default_rng(seed)
     n = len(y)
@@ -154,8 +154,8 @@ def main() -> None:
 
     from benchmarks.honest_numbers import split_folders
     from benchmarks.machine import banner
-    from workflows.extract import run_extract
-    from workflows.settings import DatasetSource, ExtractSettings
+    from workflows.extract.run import run_extract
+    from workflows.extract.settings import DatasetSource, ExtractSettings
 
     print(banner())
     work, names = Path(args.work), args.datasets.split(",")

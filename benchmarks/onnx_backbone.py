@@ -59,8 +59,8 @@ def backbone_file(work: Path) -> Path:
 
 def extract(data: Path, store: Path, backbone: str) -> tuple[float, int]:
     """Seconds and images of one `wf extract` into ``store`` (a fresh store each time)."""
-    from workflows.extract import run_extract
-    from workflows.settings import DatasetSource, ExtractSettings
+    from workflows.extract.run import run_extract
+    from workflows.extract.settings import DatasetSource, ExtractSettings
 
     settings = ExtractSettings(datasets=(DatasetSource(str(data)),), store=str(store),
                                backbone=backbone, augment=0, shards=8)  # fmt: skip
@@ -131,9 +131,9 @@ def main() -> None:
         print(f"| {label} | {x.shape[1]} | {np.mean(found):.4f} | "
               f"{', '.join(f'{a:.4f}' for a in found)} |", flush=True)  # fmt: skip
 
-    from workflows.predict import evaluate_folder
-    from workflows.settings import TrainSettings
-    from workflows.train import run_train_all
+    from workflows.serve.predict import evaluate_folder
+    from workflows.train.run import run_train_all
+    from workflows.train.settings import TrainSettings
 
     runs = work / "runs"
     began = time.perf_counter()

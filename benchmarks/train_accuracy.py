@@ -26,7 +26,7 @@ SHARED = HERE.parent.parent / "shared" / "datasets"
 
 
 def main() -> None:
-    from workflows.settings import EPOCH_COPIES
+    from workflows.train.settings import EPOCH_COPIES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(HERE / "results" / "train"))
@@ -57,16 +57,12 @@ def main() -> None:
 
     from tasks.methods import TrainOptions
     from workflows.cluster import ray_cluster
-    from workflows.extract import run_extract
-    from workflows.settings import (
-        ClusterSettings,
-        DatasetSource,
-        ExtractSettings,
-        TrainSettings,
-        recipes_from_options,
-    )
-    from workflows.summary import BLOG_REFERENCE
-    from workflows.train import run_train_all
+    from workflows.extract.run import run_extract
+    from workflows.extract.settings import DatasetSource, ExtractSettings
+    from workflows.settings import ClusterSettings
+    from workflows.train.run import run_train_all
+    from workflows.train.settings import TrainSettings, recipes_from_options
+    from workflows.train.summary import BLOG_REFERENCE
 
     names = args.datasets.split(",")
     for name in names:

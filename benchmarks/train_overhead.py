@@ -39,17 +39,13 @@ TARGETS = {"a": 40.0, "b": 240.0}
 
 def run_scenario(work: Path, datasets: int, methods: tuple[str, ...]) -> dict:
     from tasks.methods import TrainOptions
+    from workflows.cli.demo import generate_shapes_dataset
     from workflows.cluster import ray_cluster
-    from workflows.demo import generate_shapes_dataset
-    from workflows.extract import run_extract
-    from workflows.settings import (
-        ClusterSettings,
-        DatasetSource,
-        ExtractSettings,
-        TrainSettings,
-        recipes_from_options,
-    )
-    from workflows.train import run_train_all
+    from workflows.extract.run import run_extract
+    from workflows.extract.settings import DatasetSource, ExtractSettings
+    from workflows.settings import ClusterSettings
+    from workflows.train.run import run_train_all
+    from workflows.train.settings import TrainSettings, recipes_from_options
 
     data = work / f"data{datasets}"
     for index in range(datasets):

@@ -91,7 +91,7 @@ class Location:
 
     @classmethod
     def at(cls, where: str) -> Location:
-        if "://" not in where:
+        if not is_uri(where):
             path = os.path.abspath(os.path.expanduser(where))
             return cls(pafs.LocalFileSystem(), path, path)
         try:
@@ -118,6 +118,51 @@ class Location:
     def relative(self, path: str) -> str:
         return posixpath.relpath(path, self.root)
 
+    def kind(self, path: str | None = None) -> str:
+        """``"folder"``, ``"file"`` or ``"missing"``: what ``path`` (default: the root) is."""
+        path = self.root if path is None else path
+        if self.is_local:  # a link to a folder is a folder, a dangling link a file (its error)
+            return (
+                "folder" if os.path.isdir(path) else "file" if os.path.lexists(path) else "missing"
+            )
+        info = file_info(self.filesystem, path)
+        if info is None:
+            return "missing"
+        return "folder" if info.type == pafs.FileType.Directory else "file"
+
+    def tree(self, ignored: Callable[[str], bool]) -> tuple[list[TreeFile], set[tuple[str, ...]]]:
+        """Every file under the root (its parts below the root, path, size and mtime) and every
+        folder (its parts), names ``ignored`` skipped with all below them. An object store has
+        no empty folders: only those that hold a file are seen."""
+        files, folders = [], set()
+        if self.is_local:
+            for current, names, _ in os.walk(self.root):
+                names[:] = [n for n in names if not ignored(n)]
+                base = os.path.relpath(current, self.root)
+                for name in names:
+                    folders.add(tuple(os.path.normpath(os.path.join(base, name)).split(os.sep)))
+            for path, stat in walk_local(self.root, ignored):
+                parts = tuple(os.path.relpath(path, self.root).split(os.sep))
+                files.append(TreeFile(parts, path, *stat_signature(stat)))
+            return files, folders
+        for entry in list_files(self.filesystem, self.root):
+            parts = tuple(posixpath.relpath(entry.path, self.root).split("/"))
+            if any(ignored(p) for p in parts):
+                continue
+            files.append(TreeFile(parts, entry.path, *stat_signature(entry)))
+            folders.update(parts[:i] for i in range(1, len(parts)))
+        return files, folders
+
+    def move(self, source: str, target: str) -> None:
+        """Move a file: a rename on a local disk, copy then delete on an object store."""
+        fs = self.filesystem
+        if self.is_local:
+            fs.create_dir(posixpath.dirname(target), recursive=True)
+            fs.move(source, target)
+            return
+        retrying(fs, lambda: fs.copy_file(source, target))
+        retrying(fs, lambda: fs.delete_file(source))
+
     def ensure_writable(self) -> None:
         """Create the root and prove a file can be written there, or one line saying why not."""
         probe = self.path(f".wf-probe{TEMPORARY_MARK}{uuid.uuid4().hex}")
@@ -127,6 +172,19 @@ class Location:
             delete_file(self.filesystem, probe)
         except (OSError, pa.ArrowException) as error:
             raise StoreError(f"cannot write to {self.uri}: {_first_line(error)}") from None
+
+
+@dataclass(frozen=True)
+class TreeFile:
+    parts: tuple[str, ...]  # below the root
+    path: str  # as the filesystem names it
+    size: int
+    mtime_ns: int
+
+
+def is_uri(where: str) -> bool:
+    """Whether ``where`` names an object store or other filesystem by URI (``s3://...``)."""
+    return "://" in where
 
 
 def file_location(where: str) -> tuple[Location, str]:
@@ -205,6 +263,19 @@ def write_stream(
 def write_bytes(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically; on an object store, one retried PUT."""
     retrying(filesystem, lambda: write_stream(filesystem, path, lambda stream: stream.write(data)))
+
+
+def table_bytes(table: pa.Table, file_format: str) -> bytes:
+    """``table`` as the bytes of a ``parquet`` or ``csv`` file (quoting only where needed)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    if file_format == "parquet":
+        pq.write_table(table, sink)
+    else:
+        pacsv.write_csv(table, sink, pacsv.WriteOptions(quoting_style="needed"))
+    return sink.getvalue().to_pybytes()
 
 
 def delete_file(filesystem: pafs.FileSystem, path: str) -> None:

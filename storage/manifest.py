@@ -17,7 +17,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from storage.errors import StoreError
-from storage.filesystem import delete_folder, file_info, list_files, read_bytes, write_bytes
+from storage.filesystem import (
+    delete_file,
+    delete_folder,
+    file_info,
+    list_files,
+    list_folders,
+    read_bytes,
+    remove_temporaries,
+    write_bytes,
+)
 from storage.hashing import fingerprint
 from storage.layout import StoreLayout
 
@@ -238,3 +247,22 @@ def compact(layout: StoreLayout, manifest: Manifest) -> None:
     """Fold the run's commits into ``manifest.json`` and drop every commit record."""
     write_manifest(layout, manifest)
     delete_folder(layout.filesystem, layout.commits_dir(manifest.dataset, manifest.backbone))
+
+
+def remove_unreferenced(layout: StoreLayout, manifest: Manifest) -> int:
+    """Delete every part file the manifest does not name, commit records of other runs and
+    temporary files: what killed or superseded runs left. Only under the store's lease."""
+    named = {layout.absolute(record.file) for record in manifest.shards.values()}
+    removed = 0
+    for path in layout.part_files(manifest.dataset, manifest.backbone):
+        if path not in named:
+            delete_file(layout.filesystem, path)
+            removed += 1
+    commits = layout.commits_dir(manifest.dataset, manifest.backbone)
+    for run in list_folders(layout.filesystem, commits):
+        if run != manifest.run_id:
+            delete_folder(
+                layout.filesystem, layout.commits_dir(manifest.dataset, manifest.backbone, run)
+            )
+    folder = layout.backbone_dir(manifest.dataset, manifest.backbone)
+    return removed + remove_temporaries(layout.filesystem, folder)

@@ -1,6 +1,6 @@
 """The work of `wf audit` on stored embeddings: neighbours, duplicate groups, outlier scores and
 the neighbours' label votes. Plain functions on numpy arrays. (The out-of-fold probabilities the
-label check also reads come from the training engine: :mod:`workflows.cross_validate`.)
+label check also reads come from the training engine: :mod:`workflows.train.cross_validate`.)
 
 Embeddings are the stored ``bottleneck`` tap (pooled ImageNet features), L2-normalised, so a dot
 product is a cosine similarity and ``1 - cosine`` a distance.

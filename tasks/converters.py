@@ -2,7 +2,7 @@
 ``model.export(format="onnx")``, which uses tf2onnx) and TFLite (``tf.lite.TFLiteConverter``;
 ``tflite-int8`` fully quantised as :mod:`tasks.backbones.runtime` quantises backbones), each
 taking ``image`` (RGB pixels in [0, 255], preprocessing inside) and giving ``probabilities``;
-and each run in its own runtime. ``wf export`` gates them (:mod:`workflows.export`); ``wf
+and each run in its own runtime. ``wf export`` gates them (:mod:`workflows.serve.export`); ``wf
 serve`` runs the ONNX one (:func:`onnx_classifier`)."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ temperature that calibrates out-of-fold probabilities, the paired test between t
 and what a job's ``metrics.json`` records of it (:class:`CrossValidated`).
 
 The fits themselves are :mod:`tasks.training.small_fits`'; the workflow that reads the rows and
-runs them is :mod:`workflows.cross_validate`.
+runs them is :mod:`workflows.train.cross_validate`.
 """
 
 from __future__ import annotations

@@ -27,8 +27,6 @@ from ray import serve
 from tasks.classifier import Answer
 from tasks.images import ImageRejected, decode_image
 
-MAX_BODY_BYTES = 20 * 1024 * 1024
-
 
 @dataclass(frozen=True)
 class ModelFacts:

@@ -39,7 +39,7 @@ def ray_local():
 
 def make_dataset(root: Path, classes: tuple[str, ...] = ("circles", "squares"), per_class: int = 12,
                  size: int = 48, seed: int = 0) -> Path:  # fmt: skip
-    from workflows.demo import generate_shapes_dataset
+    from workflows.cli.demo import generate_shapes_dataset
 
     generate_shapes_dataset(str(root), per_class, size=size, seed=seed, classes=classes)
     return root

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 import yaml
 
-from workflows.cli import app
+from workflows.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

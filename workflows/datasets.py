@@ -19,7 +19,6 @@ plan (as ``make`` does), and the shard tasks read the bytes where they are.
 
 from __future__ import annotations
 
-import os
 import posixpath
 import re
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from storage.errors import DatasetError
-from storage.filesystem import Location, list_files, retrying, stat_signature, walk_local
+from storage.filesystem import Location, TreeFile, retrying
 from storage.hashing import fingerprint, stable_unit_interval
 from storage.names import escape_name
 from tasks.extract_shard import ImageItem
@@ -44,29 +43,18 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
-class Entry:
-    """A file under a dataset: its parts relative to the root (OS names), where the filesystem
-    finds it, and its size and modification time."""
-
-    parts: tuple[str, ...]
-    path: str
-    size: int
-    mtime_ns: int
-
-
-@dataclass(frozen=True)
 class Tree:
     """Everything under a folder, listed once: files and folders, hidden names left out."""
 
     location: Location
-    files: tuple[Entry, ...]
+    files: tuple[TreeFile, ...]
     folders: frozenset[tuple[str, ...]]
 
     def sub(self, name: str) -> Tree:
         location = self.location
         inside = Location(location.filesystem, location.path(name), f"{location.uri}/{name}")
         files = tuple(
-            Entry(e.parts[1:], e.path, e.size, e.mtime_ns)
+            TreeFile(e.parts[1:], e.path, e.size, e.mtime_ns)
             for e in self.files
             if e.parts[0] == name and len(e.parts) > 1
         )
@@ -76,39 +64,16 @@ class Tree:
     def children(self) -> list[str]:
         return sorted({f[0] for f in self.folders})
 
-    def loose_files(self) -> list[Entry]:
+    def loose_files(self) -> list[TreeFile]:
         return [e for e in self.files if len(e.parts) == 1]
 
 
 def list_tree(where: str) -> Tree:
     """The files and folders under ``where``, or :class:`DatasetError` when it is no folder."""
     location = Location.at(where)
-    fs = location.filesystem
-    files, folders = [], set()
-    if location.is_local:
-        if not os.path.isdir(location.root):
-            raise DatasetError(f"{where} is not a folder")
-        for current, names, _ in os.walk(location.root):
-            names[:] = [n for n in names if not is_ignored_file(n)]
-            base = os.path.relpath(current, location.root)
-            for name in names:
-                folders.add(tuple(os.path.normpath(os.path.join(base, name)).split(os.sep)))
-        for path, stat in walk_local(location.root, is_ignored_file):
-            size, mtime = stat_signature(stat)
-            files.append(
-                Entry(tuple(os.path.relpath(path, location.root).split(os.sep)), path, size, mtime)
-            )
-    else:
-        info = retrying(fs, lambda: fs.get_file_info(location.root))
-        if info.type != pafs.FileType.Directory:
-            raise DatasetError(f"{where} is not a folder")
-        for entry in list_files(fs, location.root):
-            parts = tuple(posixpath.relpath(entry.path, location.root).split("/"))
-            if any(is_ignored_file(p) for p in parts):
-                continue
-            size, mtime = stat_signature(entry)
-            files.append(Entry(parts, entry.path, size, mtime))
-            folders.update(parts[:i] for i in range(1, len(parts)))
+    if retrying(location.filesystem, location.kind) != "folder":
+        raise DatasetError(f"{where} is not a folder")
+    files, folders = location.tree(is_ignored_file)
     return Tree(location, tuple(files), frozenset(folders))
 
 
@@ -177,11 +142,11 @@ def expand_dataset_paths(paths: list[str]) -> list[tuple[str, Tree]]:
     return found
 
 
-def _by_class(tree: Tree, where: str, warnings: list[str]) -> dict[str, list[Entry]]:
+def _by_class(tree: Tree, where: str, warnings: list[str]) -> dict[str, list[TreeFile]]:
     loose = tree.loose_files()
     if loose:
         warnings.append(f"{where}: ignored {len(loose)} files outside class folders")
-    classes: dict[str, list[Entry]] = {name: [] for name in tree.children()}
+    classes: dict[str, list[TreeFile]] = {name: [] for name in tree.children()}
     for entry in tree.files:
         if len(entry.parts) > 1:
             classes[entry.parts[0]].append(entry)
@@ -203,7 +168,7 @@ def discover_dataset(
     pool = split_dirs.pop(UNLABELLED, None)
     if pool is not None:
         tree = _without(tree, pool)
-    per_split: dict[str, dict[str, list[tuple[str, Entry]]]] = {}
+    per_split: dict[str, dict[str, list[tuple[str, TreeFile]]]] = {}
     if split_dirs:
         if "train" not in split_dirs:
             raise DatasetError(f"{name}: has {', '.join(split_dirs)} folders but no train/ folder")

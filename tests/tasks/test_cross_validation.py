@@ -21,7 +21,7 @@ from tasks.evaluation import (
     expected_calibration_error,
     format_accuracy,
 )
-from workflows.cross_validate import AUTO_MAX_IMAGES, folds_for
+from workflows.train.cross_validate import AUTO_MAX_IMAGES, folds_for
 
 
 def _wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -187,8 +187,8 @@ def _scored(labels: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 
 def test_the_average_of_methods_that_err_apart_beats_the_best_beyond_noise():
-    from workflows.cross_validate import dataset_choice
-    from workflows.summary import _ensemble_text
+    from workflows.train.cross_validate import dataset_choice
+    from workflows.train.summary import _ensemble_text
 
     rng = np.random.default_rng(0)
     n = 600

@@ -18,8 +18,8 @@ from tasks.training.inputs import read_rows
 from tasks.training.weights import named_weights
 from tests.conftest import make_dataset
 from workflows.datasets import discover_dataset
-from workflows.extract_plan import plan_dataset
-from workflows.settings import DatasetSource, ExtractSettings
+from workflows.extract.plan import plan_dataset
+from workflows.extract.settings import DatasetSource, ExtractSettings
 
 
 def test_registry_and_dependency_order():
@@ -70,7 +70,7 @@ def store(tmp_path_factory, cache_dir):
 
 
 def context_for(store: str, method: str, runs) -> JobContext:
-    from workflows.train import store_facts
+    from workflows.train.run import store_facts
 
     layout = StoreLayout.at(store)
     stores = [

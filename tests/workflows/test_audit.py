@@ -17,15 +17,16 @@ from PIL import Image
 
 from storage.feature_store import FeatureStore
 from tests.corpus import scene, write_scenes
-from workflows.audit import AuditSettings, audit_context, run_audit
-from workflows.cross_validate import (
+from workflows.audit.run import audit_context, run_audit
+from workflows.audit.settings import AuditSettings
+from workflows.extract.run import run_extract
+from workflows.extract.settings import DatasetSource, ExtractSettings
+from workflows.train.cross_validate import (
     _keep_out_of_fold,
     cached_out_of_fold,
     cross_validate_dataset,
     shared_out_of_fold,
 )
-from workflows.extract import run_extract
-from workflows.settings import DatasetSource, ExtractSettings
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -92,7 +92,7 @@ ERRORS = [
     (["train-all", "--store", "{root}/s", "--cv", "1"], 2, "--cv takes 0 (off) or at least 2"),
     (["train-all", "--store", "{root}/s", "--abstain-rate", "1.5"], 2, "--abstain-rate must be"),
     (["train-all", "--store", "{root}/s", "--ensemble", "sometimes"], 2, "--ensemble takes off"),
-    (["suggest", "--store", "{root}/s", "--budget", "0"], 2, "Invalid value for '--budget'"),
+    (["suggest", "--store", "{root}/s", "--budget", "0"], 2, "--budget must be at least 1"),
     (["suggest", "--store", "{root}/s", "--method", "finetune"], 2, "use bottleneck or prototype"),
     (["suggest", "--store", "{root}/nostore"], 2, "no efficientnet_lite0 feature store"),
     (["label", "{root}/d", "{root}/no.csv"], 2, "no.csv: cannot read it"),
@@ -110,12 +110,12 @@ ERRORS = [
 ]
 
 
-# Runs each case's argv through ``workflows.main.main`` in a fork of one process that has
+# Runs each case's argv through ``workflows.cli.main.main`` in a fork of one process that has
 # imported wf once: each case is still a process of its own (its exit code, its stdout and
 # stderr file descriptors, native stderr filtered), without a Python start-up per case.
 _FORKED = r"""
 import json, os, sys
-import workflows.cli, workflows.main
+import workflows.cli.main
 import keras, pyarrow.parquet, ray, tensorflow  # what most commands import; no thread runs yet
 cases, folder = json.loads(sys.stdin.read())
 codes = []
@@ -127,7 +127,7 @@ for index, argv in enumerate(cases):
         sys.argv = ["python -m workflows.cli", *argv]
         code = 0
         try:
-            workflows.main.main()
+            workflows.cli.main.main()
         except SystemExit as done:
             code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         sys.stdout.flush(); sys.stderr.flush()

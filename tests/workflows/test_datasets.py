@@ -2,9 +2,9 @@ import pytest
 
 from storage.errors import DatasetError, SettingsError
 from tests.conftest import make_dataset
-from workflows.config import load_config
 from workflows.datasets import discover_dataset, expand_dataset_paths
-from workflows.settings import ExtractSettings
+from workflows.extract.config import load_config
+from workflows.extract.settings import ExtractSettings
 
 
 def test_split_folders_and_class_indices(tmp_path):

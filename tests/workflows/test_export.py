@@ -11,7 +11,7 @@ import pytest
 
 from storage.errors import SettingsError
 from tests.conftest import make_colour_dataset
-from workflows.export import ExportRefused, export_model
+from workflows.serve.export import ExportRefused, export_model
 
 # Loads an exported file with only its runtime, numpy and Pillow, and prints its outputs.
 PLAIN = r"""

@@ -19,9 +19,9 @@ from storage.verify import VerifyReport, verify_store
 from tasks.extract_shard import ImageItem
 from tests.conftest import make_dataset
 from tests.corpus import fuzzed_images, write_bad_input_corpus
-from workflows.extract import run_extract
-from workflows.extract_plan import plan_shards
-from workflows.settings import DatasetSource, ExtractSettings
+from workflows.extract.plan import plan_shards
+from workflows.extract.run import run_extract
+from workflows.extract.settings import DatasetSource, ExtractSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,12 +15,14 @@ import pytest
 from storage.feature_store import FeatureStore
 from tasks.methods import Recipe
 from tests.conftest import make_colour_dataset, make_dataset
-from workflows.extract import run_extract
-from workflows.label import LOG, label_images
-from workflows.listing import list_stores
-from workflows.settings import DatasetSource, ExtractSettings, TrainSettings, default_recipes
-from workflows.suggest import SuggestSettings, run_suggest
-from workflows.train import run_train_all
+from workflows.cli.listing import list_stores
+from workflows.extract.run import run_extract
+from workflows.extract.settings import DatasetSource, ExtractSettings
+from workflows.label.apply import LOG, label_images
+from workflows.label.settings import SuggestSettings
+from workflows.label.suggest import run_suggest
+from workflows.train.run import run_train_all
+from workflows.train.settings import TrainSettings, default_recipes
 
 CLASSES = ("circles", "squares")
 

@@ -20,9 +20,10 @@ from storage.runs import Artifact, RunsLayout
 from tasks.images import load_image
 from tests.conftest import make_colour_dataset
 from tests.onnx_models import conv_model, token_model
-from workflows.extract import run_extract
-from workflows.settings import DatasetSource, ExtractSettings, TrainSettings, default_recipes
-from workflows.train import run_train_all
+from workflows.extract.run import run_extract
+from workflows.extract.settings import DatasetSource, ExtractSettings
+from workflows.train.run import run_train_all
+from workflows.train.settings import TrainSettings, default_recipes
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +100,7 @@ def test_bottleneck_and_prototype_save_one_onnx_model_that_predict_and_plain_onn
         results["finetune"].error
     )
     from tasks.classifier import load_classifier
-    from workflows.predict import classify, evaluate_folder, image_files
+    from workflows.serve.predict import classify, evaluate_folder, image_files
 
     fusion = (
         RunsLayout(str(runs)).job("pairs", "fusion").metrics()
@@ -126,8 +127,10 @@ def test_bottleneck_and_prototype_save_one_onnx_model_that_predict_and_plain_onn
     assert [a.label for a in answers] == [p.parent.name for p in photos]
     assert metrics["input_size"] == [32, 32] and metrics["cv"]["folds"] == 2
     # wf audit and wf suggest read the store by its name, as for a built-in backbone.
-    from workflows.audit import AuditSettings, run_audit
-    from workflows.suggest import SuggestSettings, run_suggest
+    from workflows.audit.run import run_audit
+    from workflows.audit.settings import AuditSettings
+    from workflows.label.settings import SuggestSettings
+    from workflows.label.suggest import run_suggest
 
     audited = run_audit(AuditSettings(store=settings.store, output=str(root / "audit"),
                                       backbone="tinyconv", folds=2))  # fmt: skip

@@ -22,9 +22,10 @@ from tasks.images import decode_image
 from tests.conftest import make_dataset
 from tests.corpus import write_out_of_distribution
 from tests.s3 import free_port
-from workflows.extract import run_extract
-from workflows.settings import DatasetSource, ExtractSettings, TrainSettings, recipes_from_options
-from workflows.train import run_train_all
+from workflows.extract.run import run_extract
+from workflows.extract.settings import DatasetSource, ExtractSettings
+from workflows.train.run import run_train_all
+from workflows.train.settings import TrainSettings, recipes_from_options
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -267,7 +268,7 @@ def test_it_declines_images_unlike_any_it_learned_and_answers_its_own(server, ru
     for name in ("model.keras", "classes.json", "metrics.json"):
         (bare / name).write_bytes((model.parent / name).read_bytes())
     from storage.errors import SettingsError
-    from workflows.predict import Thresholds, predict_paths
+    from workflows.serve.predict import Thresholds, predict_paths
 
     with pytest.raises(SettingsError, match=r"--max-distance needs the run's embeddings\.npy"):
         predict_paths(str(bare / "model.keras"), [str(strange[0])], Thresholds(max_distance=0.5))

@@ -4,7 +4,7 @@ import numpy as np
 
 from tasks.audit import normalise
 from tasks.training.small_fits import FitProblem, out_of_fold_probabilities
-from workflows.suggest import choose_batch, margin_scores
+from workflows.label.suggest import choose_batch, margin_scores
 
 
 def _clusters(rng, centres, per, noise=0.05):

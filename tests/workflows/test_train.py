@@ -24,9 +24,10 @@ from tasks.images import decode_image
 from tasks.methods import METHODS, Recipe, TrainOptions
 from tasks.training.weights import set_named_weights
 from tests.conftest import make_colour_dataset, make_dataset
-from workflows.extract import run_extract
-from workflows.settings import DatasetSource, ExtractSettings, TrainSettings, default_recipes
-from workflows.train import plan_jobs, run_train_all
+from workflows.extract.run import run_extract
+from workflows.extract.settings import DatasetSource, ExtractSettings
+from workflows.train.run import plan_jobs, run_train_all
+from workflows.train.settings import TrainSettings, default_recipes
 
 pytestmark = pytest.mark.slow
 SHAPES = ("circles", "squares", "triangles")
@@ -237,7 +238,7 @@ def test_train_all_cross_validates_calibrates_and_reports_intervals(trained):
 
     from storage.runs import Artifact
     from tasks.cross_validation import MIN_TEMPERATURE
-    from workflows.cross_validate import image_folds
+    from workflows.train.cross_validate import image_folds
 
     root, settings, results = trained
     for dataset, images in (("shapes", 90), ("pairs", 48)):  # train + validation, by default
@@ -543,7 +544,7 @@ def test_fusion_trains_on_every_backbone_and_predicts_from_images(extracted, tmp
     files = _files(settings.runs, "pairs", "fusion")
     metrics = files.read_json("metrics.json")
     assert set(metrics["manifest_ids"]) == {"efficientnet_lite0", "efficientnet_lite1"}
-    from workflows.predict import evaluate_folder  # what `wf evaluate` runs
+    from workflows.serve.predict import evaluate_folder  # what `wf evaluate` runs
 
     evaluated = evaluate_folder(files.model, str(root / "data" / "pairs"))
     assert evaluated["accuracy"] >= 0.9  # one image in, both backbones inside
@@ -577,7 +578,7 @@ def test_fusion_trains_on_every_backbone_and_predicts_from_images(extracted, tmp
     np.testing.assert_allclose(model.predict_on_batch(pixels), np.mean(outputs, axis=0),
                                atol=1e-5)  # fmt: skip
     from tasks.classifier import load_classifier
-    from workflows.predict import classify, image_files
+    from workflows.serve.predict import classify, image_files
 
     loaded = load_classifier(folder.model)  # as wf predict, evaluate and serve load it
     assert loaded.abstention is not None and loaded.abstention.max_distance is None
@@ -594,7 +595,7 @@ def test_fusion_trains_on_every_backbone_and_predicts_from_images(extracted, tmp
 
 def test_wf_export_writes_the_trained_model_as_onnx_that_runs_without_wf(trained, tmp_path):
     from tests.workflows.test_export import plain_run
-    from workflows.export import export_model
+    from workflows.serve.export import export_model
 
     root, settings, _ = trained
     model = _files(settings.runs, "pairs", "bottleneck").model

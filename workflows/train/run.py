@@ -27,9 +27,9 @@ from tasks.methods import JobContext, Method, StoreFacts, get_method, in_depende
 from tasks.training.engine import TrainingPool
 from tasks.training.job import JobBoard, JobResult, run_job_task
 from workflows.cluster import on_this_node, ray_cluster
-from workflows.cross_validate import cross_validate_dataset
-from workflows.settings import TrainSettings
-from workflows.summary import write_summary
+from workflows.train.cross_validate import cross_validate_dataset
+from workflows.train.settings import TrainSettings
+from workflows.train.summary import write_summary
 
 
 @dataclass(frozen=True)

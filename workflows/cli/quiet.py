@@ -30,8 +30,15 @@ def is_noise(line: str) -> bool:
     return bool(NOISE.match(line))
 
 
+_installed = False
+
+
 def filter_native_stderr() -> None:
-    """Route fd 2 through the noise filter for the rest of this process."""
+    """Route fd 2 through the noise filter for the rest of this process (once)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
     real = os.dup(2)
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)

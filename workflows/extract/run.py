@@ -18,15 +18,22 @@ from storage.errors import DatasetError, RunFailed
 from storage.layout import StoreLayout
 from storage.lease import Lease
 from storage.logs import write_run_log
-from storage.manifest import ShardRecord, commit_shard, compact, now_iso, shard_key
+from storage.manifest import (
+    ShardRecord,
+    commit_shard,
+    compact,
+    now_iso,
+    remove_unreferenced,
+    shard_key,
+)
 from storage.rejects import write_rejects
 from tasks.backbones import get_backbone
 from tasks.extract_shard import ProgressCounter, ShardResult, extract_shard_task
-from workflows.calibration import backbone_preparer
 from workflows.cluster import on_this_node, ray_cluster
 from workflows.datasets import UNLABELLED, DatasetSpec, discover_dataset, expand_dataset_paths
-from workflows.extract_plan import DatasetPlan, plan_dataset, remove_unreferenced
-from workflows.settings import ExtractSettings
+from workflows.extract.calibration import backbone_preparer
+from workflows.extract.plan import DatasetPlan, plan_dataset
+from workflows.extract.settings import ExtractSettings
 
 
 @dataclass(frozen=True)

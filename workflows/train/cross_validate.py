@@ -48,7 +48,7 @@ from tasks.evaluation import accuracy_interval
 from tasks.methods import JobContext, get_method
 from tasks.training.inputs import read_rows
 from tasks.training.small_fits import FitProblem, out_of_sample_probabilities
-from workflows.audit import Images, duplicate_groups, load_images
+from workflows.audit.run import Images, duplicate_groups, load_images
 
 DEFAULT_FOLDS = 5
 # --cv's default ("auto"): 5 folds for a dataset of at most this many labelled images. There one

@@ -2,7 +2,7 @@
 
 Errors a user can act on are one line and an exit code (2: bad input or settings; 1: a run that
 failed); ``--debug`` adds the traceback. Options and their help live in
-:mod:`workflows.options`, rendering in :mod:`workflows.console`.
+:mod:`workflows.cli.options`, rendering in :mod:`workflows.cli.console`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from typing import Annotated, Any
 import typer
 
 from workflows import __version__
-from workflows import options as o
-from workflows.console import err, out, say
-from workflows.settings import ClusterSettings, ExtractSettings, TrainSettings
+from workflows.cli import options as o
+from workflows.cli.console import err, out, say
+from workflows.extract.settings import ExtractSettings
+from workflows.settings import ClusterSettings
+from workflows.train.settings import TrainSettings
 
 app = typer.Typer(
     name="wf",
@@ -43,6 +45,16 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
 ) -> None:  # fmt: skip
     """wf: sharded bottleneck extraction into Parquet feature stores, and training on Ray."""
+    state.debug = debug
+
+
+class _State:
+    """What the root options decide for the whole run, read by :mod:`workflows.cli.main`."""
+
+    debug = False
+
+
+state = _State()
 
 
 def _given(**options: Any) -> dict[str, Any]:
@@ -70,10 +82,10 @@ def extract(
 
     Example: wf extract data/cats_vs_dogs --shards 8 --augment 2 --store store
     """
-    from workflows.config import load_config
-    from workflows.console import extract_progress, show_extract
-    from workflows.extract import check_reports, run_extract
-    from workflows.settings import DatasetSource
+    from workflows.cli.console import extract_progress, show_extract
+    from workflows.extract.config import load_config
+    from workflows.extract.run import check_reports, run_extract
+    from workflows.extract.settings import DatasetSource
 
     values: dict[str, Any] = load_config(config) if config else {}
     if data_roots:
@@ -113,9 +125,9 @@ def train_all(
     Example: wf train-all --store store --runs runs --methods bottleneck,finetune --epochs 20
     """
     from tasks.methods import TrainOptions
-    from workflows.console import show_train, train_progress
-    from workflows.settings import parse_assignments, recipes_from_options
-    from workflows.train import check_results, run_train_all
+    from workflows.cli.console import show_train, train_progress
+    from workflows.train.run import check_results, run_train_all
+    from workflows.train.settings import parse_assignments, recipes_from_options
 
     options = replace(TrainOptions(), **_given(
         workers=workers, threads=threads, use_gpu=gpu, early_stopping_patience=early_stopping,
@@ -138,13 +150,13 @@ def train_all(
 def predict(
     model: o.Model, paths: o.Paths, output: o.Output = None, output_format: o.Format = None,
     min_confidence: o.MinConfidence = None, max_distance: o.MaxDistance = None,
-    abstain: o.Abstain = True,
+    abstain: o.Abstain = True, verbose: o.Verbose = False,
 ) -> None:  # fmt: skip
     """Classify image files or folders with a trained model; bad files are reported, not fatal.
 
     Example: wf predict runs/cats_vs_dogs/finetune/model.keras photos/ --output predictions.csv
     """
-    from workflows.predict import Thresholds, predict_paths, write_predictions
+    from workflows.serve.predict import Thresholds, predict_paths, write_predictions
 
     predictions = predict_paths(model, paths, Thresholds(min_confidence, max_distance, abstain))
     text = write_predictions(predictions, output, output_format)
@@ -159,7 +171,7 @@ def predict(
 def evaluate(
     model: o.Model, folder: o.Folder, output: o.Output = None, json_output: o.Json = False,
     min_confidence: o.MinConfidence = None, max_distance: o.MaxDistance = None,
-    abstain: o.Abstain = True,
+    abstain: o.Abstain = True, verbose: o.Verbose = False,
 ) -> None:  # fmt: skip
     """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix on a labelled folder.
 
@@ -167,8 +179,8 @@ def evaluate(
     """
     import json
 
-    from workflows.console import show_evaluation
-    from workflows.predict import Thresholds, evaluate_folder, write_output
+    from workflows.cli.console import show_evaluation
+    from workflows.serve.predict import Thresholds, evaluate_folder, write_output
 
     metrics = evaluate_folder(model, folder, Thresholds(min_confidence, max_distance, abstain))
     if output:
@@ -187,14 +199,14 @@ def export(
     calibration: Annotated[str | None, typer.Option(help=(
         "tflite-int8: images to calibrate on (default: the dataset's train/)"
     ))] = None,
-    json_output: o.Json = False,
+    json_output: o.Json = False, verbose: o.Verbose = False,
 ) -> None:  # fmt: skip
     """Write a trained model as ONNX or TFLite, only if it gives the Keras model's answers.
 
     Example: wf export runs/d/bottleneck/model.keras --format onnx --output d.onnx
     """
-    from workflows.console import show_export
-    from workflows.export import ExportRefused, export_model
+    from workflows.cli.console import show_export
+    from workflows.serve.export import ExportRefused, export_model
 
     try:
         report = export_model(model, export_format, output, check, calibration)
@@ -215,7 +227,7 @@ def verify(
     Example: wf verify store --runs runs
     """
     from storage.verify import verify
-    from workflows.console import show_verify
+    from workflows.cli.console import show_verify
 
     report = verify(store, runs)
     show_verify(report)
@@ -225,79 +237,74 @@ def verify(
 
 @app.command()
 def serve(
-    runs: o.Runs = None, host: o.Host = "127.0.0.1", port: o.Port = 8000,
-    datasets: o.Datasets = None, methods: o.ServeMethods = None, replicas: o.Replicas = 1,
-    max_replicas: o.MaxReplicas = None,
-    max_batch_size: o.MaxBatchSize = 16, batch_wait_ms: o.BatchWaitMs = 10.0,
-    max_queued: o.MaxQueued = 64, max_body_mb: o.MaxBodyMb = 20.0,
-    runtime: Annotated[str, typer.Option(help=(
-        "onnx: run each model.keras exported to ONNX in onnxruntime (about 2.5x Keras; checked "
-        "at load, Keras kept where it differs), or keras"))] = "onnx",
+    runs: o.ServeRuns = None, host: o.Host = None, port: o.Port = None,
+    datasets: o.ServeDatasets = None, methods: o.ServeMethods = None, replicas: o.Replicas = None,
+    max_replicas: o.MaxReplicas = None, max_batch_size: o.MaxBatchSize = None,
+    batch_wait_ms: o.BatchWaitMs = None, max_queued: o.MaxQueued = None,
+    max_body_mb: o.MaxBodyMb = None, runtime: o.ServeRuntime = None,
     verbose: o.Verbose = False, address: o.Address = None, num_cpus: o.NumCpus = None,
 ) -> None:  # fmt: skip
     """Serve every trained model of a runs folder over HTTP (Ray Serve), until stopped.
 
     Example: wf serve --runs runs --port 8000
     """
-    from workflows.console import show_serving
-    from workflows.serve import ServeSettings, serve_forever
+    from workflows.cli.console import show_serving
+    from workflows.serve.run import serve_forever
+    from workflows.serve.settings import ServeSettings
 
-    settings = ServeSettings(
-        runs=runs or "runs", host=host, port=port, datasets=_csv(datasets), methods=_csv(methods),
+    settings = ServeSettings(**_given(
+        runs=runs, host=host, port=port, datasets=_csv(datasets), methods=_csv(methods),
         replicas=replicas, max_replicas=max_replicas, max_batch_size=max_batch_size,
-        batch_wait_ms=batch_wait_ms, max_queued_requests=max_queued,
-        max_body_bytes=int(max_body_mb * 1024 * 1024), runtime=runtime,
-        cluster=ClusterSettings(address, num_cpus, verbose),
-    )  # fmt: skip
+        batch_wait_ms=batch_wait_ms, max_queued_requests=max_queued, max_body_mb=max_body_mb,
+        runtime=runtime), cluster=ClusterSettings(address, num_cpus, verbose))  # fmt: skip
     serve_forever(settings, show_serving)
 
 
 @app.command()
 def audit(
-    store: o.TrainStore = None, output: o.AuditOutput = "audit", datasets: o.Datasets = None,
-    backbone: o.AuditBackbone = "efficientnet_lite0", similarity: o.Similarity = 0.85,
-    relative: o.Relative = 0.35, exact_only: o.ExactOnly = False, neighbours: o.Neighbours = 10,
-    folds: o.Folds = 5, outlier_score: o.OutlierScore = 1.6, fail_on: o.FailOn = None,
-    resplit: o.Resplit = False, json_output: o.Json = False, verbose: o.Verbose = False,
+    store: o.AuditStore = None, output: o.AuditOutput = None, datasets: o.AuditDatasets = None,
+    backbone: o.AuditBackbone = None, similarity: o.Similarity = None,
+    relative: o.Relative = None, exact_only: o.ExactOnly = None, neighbours: o.Neighbours = None,
+    folds: o.Folds = None, outlier_score: o.OutlierScore = None, fail_on: o.FailOn = None,
+    resplit: o.Resplit = None, json_output: o.Json = False, verbose: o.Verbose = False,
     address: o.Address = None, num_cpus: o.NumCpus = None,
 ) -> None:  # fmt: skip
     """Find duplicates, leaks across splits, outliers and label errors from a feature store.
 
     Example: wf audit --store store --output audit --fail-on leakage,conflicting_labels
     """
-    from workflows.audit import AuditSettings, check_fail_on, run_audit
-    from workflows.console import show_audit
+    from workflows.audit.run import check_fail_on, run_audit
+    from workflows.audit.settings import AuditSettings
+    from workflows.cli.console import show_audit
 
-    settings = AuditSettings(
-        store=store or "store", output=output, datasets=_csv(datasets), backbone=backbone,
-        neighbours=neighbours, similarity=similarity or None, relative=relative or None,
-        exact_only=exact_only, outlier_score=outlier_score, folds=folds,
-        fail_on=_csv(fail_on) or (), resplit=resplit,
-        cluster=ClusterSettings(address, num_cpus, verbose),
-    )  # fmt: skip
+    settings = AuditSettings(**_given(
+        store=store, output=output, datasets=_csv(datasets), backbone=backbone,
+        neighbours=neighbours, similarity=similarity, relative=relative, exact_only=exact_only,
+        outlier_score=outlier_score, folds=folds, fail_on=_csv(fail_on), resplit=resplit,
+    ), cluster=ClusterSettings(address, num_cpus, verbose))  # fmt: skip
     summaries = run_audit(settings)
-    show_audit(output, summaries, json_output)
+    show_audit(settings.output, summaries, json_output)
     check_fail_on(settings, summaries)
 
 
 @app.command()
 def suggest(
-    store: o.TrainStore = None, runs: o.Runs = None, datasets: o.Datasets = None,
-    budget: o.Budget = 100, output: o.SuggestOutput = "suggestions",
-    method: o.SuggestMethod = "bottleneck", backbone: o.AuditBackbone = "efficientnet_lite0",
-    json_output: o.Json = False,
+    store: o.SuggestStore = None, runs: o.SuggestRuns = None, datasets: o.SuggestDatasets = None,
+    budget: o.Budget = None, output: o.SuggestOutput = None, method: o.SuggestMethod = None,
+    backbone: o.SuggestBackbone = None, json_output: o.Json = False, verbose: o.Verbose = False,
 ) -> None:  # fmt: skip
     """Rank each dataset's unlabelled images for labelling: uncertain, spread out, balanced.
 
     Example: wf suggest --store store --runs runs --budget 100 --output suggestions
     """
-    from workflows.console import show_suggest
-    from workflows.suggest import SuggestSettings, run_suggest
+    from workflows.cli.console import show_suggest
+    from workflows.label.settings import SuggestSettings
+    from workflows.label.suggest import run_suggest
 
-    settings = SuggestSettings(store=store or "store", runs=runs or "runs", output=output,
-                               datasets=_csv(datasets) or (), budget=budget, method=method,
-                               backbone=backbone)  # fmt: skip
-    show_suggest(output, run_suggest(settings), json_output)
+    settings = SuggestSettings(**_given(
+        store=store, runs=runs, output=output, datasets=_csv(datasets), budget=budget,
+        method=method, backbone=backbone))  # fmt: skip
+    show_suggest(settings.output, run_suggest(settings), json_output)
 
 
 @app.command()
@@ -310,8 +317,8 @@ def label(
     Example: wf label data/cats_vs_dogs labels.csv
     """
     from storage.errors import RunFailed
-    from workflows.console import show_label
-    from workflows.label import label_images
+    from workflows.cli.console import show_label
+    from workflows.label.apply import label_images
 
     report = label_images(dataset, labels_csv, split)
     show_label(dataset, report, json_output)
@@ -328,8 +335,8 @@ def stores(
 
     Example: wf stores store
     """
-    from workflows.console import show_listing
-    from workflows.listing import list_stores
+    from workflows.cli.console import show_listing
+    from workflows.cli.listing import list_stores
 
     show_listing(f"wf stores: {store}", list_stores(store), json_output)
 
@@ -343,8 +350,8 @@ def runs(
 
     Example: wf runs runs
     """
-    from workflows.console import show_listing
-    from workflows.listing import list_runs, shown_runs
+    from workflows.cli.console import show_listing
+    from workflows.cli.listing import list_runs, shown_runs
 
     entries = list_runs(folder)
     show_listing(f"wf runs: {folder}", entries if json_output else shown_runs(entries), json_output)
@@ -356,7 +363,7 @@ def backbones() -> None:
 
     Example: wf backbones
     """
-    from workflows.console import show_registries
+    from workflows.cli.console import show_registries
 
     show_registries(backbones=True)
 
@@ -367,20 +374,15 @@ def methods() -> None:
 
     Example: wf methods
     """
-    from workflows.console import show_registries
+    from workflows.cli.console import show_registries
 
     show_registries(backbones=False)
 
 
 @app.command()
 def demo(
-    folder: Annotated[str, typer.Option("--dir", help="Where its data, store and runs go.")] = (
-        "wf-demo"
-    ),
-    images_per_class: Annotated[int, typer.Option(help="Generated images per class.")] = 40,
-    shards: Annotated[int, typer.Option(help="Shards per split.")] = 4,
-    weights: Annotated[str, typer.Option(help="imagenet or none.")] = "imagenet",
-    epochs: Annotated[int, typer.Option(help="Epochs of every method.")] = 8,
+    folder: o.DemoDir = None, images_per_class: o.ImagesPerClass = None,
+    shards: o.DemoShards = None, weights: o.DemoWeights = None, epochs: o.DemoEpochs = None,
     cache_dir: o.CacheDir = None, verbose: o.Verbose = False, address: o.Address = None,
     num_cpus: o.NumCpus = None,
 ) -> None:  # fmt: skip
@@ -389,22 +391,18 @@ def demo(
 
     Example: wf demo --dir wf-demo
     """
-    from workflows.console import show_extract, show_next_steps, show_train
-    from workflows.demo import DemoSettings, run_demo_with_progress
-    from workflows.extract import check_reports
-    from workflows.train import check_results
+    from workflows.cli.console import show_extract, show_next_steps, show_train
+    from workflows.cli.demo import DemoSettings, run_demo_with_progress
+    from workflows.extract.run import check_reports
+    from workflows.train.run import check_results
 
-    cluster = ClusterSettings(address, num_cpus, verbose)
-    settings = DemoSettings(folder, images_per_class, shards, weights, epochs, cache_dir, cluster)
+    settings = DemoSettings(**_given(
+        folder=folder, images_per_class=images_per_class, shards=shards, weights=weights,
+        epochs=epochs, cache_dir=cache_dir,
+    ), cluster=ClusterSettings(address, num_cpus, verbose))  # fmt: skip
     result = run_demo_with_progress(settings)
     show_extract(f"wf demo: {result.data}", result.reports, False)
     check_reports(result.reports)
     show_train(result.runs, result.results, False)
     check_results(result.results)
     show_next_steps(result.runs)
-
-
-if __name__ == "__main__":
-    from workflows.main import main
-
-    main()

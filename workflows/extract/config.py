@@ -9,8 +9,9 @@ from dataclasses import fields
 from typing import Any
 
 from storage.errors import SettingsError
+from storage.filesystem import is_uri
 from tasks.augment import AugmentPolicy
-from workflows.settings import DatasetSource, ExtractSettings
+from workflows.extract.settings import DatasetSource, ExtractSettings
 
 _TOP_LEVEL_KEYS = {f.name for f in fields(ExtractSettings)} - {"datasets", "policy", "cluster"}
 
@@ -40,7 +41,7 @@ def load_config(path: str) -> dict[str, Any]:
                 "and may have 'name' and 'validation_fraction'"
             )
         where = entry["path"]
-        if "://" not in where:
+        if not is_uri(where):
             where = os.path.join(base, os.path.expanduser(where))
         datasets.append(DatasetSource(where, entry.get("name"), entry.get("validation_fraction")))
     settings["datasets"] = tuple(datasets)

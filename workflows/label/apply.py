@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 import pyarrow.fs as pafs
 
 from storage.errors import DatasetError
-from storage.filesystem import Location, file_info, read_bytes, retrying, write_bytes
+from storage.filesystem import Location, file_info, read_bytes, write_bytes
 from storage.names import unescape_name
 from workflows.datasets import SPLIT_ALIASES, UNLABELLED_FOLDERS, list_tree
 
@@ -104,7 +104,7 @@ def label_images(dataset: str, labels_csv: str, split: str = "train") -> LabelRe
         if file_info(fs, target_path) is not None:
             report.problems.append(f"line {number}: {target} exists; not overwritten")
             continue
-        _move(fs, location.is_local, source_path, target_path)
+        location.move(source_path, target_path)
         entry = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "by": who,
                  "from": relative, "to": target, "label": label, "csv": labels_csv}  # fmt: skip
         entries.append(entry)
@@ -112,15 +112,6 @@ def label_images(dataset: str, labels_csv: str, split: str = "train") -> LabelRe
     if entries:
         _append_log(fs, location.path(LOG), entries)
     return report
-
-
-def _move(fs: pafs.FileSystem, local: bool, source: str, target: str) -> None:
-    if local:
-        fs.create_dir(posixpath.dirname(target), recursive=True)
-        fs.move(source, target)  # a rename
-        return
-    retrying(fs, lambda: fs.copy_file(source, target))
-    retrying(fs, lambda: fs.delete_file(source))
 
 
 def _append_log(fs: pafs.FileSystem, path: str, entries: list[dict[str, str]]) -> None:

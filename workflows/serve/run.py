@@ -9,48 +9,11 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from storage.errors import SettingsError, StoreError
+from storage.errors import StoreError
 from storage.runs import RunsLayout
-from tasks.images import DEFAULT_MAX_PIXELS
-from tasks.serving import MAX_BODY_BYTES, ModelFacts
-from workflows.settings import ClusterSettings
-
-SERVE_RUNTIMES = ("onnx", "keras")
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    runs: str = "runs"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    datasets: tuple[str, ...] | None = None
-    methods: tuple[str, ...] | None = None
-    replicas: int = 1
-    max_replicas: int | None = None  # above replicas: autoscale between the two
-    max_batch_size: int = 16
-    batch_wait_ms: float = 10.0
-    max_ongoing_requests: int = 32  # per replica
-    max_queued_requests: int = 64  # per model; past it, HTTP 503 at once
-    max_body_bytes: int = MAX_BODY_BYTES
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    runtime: str = "onnx"  # or "keras": how replicas run a model.keras (model.onnx: onnxruntime)
-    cluster: ClusterSettings = field(default_factory=ClusterSettings)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise SettingsError(f"--port must be 1-65535, got {self.port}")
-        if self.replicas < 1 or (
-            self.max_replicas is not None and self.max_replicas < self.replicas
-        ):
-            raise SettingsError("--replicas must be >= 1 and --max-replicas >= --replicas")
-        if self.runtime not in SERVE_RUNTIMES:
-            raise SettingsError(f"--runtime must be onnx or keras, got {self.runtime}")
-        if self.max_batch_size < 1 or self.batch_wait_ms < 0 or self.max_body_bytes < 1:
-            raise SettingsError(
-                "--max-batch-size, --batch-wait-ms and --max-body-mb must be positive"
-            )
+from tasks.serving import ModelFacts
+from workflows.serve.settings import ServeSettings
 
 
 def find_models(settings: ServeSettings) -> list[ModelFacts]:

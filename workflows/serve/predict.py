@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from storage.errors import SettingsError
-from storage.filesystem import Location, file_info, file_location, write_bytes
+from storage.filesystem import Location, file_location, write_bytes
 from storage.names import escape_name
 from tasks.abstention import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION
 from tasks.classifier import Classifier, load_classifier
@@ -40,13 +40,11 @@ def image_files(paths: list[str]) -> list[tuple[str, Location, str]]:
     files = []
     for path in paths:
         location = Location.at(path)
-        info = file_info(location.filesystem, location.root) if not location.is_local else None
-        if (location.is_local and os.path.isdir(location.root)) or (
-            info and info.type.name == "Directory"
-        ):
+        kind = location.kind()
+        if kind == "folder":
             tree = list_tree(path)
             files.extend((escape_name(e.path), tree.location, e.path) for e in tree.files)
-        elif os.path.lexists(location.root) if location.is_local else info is not None:
+        elif kind == "file":
             files.append((escape_name(path), location, location.root))
         else:
             raise SettingsError(f"{path} does not exist")

@@ -11,22 +11,19 @@ per flagged image: ``issue``, ``path``, ``split``, ``label``, ``score``, ``group
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from storage.errors import RunFailed, SettingsError, StoreError
 from storage.feature_store import FeatureStore, tap_column, tap_to_numpy
-from storage.filesystem import Location, write_bytes
+from storage.filesystem import Location, table_bytes, write_bytes
 from storage.layout import StoreLayout
 from tasks.audit import (
     Neighbours,
@@ -38,38 +35,7 @@ from tasks.audit import (
     outlier_scores,
     relative_scale,
 )
-from workflows.settings import ClusterSettings
-
-ISSUES = ("exact_duplicate", "near_duplicate", "leakage", "outlier", "label_issue",
-          "conflicting_labels")  # fmt: skip
-COLUMNS = ("issue", "path", "split", "label", "score", "group", "suggested_label", "keep")
-
-
-@dataclass(frozen=True)
-class AuditSettings:
-    store: str = "store"
-    output: str = "audit"
-    datasets: tuple[str, ...] | None = None
-    backbone: str = "efficientnet_lite0"
-    neighbours: int = 10
-    similarity: float | None = 0.85  # cosine at least this, and ...
-    relative: float | None = 0.35  # ... distance at most this x the typical (10th-neighbour) one
-    exact_only: bool = False
-    outlier_score: float = 1.6  # times the median distance to neighbours and class centre
-    folds: int = 5
-    fail_on: tuple[str, ...] = ()
-    resplit: bool = False
-    seed: int = 0
-    cluster: ClusterSettings = field(default_factory=ClusterSettings)
-
-    def __post_init__(self) -> None:
-        unknown = set(self.fail_on) - set(ISSUES)
-        if unknown:
-            raise SettingsError(f"--fail-on takes {', '.join(ISSUES)}; not {', '.join(unknown)}")
-        if self.similarity is not None and not 0 < self.similarity <= 1:
-            raise SettingsError("--similarity must be in (0, 1]")
-        if self.neighbours < 2 or self.folds < 2:
-            raise SettingsError("--neighbours and --folds must be at least 2")
+from workflows.audit.settings import AuditSettings
 
 
 @dataclass
@@ -133,7 +99,7 @@ def audit_images(
 ) -> tuple[list[dict], dict]:  # fmt: skip
     """Every issue of one dataset's images, and the facts of the audit (thresholds, counts).
     ``out_of_fold``: the labelled images' out-of-fold probabilities
-    (:class:`workflows.cross_validate.OutOfFold`); without them, no label issues."""
+    (:class:`workflows.train.cross_validate.OutOfFold`); without them, no label issues."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -233,7 +199,7 @@ def audit_context(settings: AuditSettings, store: FeatureStore) -> Any:
     and the audit's seed: its out-of-fold probabilities are those ``--cv`` computes."""
     from storage.runs import RunsLayout
     from tasks.methods import JobContext, TrainOptions, get_method
-    from workflows.train import store_facts
+    from workflows.train.run import store_facts
 
     manifest, method = store.manifest, get_method("bottleneck")
     return JobContext(dataset=manifest.dataset, method=method.name, classes=manifest.classes,
@@ -259,33 +225,29 @@ def resplit(images: Images, issues: list[dict]) -> list[dict]:
             for p, s in zip(images.path, images.split, strict=True)]  # fmt: skip
 
 
-def _write(location: Location, name: str, data: bytes) -> None:
-    write_bytes(location.filesystem, location.path(name), data)
-
-
 def write_outputs(location: Location, issues: list[dict], facts: dict, report: str,
                   proposal: list[dict] | None) -> None:  # fmt: skip
-    table = pa.Table.from_pylist(issues or [], schema=pa.schema(
-        [("issue", pa.string()), ("path", pa.string()), ("split", pa.string()),
-         ("label", pa.string()), ("score", pa.float64()), ("group", pa.int64()),
-         ("suggested_label", pa.string()), ("keep", pa.bool_())]))  # fmt: skip
-    buffer = io.BytesIO()
-    pacsv.write_csv(table, buffer)
-    _write(location, "issues.csv", buffer.getvalue())
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    _write(location, "issues.parquet", buffer.getvalue())
-    _write(location, "summary.json", (json.dumps(facts, indent=2) + "\n").encode())
-    _write(location, "report.html", report.encode())
+    table = pa.Table.from_pylist(issues or [], schema=ISSUE_SCHEMA)
+    files = {"issues.csv": table_bytes(table, "csv"),
+             "issues.parquet": table_bytes(table, "parquet"),
+             "summary.json": (json.dumps(facts, indent=2) + "\n").encode(),
+             "report.html": report.encode()}  # fmt: skip
     if proposal is not None:
-        buffer = io.BytesIO()
-        pacsv.write_csv(pa.Table.from_pylist(proposal), buffer)
-        _write(location, "resplit.csv", buffer.getvalue())
+        files["resplit.csv"] = table_bytes(pa.Table.from_pylist(proposal), "csv")
+    for name, data in files.items():
+        write_bytes(location.filesystem, location.path(name), data)
+
+
+ISSUE_SCHEMA = pa.schema([
+    ("issue", pa.string()), ("path", pa.string()), ("split", pa.string()), ("label", pa.string()),
+    ("score", pa.float64()), ("group", pa.int64()), ("suggested_label", pa.string()),
+    ("keep", pa.bool_()),
+])  # fmt: skip
 
 
 def run_audit(settings: AuditSettings) -> dict[str, dict]:
     """Audit every selected dataset of the store; returns each one's summary facts."""
-    from workflows.audit_report import file_sizes, render_report
+    from workflows.audit.report import file_sizes, render_report
     from workflows.cluster import ray_cluster
 
     layout = StoreLayout.at(settings.store)
@@ -330,7 +292,7 @@ def _audit_store(
     settings: AuditSettings, store: FeatureStore, pool: Any, file_sizes: Any, render_report: Any
 ) -> dict:
     """One dataset's audit, written; its facts."""
-    from workflows.cross_validate import shared_out_of_fold
+    from workflows.train.cross_validate import shared_out_of_fold
 
     dataset = store.manifest.dataset
     images = load_images(store)

@@ -92,7 +92,7 @@ def print_json(value: Any) -> None:
 def extract_progress(
     enabled: bool = True,
 ) -> Iterator[Callable[[dict[str, tuple[int, int, int]]], None]]:
-    """A progress bar per dataset; yields the hook :func:`workflows.extract.run_extract` calls."""
+    """A progress bar per dataset; yields the hook that ``run_extract`` calls."""
     if not enabled:
         yield lambda totals: None
         return
@@ -171,12 +171,12 @@ def show_extract(title: str, reports: list[Any], as_json: bool) -> None:
 def show_train(runs: str, results: list[Any], as_json: bool) -> None:
     from dataclasses import asdict
 
-    from workflows.summary import summary_rows
+    from workflows.train.summary import summary_rows
 
     if as_json:
         print_json([asdict(r) for r in results])
     else:
-        from workflows.summary import OPTIONAL_COLUMNS
+        from workflows.train.summary import OPTIONAL_COLUMNS
 
         print_table(f"wf train-all: {runs}", summary_rows(results, interval_digits=2),
                     optional=OPTIONAL_COLUMNS, whole="summary.md")  # fmt: skip

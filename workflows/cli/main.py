@@ -10,22 +10,17 @@ import sys
 
 def main() -> None:
     """Entry point: every error is one line on stderr with its exit code."""
-    debug = "--debug" in sys.argv[1:]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from workflows.settings import worker_env
 
     os.environ.update(worker_env())
-    if "--verbose" not in sys.argv[1:]:
-        from workflows.quiet import filter_native_stderr
-
-        filter_native_stderr()
     import typer
 
     # typer vendors click: its usage errors are typer._click's (no public name for them).
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
-    from workflows.cli import app
-    from workflows.console import err, out, say
+    from workflows.cli.app import app, state
+    from workflows.cli.console import err, out, say
 
     try:
         code = app(standalone_mode=False)
@@ -42,6 +37,6 @@ def main() -> None:
         err.print("interrupted")
         sys.exit(130)
     except Exception as error:  # the one place errors become messages
-        from workflows.console import show_error
+        from workflows.cli.console import show_error
 
-        sys.exit(show_error(error, debug))
+        sys.exit(show_error(error, state.debug))

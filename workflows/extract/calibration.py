@@ -13,7 +13,7 @@ from tasks.backbones import Backbone, ResolvedWeights
 from tasks.backbones.runtime import PreparedBackbone, prepare_backbone
 from tasks.images import ImageRejected, load_image
 from workflows.datasets import DatasetSpec, list_tree
-from workflows.settings import ExtractSettings
+from workflows.extract.settings import ExtractSettings
 
 
 def calibration_images(spec: DatasetSpec, settings: ExtractSettings) -> np.ndarray:

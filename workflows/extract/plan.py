@@ -15,11 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from storage.filesystem import (
-    delete_file,
-    delete_folder,
     list_files,
-    list_folders,
-    remove_temporaries,
 )
 from storage.hashing import fingerprint, fingerprint_fields, stable_bucket
 from storage.layout import StoreLayout, new_attempt
@@ -29,6 +25,7 @@ from storage.manifest import (
     TapRecord,
     now_iso,
     read_manifest,
+    remove_unreferenced,
     shard_key,
     write_manifest,
 )
@@ -36,7 +33,7 @@ from tasks.backbones.runtime import PreparedBackbone
 from tasks.extract_shard import ImageItem, ShardJob
 from workflows import __version__
 from workflows.datasets import DatasetSpec
-from workflows.settings import NOT_FEATURE_SETTINGS, ExtractSettings
+from workflows.extract.settings import NOT_FEATURE_SETTINGS, ExtractSettings
 
 _SHARD_SALT = "wf-shard"
 
@@ -156,22 +153,3 @@ def plan_dataset(
     write_manifest(layout, manifest)  # from here on, only this run's commits count
     remove_unreferenced(layout, manifest)
     return DatasetPlan(spec, manifest, jobs, fingerprints, skipped, reset)
-
-
-def remove_unreferenced(layout: StoreLayout, manifest: Manifest) -> int:
-    """Delete every part file the manifest does not name, commit records of other runs and
-    temporary files: what killed or superseded runs left. Only under the store's lease."""
-    named = {layout.absolute(record.file) for record in manifest.shards.values()}
-    removed = 0
-    for path in layout.part_files(manifest.dataset, manifest.backbone):
-        if path not in named:
-            delete_file(layout.filesystem, path)
-            removed += 1
-    commits = layout.commits_dir(manifest.dataset, manifest.backbone)
-    for run in list_folders(layout.filesystem, commits):
-        if run != manifest.run_id:
-            delete_folder(
-                layout.filesystem, layout.commits_dir(manifest.dataset, manifest.backbone, run)
-            )
-    folder = layout.backbone_dir(manifest.dataset, manifest.backbone)
-    return removed + remove_temporaries(layout.filesystem, folder)

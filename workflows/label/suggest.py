@@ -25,52 +25,29 @@ from __future__ import annotations
 
 import html
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from storage.errors import SettingsError, StoreError
 from storage.feature_store import FeatureStore, tap_column
-from storage.filesystem import Location, write_bytes
+from storage.filesystem import Location, table_bytes, write_bytes
 from storage.layout import StoreLayout
 from storage.runs import Artifact, RunsLayout
 from tasks.abstention import nearest_distance
 from tasks.audit import normalise
-from tasks.backbones import DEFAULT_BACKBONE
 from tasks.cross_validation import apply_temperature
 from tasks.heads import probabilities
 from tasks.methods import get_method
+from workflows.audit.settings import NEAR_RELATIVE, NEAR_SIMILARITY
 from workflows.datasets import UNLABELLED
+from workflows.label.settings import SuggestSettings
 
-SIMILARITY, RELATIVE = 0.85, 0.35  # near duplicates, as the audit finds them (workflows.audit)
 CANDIDATES = 2  # the shortlist: this many times the budget, the most uncertain
 LABELLED = ("train", "validation", "test")
 REASONS = ("uncertain", "spread", "balance")
-
-
-@dataclass(frozen=True)
-class SuggestSettings:
-    store: str
-    runs: str
-    output: str
-    datasets: tuple[str, ...] = ()  # empty: every dataset of the store with unlabelled images
-    budget: int = 100
-    method: str = "bottleneck"
-    backbone: str = DEFAULT_BACKBONE
-
-    def __post_init__(self) -> None:
-        if self.budget < 1:
-            raise SettingsError(f"--budget must be at least 1: {self.budget}")
-        method = get_method(self.method)
-        if not method.fits_on_rows or method.all_backbones:
-            raise SettingsError(
-                f"--method {self.method}: wf suggest scores stored rows of one backbone; "
-                "use bottleneck or prototype"
-            )
 
 
 def margin_scores(probs: np.ndarray) -> np.ndarray:
@@ -138,16 +115,16 @@ def choose_batch(
 
 
 def _near_limit(pool: np.ndarray, labelled: np.ndarray) -> float:
-    """The cosine distance under which two images are near duplicates: at most ``1 -
-    SIMILARITY`` and at most ``RELATIVE`` x the typical distance to a 10th neighbour, as the
-    audit finds them (on a sample of the images)."""
+    """The cosine distance under which two images are near duplicates, as the audit finds them:
+    at most ``1 - NEAR_SIMILARITY`` and at most ``NEAR_RELATIVE`` x the typical distance to a
+    10th neighbour (on a sample of the images)."""
     from tasks.audit import nearest, relative_scale
 
     every = np.concatenate([pool, labelled]) if len(labelled) else pool
     sample = every[np.random.default_rng(0).permutation(len(every))[:2000]]
     if len(sample) < 12:
-        return 1.0 - SIMILARITY
-    return min(1.0 - SIMILARITY, RELATIVE * relative_scale(nearest(sample, 10)))
+        return 1.0 - NEAR_SIMILARITY
+    return min(1.0 - NEAR_SIMILARITY, NEAR_RELATIVE * relative_scale(nearest(sample, 10)))
 
 
 def _rows(store: FeatureStore, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -219,12 +196,9 @@ def suggest_dataset(settings: SuggestSettings, dataset: str) -> dict[str, Any]:
             for rank, (i, reason) in enumerate(zip(chosen, reasons, strict=True))]  # fmt: skip
     out = Location.at(settings.output)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    write_bytes(out.filesystem, out.path(dataset, "suggestions.csv"), _csv(table))
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    write_bytes(
-        out.filesystem, out.path(dataset, "suggestions.parquet"), sink.getvalue().to_pybytes()
-    )
+    for file_format in ("csv", "parquet"):
+        path = out.path(dataset, f"suggestions.{file_format}")
+        write_bytes(out.filesystem, path, table_bytes(table, file_format))
     root = store.manifest.dataset_root
     write_bytes(out.filesystem, out.path(dataset, "report.html"),
                 render_suggestions(dataset, root, rows, len(paths)).encode())  # fmt: skip
@@ -239,14 +213,6 @@ def suggest_dataset(settings: SuggestSettings, dataset: str) -> dict[str, Any]:
 SCHEMA = pa.schema([("rank", pa.int32()), ("path", pa.string()), ("score", pa.float64()),
                     ("predicted_label", pa.string()), ("probability", pa.float64()),
                     ("reason", pa.string())])  # fmt: skip
-
-
-def _csv(table: pa.Table) -> bytes:
-    import pyarrow.csv as pacsv
-
-    sink = pa.BufferOutputStream()
-    pacsv.write_csv(table, sink, pacsv.WriteOptions(quoting_style="needed"))
-    return sink.getvalue().to_pybytes()
 
 
 def run_suggest(settings: SuggestSettings) -> dict[str, dict[str, Any]]:
@@ -269,7 +235,7 @@ def run_suggest(settings: SuggestSettings) -> dict[str, dict[str, Any]]:
 
 def render_suggestions(dataset: str, root: str, rows: list[dict[str, Any]], pool: int) -> str:
     """A contact sheet of the batch: each image with its rank, predicted label and why."""
-    from workflows.audit_report import STYLE, thumbnail
+    from workflows.audit.report import STYLE, thumbnail
 
     location = Location.at(root)
     cards = "".join(

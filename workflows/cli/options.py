@@ -1,7 +1,7 @@
 """The CLI's options, one alias each, their help and defaults taken from the settings.
 
-``wf CMD --help`` is generated from these: a default changes in ``workflows/settings.py`` (or a
-method's recipe) and the help follows.
+``wf CMD --help`` is generated from these: a default changes in the command's
+``workflows/<command>/settings.py`` (or a method's recipe) and the help follows.
 """
 
 from __future__ import annotations
@@ -10,21 +10,26 @@ from typing import Annotated, Any
 
 import typer
 
-from workflows.settings import (
-    ClusterSettings,
-    ExtractSettings,
-    TrainSettings,
-    option_help,
-    train_option_help,
-)
+from workflows.audit.settings import AuditSettings
+from workflows.cli.demo import DemoSettings
+from workflows.extract.settings import ExtractSettings
+from workflows.label.settings import SuggestSettings
+from workflows.serve.settings import ServeSettings
+from workflows.settings import ClusterSettings, option_help
+from workflows.train.settings import TrainSettings, train_option_help
+
+
+def _of(settings: type, name: str, *flags: str, shown: str | None = None) -> Any:
+    """An option whose help and default are those of field ``name`` of ``settings``."""
+    return typer.Option(*flags, help=option_help(settings, name, shown))
 
 
 def _extract(name: str, *flags: str, shown: str | None = None) -> Any:
-    return typer.Option(*flags, help=option_help(ExtractSettings, name, shown))
+    return _of(ExtractSettings, name, *flags, shown=shown)
 
 
 def _train(name: str, *flags: str) -> Any:
-    return typer.Option(*flags, help=option_help(TrainSettings, name))
+    return _of(TrainSettings, name, *flags)
 
 
 def _job(name: str, *flags: str) -> Any:
@@ -46,8 +51,23 @@ NumCpus = Annotated[
 Json = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")
 ]
+
+
+def _native_output(verbose: bool) -> bool:
+    """Typer calls this as it parses ``--verbose`` (given or not), before the command imports
+    TensorFlow or Ray: without it, their native start-up chatter is filtered from stderr."""
+    if not verbose:
+        from workflows.cli.quiet import filter_native_stderr
+
+        filter_native_stderr()
+    return verbose
+
+
 Verbose = Annotated[
-    bool, typer.Option("--verbose", help="Show Ray's and TensorFlow's own log lines.")
+    bool,
+    typer.Option(
+        "--verbose", help="Show Ray's and TensorFlow's own log lines.", callback=_native_output
+    ),
 ]
 
 # wf extract
@@ -142,44 +162,50 @@ Abstain = Annotated[bool, typer.Option(
 Folder = Annotated[str, typer.Argument(help="A labelled folder: one sub-folder per class.")]
 
 # wf serve
-Host = Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")]
-Port = Annotated[int, typer.Option(help="Port to listen on.")]
-ServeMethods = Annotated[Text, typer.Option(help="Comma-separated methods (default: every one).")]
-Replicas = Annotated[int, typer.Option(help="Replicas of each model.")]
-MaxReplicas = Annotated[Number, typer.Option(help="Autoscale each model up to this many replicas.")]
-MaxBatchSize = Annotated[int, typer.Option(help="Requests batched into one forward pass.")]
-BatchWaitMs = Annotated[float, typer.Option(help="Longest wait for a batch to fill, in ms.")]
-MaxQueued = Annotated[int, typer.Option(help="Requests queued per model; past it, HTTP 503.")]
-MaxBodyMb = Annotated[float, typer.Option(help="Largest request body, in MiB; past it, HTTP 413.")]
+Host = Annotated[Text, _of(ServeSettings, "host")]
+Port = Annotated[Number, _of(ServeSettings, "port")]
+ServeRuns = Annotated[Text, _of(ServeSettings, "runs")]
+ServeDatasets = Annotated[Text, _of(ServeSettings, "datasets")]
+ServeMethods = Annotated[Text, _of(ServeSettings, "methods")]
+Replicas = Annotated[Number, _of(ServeSettings, "replicas")]
+MaxReplicas = Annotated[Number, _of(ServeSettings, "max_replicas")]
+MaxBatchSize = Annotated[Number, _of(ServeSettings, "max_batch_size")]
+BatchWaitMs = Annotated[float | None, _of(ServeSettings, "batch_wait_ms")]
+MaxQueued = Annotated[Number, _of(ServeSettings, "max_queued_requests", "--max-queued")]
+MaxBodyMb = Annotated[float | None, _of(ServeSettings, "max_body_mb")]
+ServeRuntime = Annotated[Text, _of(ServeSettings, "runtime")]
 
 # wf audit
-AuditOutput = Annotated[
-    str, typer.Option(help="Where issues.csv, summary.json and report.html go.")
-]
-AuditBackbone = Annotated[str, typer.Option(help="Whose stored embeddings to audit.")]
-Similarity = Annotated[float, typer.Option(help="Near duplicates: cosine at least this (0: off).")]
-Relative = Annotated[
-    float, typer.Option(help="... and distance at most this x the typical one (0: off).")
-]
-ExactOnly = Annotated[bool, typer.Option("--exact-only", help="Only byte-identical duplicates.")]
-Neighbours = Annotated[
-    int, typer.Option(help="Neighbours per image (near duplicates, outliers, label votes).")
-]
-Folds = Annotated[int, typer.Option(help="Cross-validation folds for the label issues.")]
-OutlierScore = Annotated[float, typer.Option(help="Outliers: score at least this (1: typical).")]
-FailOn = Annotated[Text, typer.Option(help="Exit 1 when any of these issues is found (for CI).")]
-Resplit = Annotated[bool, typer.Option("--resplit", help="Write a group-aware split proposal.")]
+AuditStore = Annotated[Text, _of(AuditSettings, "store")]
+AuditOutput = Annotated[Text, _of(AuditSettings, "output")]
+AuditDatasets = Annotated[Text, _of(AuditSettings, "datasets")]
+AuditBackbone = Annotated[Text, _of(AuditSettings, "backbone")]
+Similarity = Annotated[float | None, _of(AuditSettings, "similarity")]
+Relative = Annotated[float | None, _of(AuditSettings, "relative")]
+ExactOnly = Annotated[Flag, _of(AuditSettings, "exact_only", "--exact-only")]
+Neighbours = Annotated[Number, _of(AuditSettings, "neighbours")]
+Folds = Annotated[Number, _of(AuditSettings, "folds")]
+OutlierScore = Annotated[float | None, _of(AuditSettings, "outlier_score")]
+FailOn = Annotated[Text, _of(AuditSettings, "fail_on")]
+Resplit = Annotated[Flag, _of(AuditSettings, "resplit", "--resplit")]
 
 # wf suggest, label
-SuggestOutput = Annotated[
-    str, typer.Option(help="Write DIR/<dataset>/suggestions.csv, .parquet and report.html here.")
-]
-Budget = Annotated[int, typer.Option(min=1, help="Images to suggest per dataset.")]
-SuggestMethod = Annotated[
-    str, typer.Option(help="The trained method that scores them: bottleneck or prototype.")
-]
+SuggestStore = Annotated[Text, _of(SuggestSettings, "store")]
+SuggestRuns = Annotated[Text, _of(SuggestSettings, "runs")]
+SuggestDatasets = Annotated[Text, _of(SuggestSettings, "datasets")]
+SuggestOutput = Annotated[Text, _of(SuggestSettings, "output")]
+Budget = Annotated[Number, _of(SuggestSettings, "budget")]
+SuggestMethod = Annotated[Text, _of(SuggestSettings, "method")]
+SuggestBackbone = Annotated[Text, _of(SuggestSettings, "backbone")]
 Dataset = Annotated[str, typer.Argument(help="The dataset folder (path or URI) to label in.")]
 LabelsCsv = Annotated[
     str, typer.Argument(help="A CSV of path,label rows (paths relative to the dataset).")
 ]
 LabelSplit = Annotated[str, typer.Option(help="The split the labelled images join.")]
+
+# wf demo
+DemoDir = Annotated[Text, _of(DemoSettings, "folder", "--dir")]
+ImagesPerClass = Annotated[Number, _of(DemoSettings, "images_per_class")]
+DemoShards = Annotated[Number, _of(DemoSettings, "shards")]
+DemoWeights = Annotated[Text, _of(DemoSettings, "weights")]
+DemoEpochs = Annotated[Number, _of(DemoSettings, "epochs")]

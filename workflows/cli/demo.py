@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from workflows.settings import ClusterSettings, setting
 
 SHAPES = ("circles", "squares", "triangles")
 
@@ -92,13 +94,13 @@ def generate_shapes_dataset(
 
 @dataclass(frozen=True)
 class DemoSettings:
-    folder: str = "wf-demo"
-    images_per_class: int = 40
-    shards: int = 4
-    weights: str = "imagenet"
-    epochs: int = 8  # of every method
-    cache_dir: str | None = None
-    cluster: Any = None  # ClusterSettings
+    folder: str = setting("wf-demo", "Where its data, store and runs go")
+    images_per_class: int = setting(40, "Generated images per class")
+    shards: int = setting(4, "Shards per split")
+    weights: str = setting("imagenet", "imagenet or none")
+    epochs: int = setting(8, "Epochs of every method")
+    cache_dir: str | None = None  # the extract's default
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
 
 @dataclass(frozen=True)
@@ -118,14 +120,10 @@ def run_demo(
     cluster. ``extract`` and ``train`` run the two pipelines (by default, plainly; the CLI
     passes them with their progress displays)."""
     from workflows.cluster import ray_cluster
-    from workflows.extract import run_extract
-    from workflows.settings import (
-        DatasetSource,
-        ExtractSettings,
-        TrainSettings,
-        recipes_from_options,
-    )
-    from workflows.train import run_train_all
+    from workflows.extract.run import run_extract
+    from workflows.extract.settings import DatasetSource, ExtractSettings
+    from workflows.train.run import run_train_all
+    from workflows.train.settings import TrainSettings, recipes_from_options
 
     extract, train = extract or run_extract, train or run_train_all
     data = generate_shapes_dataset(
@@ -150,9 +148,9 @@ def run_demo(
 
 def run_demo_with_progress(settings: DemoSettings) -> DemoResult:
     """:func:`run_demo` with each pipeline's progress display, one after the other."""
-    from workflows.console import extract_progress, train_progress
-    from workflows.extract import run_extract
-    from workflows.train import run_train_all
+    from workflows.cli.console import extract_progress, train_progress
+    from workflows.extract.run import run_extract
+    from workflows.train.run import run_train_all
 
     def extract(extract_settings: Any) -> list[Any]:
         with extract_progress() as progress:

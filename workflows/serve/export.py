@@ -35,7 +35,7 @@ from tasks.converters import FORMATS, convert, run_exported
 from tasks.heads import probabilities
 from tasks.images import ImageRejected, load_image
 from workflows.datasets import UNLABELLED_FOLDERS, list_tree
-from workflows.predict import write_output
+from workflows.serve.predict import write_output
 
 MIN_AGREEMENT = 0.995
 INT8_MAX_ACCURACY_DROP = 0.005

@@ -1,0 +1,1 @@
+"""``wf audit``: duplicates, leaks, outliers and label issues from a store's embeddings."""

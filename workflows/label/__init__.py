@@ -1,0 +1,1 @@
+"""``wf suggest`` and ``wf label``: rank unlabelled images, and move new labels in."""

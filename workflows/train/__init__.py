@@ -1,0 +1,1 @@
+"""``wf train-all``: plan jobs, cross-validate, train on the engine, write the report."""
