@@ -105,7 +105,7 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     from benchmarks.machine import banner
-    from tasks.classifier import load_classifier
+    from tasks.classifier import load_trained_model
     from tasks.cross_validation import apply_temperature
     from tasks.evaluation import accuracy_interval, expected_calibration_error
     from tasks.methods import TrainOptions
@@ -140,7 +140,7 @@ def main() -> None:
         for result in results:
             assert result.status == "done", result.error
             name = result.dataset
-            classifier = load_classifier(result.model_path)
+            classifier = load_trained_model(result.model_path)
             classes = classifier.classes
             labels = np.array([classes.index(p.parent.name) for p in tests[name]])
             probs, distance, abstained, _ = answers(classifier, tests[name])

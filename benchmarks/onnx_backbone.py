@@ -71,13 +71,12 @@ def extract(data: Path, store: Path, backbone: str) -> tuple[float, int]:
 
 def rows(store: Path, backbone: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Copy-0 features, labels and paths of ``split``, in the order of the paths."""
-    import pyarrow.compute as pc
 
     from storage.feature_store import FeatureStore, tap_column, tap_to_numpy
 
     found = FeatureStore.open(str(store), "flowers", backbone)
-    table = found.read_table(split, ["path", "label_index", "copy", tap_column("bottleneck")])
-    table = table.filter(pc.equal(table["copy"], 0))
+    columns = ["path", "label_index", tap_column("bottleneck")]
+    table = found.read_table(split, columns, first_copy_only=True)
     x = tap_to_numpy(table[tap_column("bottleneck")], found.manifest.taps["bottleneck"].shape)
     paths = table["path"].to_pylist()
     order = np.argsort(paths)

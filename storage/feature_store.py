@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from storage.errors import StoreError
-from storage.filesystem import file_info, list_files, retrying, write_stream
+from storage.filesystem import file_sha256, list_files, retrying, write_stream
 from storage.layout import StoreLayout
 from storage.manifest import Manifest, TapRecord, read_manifest
 
@@ -164,37 +164,41 @@ class FeatureStore:
         """The part files of ``split`` that the manifest records, in shard order."""
         return [self.layout.absolute(file) for file in self.manifest.files(split)]
 
-    def verify_parts(self) -> None:
-        """Check every part the manifest names against its recorded size and row count (a
-        listing and each file's footer: cheap), or one :class:`StoreError` naming the file."""
-        manifest, shown = self.manifest, self.layout.location.display
-        if not manifest.is_complete():
-            missing = sorted(manifest.expected_keys() - set(manifest.shards))
-            raise StoreError(
+    def part_problems(self, sha256: bool = False) -> list[str]:
+        """Every way the parts differ from what the manifest records: shards not committed, a
+        part missing, its size (one listing) or row count (its footer) wrong and, with
+        ``sha256``, its content (every byte read). One line each; empty when all agree."""
+        manifest, shown, fs = self.manifest, self.layout.location.display, self.layout.filesystem
+        problems = []
+        missing = sorted(manifest.expected_keys() - set(manifest.shards))
+        if missing:
+            problems.append(
                 f"store {self.name} is incomplete: shards {', '.join(missing[:4])}"
                 f"{' ...' if len(missing) > 4 else ''} are not committed; run `wf extract` again"
             )
         folder = self.layout.backbone_dir(manifest.dataset, manifest.backbone)
-        sizes = {i.path: i.size for i in list_files(self.layout.filesystem, folder)}
-        for record in manifest.shards.values():
+        sizes = {i.path: i.size for i in list_files(fs, folder)}
+        for record in sorted(manifest.shards.values(), key=lambda r: r.key):
             path = self.layout.absolute(record.file)
             if path not in sizes:
-                raise StoreError(f"part {shown(path)} named by the manifest is missing")
-            if sizes[path] != record.size_bytes:
-                raise StoreError(
-                    f"part {shown(path)} has {sizes[path]} bytes, the manifest says "
-                    f"{record.size_bytes}"
-                )
-            rows = retrying(
-                self.layout.filesystem,
-                lambda p=path: (
-                    pq.ParquetFile(p, filesystem=self.layout.filesystem).metadata.num_rows
-                ),
-            )
-            if rows != record.rows:
-                raise StoreError(
+                problems.append(f"part {shown(path)} named by the manifest is missing")
+            elif sizes[path] != record.size_bytes:
+                problems.append(f"part {shown(path)} has {sizes[path]} bytes, the manifest "
+                                f"says {record.size_bytes}")  # fmt: skip
+            elif (rows := part_rows(fs, path)) != record.rows:
+                problems.append(
                     f"part {shown(path)} has {rows} rows, the manifest says {record.rows}"
                 )
+            elif sha256 and file_sha256(fs, path) != record.sha256:
+                problems.append(f"part {shown(path)}: SHA-256 differs from the manifest's")
+        return problems
+
+    def verify_parts(self) -> None:
+        """:meth:`part_problems` without reading every byte (cheap: a listing and each file's
+        footer), the first one raised as a :class:`StoreError`."""
+        problems = self.part_problems()
+        if problems:
+            raise StoreError(problems[0])
 
     def empty_classes(self) -> list[str]:
         """Classes with no usable training image."""
@@ -203,16 +207,14 @@ class FeatureStore:
             name for name, count in zip(self.manifest.classes, counts, strict=True) if not count
         ]
 
-    def read_table(self, split: str, columns: Iterable[str] | None = None) -> pa.Table:
+    def read_table(
+        self, split: str, columns: Iterable[str] | None = None, first_copy_only: bool = False
+    ) -> pa.Table:
+        """The rows of ``split`` (only copy 0 of each image with ``first_copy_only``)."""
         files = self.files(split)
         if not files:
             raise StoreError(f"split {split!r} has no shards in {self.name}")
-        return retrying(
-            self.layout.filesystem,
-            lambda: pq.read_table(
-                files, columns=list(columns) if columns else None, filesystem=self.layout.filesystem
-            ),
-        )
+        return read_parts(self.layout.filesystem, files, columns, first_copy_only)
 
     def has_split(self, split: str) -> bool:
         return bool(self.manifest.files(split)) and any(
@@ -230,12 +232,27 @@ class FeatureStore:
             raise StoreError(
                 f"tap {tap!r} is not stored; stored taps: {sorted(self.manifest.taps)}"
             )
-        table = self.read_table(split, ["label_index", "copy", tap_column(tap)])
-        if not copies:
-            table = table.filter(pc.equal(table["copy"], 0))
+        table = self.read_table(split, ["label_index", tap_column(tap)], first_copy_only=not copies)
         features = tap_to_numpy(table[tap_column(tap)], self.manifest.taps[tap].shape)
         return features, table["label_index"].to_numpy()
 
 
-def store_exists(layout: StoreLayout, dataset: str, backbone: str) -> bool:
-    return file_info(layout.filesystem, layout.manifest_path(dataset, backbone)) is not None
+def read_parts(
+    filesystem: pafs.FileSystem, files: Iterable[str], columns: Iterable[str] | None = None,
+    first_copy_only: bool = False,
+) -> pa.Table:  # fmt: skip
+    """The one reader of a store's part files: ``columns`` of ``files`` in order (every column
+    when None), only copy 0 of each image (the un-augmented one) with ``first_copy_only``."""
+    names = list(columns) if columns else None
+    filters = [("copy", "=", 0)] if first_copy_only else None
+    return retrying(
+        filesystem,
+        lambda: pq.read_table(list(files), columns=names, filesystem=filesystem, filters=filters),
+    )
+
+
+def part_rows(filesystem: pafs.FileSystem, path: str) -> int:
+    """A part's row count, from its footer."""
+    return retrying(
+        filesystem, lambda: pq.ParquetFile(path, filesystem=filesystem).metadata.num_rows
+    )

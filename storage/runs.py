@@ -34,6 +34,22 @@ from storage.hashing import sha256_stream
 ARTIFACT_INDEX = "artifacts.json"
 
 
+def job_key(dataset: str, method: str) -> str:
+    """A job's key: ``dataset/method`` (its folder under the runs root)."""
+    return f"{dataset}/{method}"
+
+
+def split_job_key(key: str) -> tuple[str, str]:
+    """``(dataset, method)`` of a :func:`job_key`."""
+    dataset, method = key.split("/", 1)
+    return dataset, method
+
+
+def job_run_name(dataset: str, method: str) -> str:
+    """A job's name where a slash cannot go: its Ray Train run, its served model."""
+    return f"{dataset}-{method}"
+
+
 class Artifact:
     """The file names of a job's artifacts: spelled here and nowhere else."""
 
@@ -176,7 +192,7 @@ class RunsLayout:
         return self.location.path("_ray", run_name)
 
     def checkpoints(self, dataset: str, method: str) -> JobCheckpoints:
-        return JobCheckpoints(self.location, f"{dataset}-{method}")
+        return JobCheckpoints(self.location, job_run_name(dataset, method))
 
     def summary_path(self, name: str) -> str:
         return self.location.path(name)

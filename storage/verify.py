@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
-
 from storage.errors import StoreError
 from storage.feature_store import FeatureStore
-from storage.filesystem import file_info, file_sha256, read_bytes, retrying
+from storage.filesystem import read_bytes
 from storage.hashing import sha256_stream
 from storage.layout import StoreLayout
 from storage.runs import RunsLayout
@@ -28,43 +26,15 @@ class VerifyReport:
 
 
 def verify_store(layout: StoreLayout, report: VerifyReport) -> None:
-    shown = layout.location.display
     for dataset, backbone in layout.stores():
         try:
             store = FeatureStore.open(layout, dataset, backbone)
         except StoreError as error:
             report.problems.append(str(error))
             continue
-        manifest = store.manifest
-        missing = sorted(manifest.expected_keys() - set(manifest.shards))
-        if missing:
-            report.problems.append(
-                f"{store.name}: shards {', '.join(missing)} are not committed (incomplete store)"
-            )
-        for record in sorted(manifest.shards.values(), key=lambda r: r.key):
-            path = layout.absolute(record.file)
-            report.checked += 1
-            info = file_info(layout.filesystem, path)
-            if info is None:
-                report.problems.append(f"{shown(path)}: missing (named by {store.name})")
-                continue
-            if info.size != record.size_bytes:
-                report.problems.append(
-                    f"{shown(path)}: {info.size} bytes, the manifest says {record.size_bytes}"
-                )
-                continue
-            rows = retrying(
-                layout.filesystem,
-                lambda p=path: pq.ParquetFile(p, filesystem=layout.filesystem).metadata.num_rows,
-            )
-            if rows != record.rows:
-                report.problems.append(
-                    f"{shown(path)}: {rows} rows, the manifest says {record.rows}"
-                )
-            digest = file_sha256(layout.filesystem, path)
-            if digest != record.sha256:
-                report.problems.append(f"{shown(path)}: SHA-256 differs from the manifest's")
-            report.bytes += record.size_bytes
+        report.problems.extend(store.part_problems(sha256=True))
+        report.checked += len(store.manifest.shards)
+        report.bytes += sum(r.size_bytes for r in store.manifest.shards.values())
 
 
 def verify_runs(runs: RunsLayout, report: VerifyReport) -> None:

@@ -40,7 +40,7 @@ class Answer:
 
 
 @dataclass(frozen=True)
-class Classifier:
+class TrainedModel:
     model: Any
     classes: list[str]
     sha256: str  # of model.keras
@@ -73,7 +73,7 @@ class Classifier:
         return [Answer(row, abstained, reason) for row, (abstained, reason) in
                 zip(found, self.abstention.decide(found, distance), strict=True)]  # fmt: skip
 
-    def on_onnxruntime(self) -> tuple[Classifier, str]:
+    def on_onnxruntime(self) -> tuple[TrainedModel, str]:
         """This classifier with its Keras model (and its embedding output, when it abstains by
         distance) exported to one ONNX graph run in onnxruntime: about 2.5x Keras's
         ``predict_on_batch`` for EfficientNet-Lite0 with its top at batch 1 and 8 on 2 cores.
@@ -104,7 +104,7 @@ class Classifier:
     def with_thresholds(
         self, min_confidence: float | None = None, max_distance: float | None = None,
         abstain: bool = True,
-    ) -> Classifier:  # fmt: skip
+    ) -> TrainedModel:  # fmt: skip
         """This classifier with thresholds the user gave (each overrides the run's), or none
         (``abstain=False``)."""
         if not abstain:
@@ -120,7 +120,7 @@ class Classifier:
             max_distance=base.max_distance if max_distance is None else max_distance))  # fmt: skip
 
 
-def load_classifier(model_path: str) -> Classifier:
+def load_trained_model(model_path: str) -> TrainedModel:
     """The Keras 3 model at ``model_path`` (a path or URI) and its class names (``classes.json``
     beside it); anything that stops it loading is one :class:`StoreError`."""
     location, path = file_location(model_path)
@@ -142,7 +142,7 @@ def load_classifier(model_path: str) -> Classifier:
         model = _keras_model(data, model_path)
     abstention, bank, embedding = _abstention(location, model, model_path)
     runtime = "onnxruntime" if name.endswith(".onnx") else "keras"
-    return Classifier(model, [str(c) for c in classes], sha256_stream([data]), abstention, bank,
+    return TrainedModel(model, [str(c) for c in classes], sha256_stream([data]), abstention, bank,
                       embedding, runtime)  # fmt: skip
 
 

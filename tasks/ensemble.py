@@ -61,11 +61,11 @@ def build_ensemble(
     ``folds`` it was measured in."""
     import keras
 
-    from tasks.classifier import load_classifier
+    from tasks.classifier import load_trained_model
     from tasks.training.job import predict_in_batches
 
     started = time.perf_counter()
-    loaded = [(m, load_classifier(runs.job(dataset, m).model).model) for m in members]
+    loaded = [(m, load_trained_model(runs.job(dataset, m).model).model) for m in members]
     onnx = [m for m, model in loaded if not isinstance(model, keras.Model)]
     if onnx:
         raise SettingsError(f"an ensemble of ONNX models is not built yet: {', '.join(onnx)}")

@@ -7,7 +7,7 @@ own gives each model its own request batching (``@serve.batch`` gathers requests
 which multiplexing cannot), its own replica count and autoscaling, and its own bounded queue,
 so one busy model does not slow or reject another's requests.
 
-The :class:`Classifier` deployment decodes image bytes with the same function as extraction
+The :class:`ModelDeployment` decodes image bytes with the same function as extraction
 and ``wf predict`` and runs the same forward pass (``tasks/classifier.py``): HTTP answers equal
 ``wf predict``'s (tested to 1e-6). The :class:`Gateway` (FastAPI) routes, checks sizes, and
 turns every failure into one line of JSON with its status: 400 not an image, 413 too large or a
@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from storage.runs import job_run_name
 from tasks.classifier import Answer
 from tasks.images import ImageRejected, decode_image
 
 
 @dataclass(frozen=True)
-class ModelFacts:
+class ServedModel:
     """What the gateway knows of a served model, from its artifacts."""
 
     dataset: str
@@ -42,7 +43,7 @@ class ModelFacts:
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}-{self.method}"
+        return job_run_name(self.dataset, self.method)
 
     def describe(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "method": self.method, "sha256": self.sha256}
@@ -65,14 +66,14 @@ def rejection(error: ImageRejected) -> Rejected:
 
 
 @serve.deployment
-class Classifier:
+class ModelDeployment:
     """One model's replica: requests of one image each, batched into one forward pass."""
 
     def __init__(self, model_uri: str, max_pixels: int, batch_size: int, wait_s: float,
                  runtime: str = "onnx") -> None:  # fmt: skip
-        from tasks.classifier import load_classifier
+        from tasks.classifier import load_trained_model
 
-        self.classifier = load_classifier(model_uri)
+        self.classifier = load_trained_model(model_uri)
         if runtime == "onnx":
             self.classifier, kept = self.classifier.on_onnxruntime()
             if kept:  # in the replica's log

@@ -1,5 +1,5 @@
 """The HTTP gateway of `wf serve`: wf's own endpoints and the Open Inference Protocol (KServe
-v2) in front of one :class:`tasks.serving.Classifier` deployment per model.
+v2) in front of one :class:`tasks.serving.ModelDeployment` per model.
 
     GET  /v1/models                                    every model, its classes and metrics
     POST /v1/models/<dataset>/<method>:predict         one image (raw bytes), or a multipart
@@ -26,11 +26,12 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from storage.runs import job_run_name
 from tasks.classifier import Answer
 from tasks.serving import (
     BINARY_HEADER,
-    ModelFacts,
     Rejected,
+    ServedModel,
     decode_tensor_input,
     encode_outputs,
     split_binary_request,
@@ -47,15 +48,15 @@ async def _refused(_: Request, error: Rejected) -> JSONResponse:
 @serve.deployment
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, facts: list[ModelFacts], handles: list[Any], max_body_bytes: int) -> None:
-        self.facts = {f.name: f for f in facts}
-        self.handles = {f.name: handle for f, handle in zip(facts, handles, strict=True)}
+    def __init__(self, served: list[ServedModel], handles: list[Any], max_body_bytes: int) -> None:
+        self.served = {f.name: f for f in served}
+        self.handles = {f.name: handle for f, handle in zip(served, handles, strict=True)}
         self.max_body_bytes = max_body_bytes
 
-    def _model(self, name: str) -> ModelFacts:
-        if name not in self.facts:
-            raise Rejected(404, f"no model {name!r}; served: {', '.join(sorted(self.facts))}")
-        return self.facts[name]
+    def _model(self, name: str) -> ServedModel:
+        if name not in self.served:
+            raise Rejected(404, f"no model {name!r}; served: {', '.join(sorted(self.served))}")
+        return self.served[name]
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -81,16 +82,16 @@ class Gateway:
                 raise row
         return rows
 
-    def _answer(self, facts: ModelFacts, answer: Answer) -> dict[str, Any]:
+    def _answer(self, served: ServedModel, answer: Answer) -> dict[str, Any]:
         """The label (``None`` when the model abstains, and why), every probability, the model."""
         row = answer.probabilities
         best = int(np.argmax(row))
         return {
-            "label": None if answer.abstained else facts.classes[best],
-            "probabilities": {c: float(p) for c, p in zip(facts.classes, row, strict=True)},
+            "label": None if answer.abstained else served.classes[best],
+            "probabilities": {c: float(p) for c, p in zip(served.classes, row, strict=True)},
             "abstained": answer.abstained,
             "reason": answer.reason,
-            "model": facts.describe(),
+            "model": served.describe(),
         }
 
     @api.get("/v2/health/live")
@@ -104,36 +105,36 @@ class Gateway:
     @api.get("/v1/models")
     async def models(self) -> list[dict[str, Any]]:
         return [{**f.describe(), "name": f.name, "classes": list(f.classes), "metrics": f.metrics,
-                 "input_size": list(f.input_size)} for f in self.facts.values()]  # fmt: skip
+                 "input_size": list(f.input_size)} for f in self.served.values()]  # fmt: skip
 
     @api.post("/v1/models/{dataset}/{method}:predict")
     async def predict(self, dataset: str, method: str, request: Request) -> Any:
-        facts = self._model(f"{dataset}-{method}")
+        served = self._model(job_run_name(dataset, method))
         body = await self._body(request)
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             form = await request.form()
             images = [await part.read() for _, part in form.multi_items() if hasattr(part, "read")]
             if not images:
                 raise Rejected(400, "the form holds no file")
-            rows = await self._predict(facts.name, images)
-            return [self._answer(facts, row) for row in rows]
-        (row,) = await self._predict(facts.name, [body])
-        return self._answer(facts, row)
+            rows = await self._predict(served.name, images)
+            return [self._answer(served, row) for row in rows]
+        (row,) = await self._predict(served.name, [body])
+        return self._answer(served, row)
 
     @api.get("/v2/models/{name}")
     async def metadata(self, name: str) -> dict[str, Any]:
-        facts = self._model(name)
-        height, width = facts.input_size
+        served = self._model(name)
+        height, width = served.input_size
         return {
             "name": name,
             "platform": "keras",
             "inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]},
                        {"name": "pixels", "datatype": "UINT8", "shape": [-1, height, width, 3]}],
             "outputs": [{"name": "probabilities", "datatype": "FP64",
-                         "shape": [-1, len(facts.classes)]},
+                         "shape": [-1, len(served.classes)]},
                         {"name": "abstained", "datatype": "BOOL", "shape": [-1]},
                         {"name": "reason", "datatype": "BYTES", "shape": [-1]}],
-            "parameters": {"classes": list(facts.classes), **facts.describe()},
+            "parameters": {"classes": list(served.classes), **served.describe()},
         }  # fmt: skip
 
     @api.get("/v2/models/{name}/ready")
@@ -147,9 +148,13 @@ class Gateway:
 
     @api.get("/v2")
     async def server_metadata(self) -> dict[str, Any]:
-        from workflows import __version__
+        from importlib.metadata import PackageNotFoundError, version
 
-        return {"name": "wf", "version": __version__, "extensions": ["binary_tensor_data"]}
+        try:
+            installed = version("wf")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            installed = "unknown"
+        return {"name": "wf", "version": installed, "extensions": ["binary_tensor_data"]}
 
     @api.post("/v2/models/{name}/versions/{version}/infer")
     async def version_infer(self, name: str, version: str, request: Request) -> Response:
@@ -159,15 +164,15 @@ class Gateway:
     async def infer(self, name: str, request: Request) -> Response:
         """One input of images (BYTES or UINT8), in JSON or in the binary tensor extension
         (``Inference-Header-Content-Length``); the outputs in JSON or binary, as asked."""
-        facts = self._model(name)
+        served = self._model(name)
         body = await self._body(request)
         payload, binary = split_binary_request(body, request.headers.get(BINARY_HEADER))
         if len(payload["inputs"]) != 1:
             raise Rejected(400, 'expected {"inputs": [one input]}: one tensor of images')
-        images = decode_tensor_input(payload["inputs"][0], facts.input_size, binary[0])
+        images = decode_tensor_input(payload["inputs"][0], served.input_size, binary[0])
         rows = await self._predict(name, images)
         outputs = [{"name": "probabilities", "datatype": "FP64",
-                    "shape": [len(rows), len(facts.classes)],
+                    "shape": [len(rows), len(served.classes)],
                     "data": [float(p) for row in rows for p in row.probabilities]},
                    {"name": "abstained", "datatype": "BOOL", "shape": [len(rows)],
                     "data": [row.abstained for row in rows]},
@@ -175,7 +180,7 @@ class Gateway:
                     "data": [row.reason for row in rows]}]  # fmt: skip
         shown, tail = encode_outputs(payload, outputs)
         answer = {"model_name": name, "id": payload.get("id", ""), "outputs": shown,
-                  "parameters": {"classes": list(facts.classes)}}  # fmt: skip
+                  "parameters": {"classes": list(served.classes)}}  # fmt: skip
         if not tail:
             return JSONResponse(answer)
         head = json.dumps(answer).encode()

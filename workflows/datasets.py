@@ -95,10 +95,6 @@ class DatasetSpec:
                                           for i in items] for split, items in self.images.items()}]
         )  # fmt: skip
 
-    @property
-    def num_images(self) -> int:
-        return sum(len(items) for items in self.images.values())
-
 
 def _split_folders(tree: Tree) -> dict[str, str]:
     found: dict[str, str] = {}

@@ -50,7 +50,7 @@ _CONVERSION_VERSION = 1
 
 @dataclass(frozen=True)
 class PreparedBackbone:
-    """Everything a worker needs to compute taps, and the facts a manifest records."""
+    """Everything a worker needs to compute taps, and what a manifest records of it."""
 
     key: str
     backbone: str
@@ -118,9 +118,9 @@ def prepare_backbone(
                        list(taps), runtime, calibrated])[:24]  # fmt: skip
     folder = os.path.join(cache_dir, "backbones")
     model_path = os.path.join(folder, f"{backbone.name}-{key}.{_suffix(runtime)}")
-    facts_path = model_path + ".json"
-    if os.path.exists(model_path) and os.path.exists(facts_path):
-        with open(facts_path) as handle:
+    shapes_path = model_path + ".json"
+    if os.path.exists(model_path) and os.path.exists(shapes_path):
+        with open(shapes_path) as handle:
             shapes = {tap: tuple(shape) for tap, shape in json.load(handle).items()}
         with open(model_path, "rb") as handle:
             data = handle.read()
@@ -130,7 +130,7 @@ def prepare_backbone(
         data = _convert(model, runtime, calibration)
         local = pafs.LocalFileSystem()
         write_bytes(local, model_path, data)
-        write_bytes(local, facts_path, json.dumps(shapes).encode())
+        write_bytes(local, shapes_path, json.dumps(shapes).encode())
     return PreparedBackbone(
         key, backbone.name, input_size, shapes, runtime, weights, data, calibrated
     )

@@ -8,7 +8,7 @@ error.
 from __future__ import annotations
 
 from storage.errors import SettingsError
-from tasks.methods.base import JobContext, Method, Recipe, StoreFacts, TrainOptions
+from tasks.methods.base import JobContext, Method, Recipe, StoreSnapshot, TrainOptions
 from tasks.methods.bottleneck import Bottleneck
 from tasks.methods.finetune import Finetune
 from tasks.methods.fusion import Fusion
@@ -26,7 +26,7 @@ __all__ = [
     "JobContext",
     "Method",
     "Recipe",
-    "StoreFacts",
+    "StoreSnapshot",
     "TrainOptions",
     "get_method",
     "in_dependency_order",

@@ -1,4 +1,4 @@
-"""What every training method is, and the facts a job carries to its workers.
+"""What every training method is, and the snapshot of its stores a job carries to its workers.
 
 A method says which stored tap it reads (or that it reads images), what it trains, how that
 starts, the complete model it saves, which job it depends on, and its default recipe (the
@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from storage.errors import SettingsError
-from storage.runs import RunsLayout
+from storage.feature_store import tap_column
+from storage.runs import RunsLayout, job_key, job_run_name
 from tasks.augment import AugmentPolicy
 from tasks.backbones import ResolvedWeights, get_backbone
 
@@ -50,7 +51,7 @@ class Recipe:
 
 
 @dataclass(frozen=True)
-class StoreFacts:
+class StoreSnapshot:
     """One feature store a job reads, as its manifest records it."""
 
     backbone: str
@@ -92,7 +93,7 @@ class JobContext:
     method: str
     classes: tuple[str, ...]
     dataset_root: str  # where the images are (a path or a URI), for methods that read them
-    stores: tuple[StoreFacts, ...]  # the first is the job's own backbone
+    stores: tuple[StoreSnapshot, ...]  # the first is the job's own backbone
     store_filesystem: Any  # pyarrow FileSystem of the stores
     runs: RunsLayout
     recipe: Recipe
@@ -103,14 +104,14 @@ class JobContext:
 
     @property
     def key(self) -> str:
-        return f"{self.dataset}/{self.method}"
+        return job_key(self.dataset, self.method)
 
     @property
     def run_name(self) -> str:
-        return f"{self.dataset}-{self.method}"
+        return job_run_name(self.dataset, self.method)
 
     @property
-    def store(self) -> StoreFacts:
+    def store(self) -> StoreSnapshot:
         return self.stores[0]
 
     def has_split(self, split: str) -> bool:
@@ -138,7 +139,7 @@ class Method(ABC):
 
     def columns(self) -> list[str]:
         """The store columns a worker reads for this method, beside labels and copies."""
-        return [f"tap_{tap}" for tap in self.taps] or ["path"]
+        return [tap_column(tap) for tap in self.taps] or ["path"]
 
     @abstractmethod
     def features(self, context: JobContext, tables: list[pa.Table]) -> np.ndarray:
@@ -189,7 +190,7 @@ _BASES_KEPT = 4
 
 
 def pretrained_base(
-    store: StoreFacts, weights: dict[str, ResolvedWeights], fresh: bool = False
+    store: StoreSnapshot, weights: dict[str, ResolvedWeights], fresh: bool = False
 ) -> Any:
     """The Keras 3 model of ``store``'s backbone with its weights, at the store's input size.
 

@@ -14,10 +14,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from storage.filesystem import retrying
+from storage.feature_store import read_parts
 from tasks.augment import augment_image
 from tasks.methods.base import JobContext, Method
 
@@ -31,11 +29,6 @@ class Rows:
 
     def __len__(self) -> int:
         return len(self.y)
-
-
-def _read(context: JobContext, files: tuple[str, ...], columns: list[str]) -> pa.Table:
-    fs = context.store_filesystem
-    return retrying(fs, lambda: pq.read_table(list(files), columns=columns, filesystem=fs))
 
 
 def _aligned(tables: list[pa.Table]) -> list[pa.Table]:
@@ -64,10 +57,8 @@ def read_rows(
     columns = list(dict.fromkeys(["path", "label_index", "copy", *method.columns()]))
     tables = []
     for store in stores:
-        table = _read(context, store.files[split], columns)
-        if first_copy_only or method.augments_live:
-            table = table.filter(pc.equal(table["copy"], 0))
-        tables.append(table)
+        first = first_copy_only or method.augments_live
+        tables.append(read_parts(context.store_filesystem, store.files[split], columns, first))
     tables = _aligned(tables)
     if world > 1:
         mine = pa.array(np.arange(rank, tables[0].num_rows, world), pa.int64())

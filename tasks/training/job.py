@@ -28,7 +28,7 @@ import ray
 
 from storage.errors import SettingsError
 from storage.lease import Lease
-from storage.runs import Artifact, JobFiles
+from storage.runs import Artifact, JobFiles, job_key
 from tasks.abstention import (
     Abstention,
     bank_bytes,
@@ -74,7 +74,7 @@ class JobResult:
 
     @property
     def key(self) -> str:
-        return f"{self.dataset}/{self.method}"
+        return job_key(self.dataset, self.method)
 
     @classmethod
     def from_artifacts(cls, files: JobFiles, status: str, error: str = "") -> JobResult:
@@ -246,9 +246,9 @@ def run_job(context: JobContext, board: Any) -> JobResult:
         lease.check()
         kept_best = context.options.keep_best and checkpoint.best_weights is not None
         trained = checkpoint.best_weights if kept_best else checkpoint.weights
-        facts = ray.get(board.get.remote(context.key))
-        digests = [v for k, v in facts.items() if k.startswith("digest/")]
-        nodes = tuple(sorted({v for k, v in facts.items() if k.startswith("node/")}))
+        posted = ray.get(board.get.remote(context.key))
+        digests = [v for k, v in posted.items() if k.startswith("digest/")]
+        nodes = tuple(sorted({v for k, v in posted.items() if k.startswith("node/")}))
         in_sync = (len(set(digests)) == 1 and len(digests) == context.options.workers
                    if context.options.workers > 1 else None)  # fmt: skip
         scored = method.build_trainable(keras, context)
@@ -424,19 +424,19 @@ def job_settings(context: JobContext) -> dict[str, Any]:
 
 @ray.remote(num_cpus=0)
 class JobBoard:
-    """Per-job facts that workers post (epochs done, weight digests, nodes) for the driver."""
+    """Per-job values that workers post (epochs done, weight digests, nodes) for the driver."""
 
     def __init__(self) -> None:
-        self._facts: dict[str, dict[str, Any]] = {}
+        self._posts: dict[str, dict[str, Any]] = {}
 
     def set(self, job: str, key: str, value: Any) -> None:
-        self._facts.setdefault(job, {})[key] = value
+        self._posts.setdefault(job, {})[key] = value
 
     def get(self, job: str) -> dict[str, Any]:
-        return dict(self._facts.get(job, {}))
+        return dict(self._posts.get(job, {}))
 
     def all(self) -> dict[str, dict[str, Any]]:
-        return {job: dict(facts) for job, facts in self._facts.items()}
+        return {job: dict(posts) for job, posts in self._posts.items()}
 
 
 run_job_task = ray.remote(num_cpus=0, max_retries=0)(run_job)

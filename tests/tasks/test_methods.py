@@ -70,7 +70,7 @@ def store(tmp_path_factory, cache_dir):
 
 
 def context_for(store: str, method: str, runs) -> JobContext:
-    from workflows.train.run import store_facts
+    from workflows.train.run import store_snapshot
 
     layout = StoreLayout.at(store)
     stores = [
@@ -81,7 +81,7 @@ def context_for(store: str, method: str, runs) -> JobContext:
     if not METHODS[method].all_backbones:
         stores = stores[:1]
     manifest = stores[0].manifest
-    facts = tuple(store_facts(s) for s in stores)
+    facts = tuple(store_snapshot(s) for s in stores)
     return JobContext("shapes", method, manifest.classes, manifest.dataset_root, facts,
                       layout.filesystem, RunsLayout(str(runs)), METHODS[method].recipe,
                       TrainOptions(scratch_image_size=32))  # fmt: skip

@@ -99,7 +99,7 @@ def test_bottleneck_and_prototype_save_one_onnx_model_that_predict_and_plain_onn
     assert "finetune cannot train on tinyconv, an ONNX model: no last block" in (
         results["finetune"].error
     )
-    from tasks.classifier import load_classifier
+    from tasks.classifier import load_trained_model
     from workflows.serve.predict import classify, evaluate_folder, image_files
 
     fusion = (
@@ -115,14 +115,14 @@ def test_bottleneck_and_prototype_save_one_onnx_model_that_predict_and_plain_onn
         assert files.model.endswith("model.onnx") and result.accuracy >= 0.9
         evaluated = evaluate_folder(files.model, str(data))  # what `wf evaluate` runs
         assert evaluated["accuracy"] >= 0.9
-        loaded = load_classifier(files.model)
+        loaded = load_trained_model(files.model)
         assert loaded.abstention is not None and loaded.embedding is not None  # from the graph
     # The saved graph's answers are the stored-features top's: the validation accuracy the job
     # measured on stored rows is what the image model gets on those images.
     files = RunsLayout(str(runs)).job("pairs", "bottleneck")
     metrics = files.metrics()
     photos = sorted(data.rglob("*.jpg"))[:5]
-    answers = classify(load_classifier(files.model).with_thresholds(abstain=False),
+    answers = classify(load_trained_model(files.model).with_thresholds(abstain=False),
                        image_files(list(map(str, photos))))  # fmt: skip
     assert [a.label for a in answers] == [p.parent.name for p in photos]
     assert metrics["input_size"] == [32, 32] and metrics["cv"]["folds"] == 2

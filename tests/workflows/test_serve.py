@@ -278,10 +278,10 @@ def test_it_declines_images_unlike_any_it_learned_and_answers_its_own(server, ru
 
 
 def test_replicas_run_the_model_exported_to_onnx_with_keras_answers(runs, tmp_path):
-    from tasks.classifier import load_classifier
+    from tasks.classifier import load_trained_model
     from tasks.images import load_image
 
-    keras_one = load_classifier(str(runs / "runs" / "shapes" / "bottleneck" / "model.keras"))
+    keras_one = load_trained_model(str(runs / "runs" / "shapes" / "bottleneck" / "model.keras"))
     onnx_one, kept = keras_one.on_onnxruntime()  # what each replica does by default
     assert kept == "" and onnx_one.runtime == "onnxruntime" and keras_one.runtime == "keras"
     assert onnx_one.embedding is not None  # the distance to the labelled images comes along

@@ -274,11 +274,11 @@ def test_train_all_cross_validates_calibrates_and_reports_intervals(trained):
         assert groups == [] or all(len(set(folds[g])) == 1 for g in groups)
         assert len(set(folds)) == 5 and len(images_.path) == images
     # Every method's saved model gives its embedding beside its probabilities, in one pass.
-    from tasks.classifier import load_classifier
+    from tasks.classifier import load_trained_model
 
     pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3)).astype(np.uint8)
     for method in ("finetune", "scratch"):
-        classifier = load_classifier(_files(root / "runs", "shapes", method).model)
+        classifier = load_trained_model(_files(root / "runs", "shapes", method).model)
         assert classifier.abstention is not None and classifier.embedding is not None
         assert classifier.abstention.chosen_on == "validation"  # no cross-validation for it
         answers = classifier.answer(pixels)
@@ -577,10 +577,10 @@ def test_fusion_trains_on_every_backbone_and_predicts_from_images(extracted, tmp
         outputs.append(np.asarray(member.predict_on_batch(x)))
     np.testing.assert_allclose(model.predict_on_batch(pixels), np.mean(outputs, axis=0),
                                atol=1e-5)  # fmt: skip
-    from tasks.classifier import load_classifier
+    from tasks.classifier import load_trained_model
     from workflows.serve.predict import classify, image_files
 
-    loaded = load_classifier(folder.model)  # as wf predict, evaluate and serve load it
+    loaded = load_trained_model(folder.model)  # as wf predict, evaluate and serve load it
     assert loaded.abstention is not None and loaded.abstention.max_distance is None
     answers = classify(loaded.with_thresholds(abstain=False), image_files(list(map(str, photos))))
     assert [a.label for a in answers] == [p.parent.name for p in photos]
@@ -603,10 +603,10 @@ def test_wf_export_writes_the_trained_model_as_onnx_that_runs_without_wf(trained
     report = export_model(model, "onnx", str(output), check=str(root / "data" / "pairs"))
     assert report.written and report.agreement >= 0.995 and report.images == 48
     photos = sorted((root / "data" / "pairs").rglob("*.jpg"))[::8]
-    from tasks.classifier import load_classifier
+    from tasks.classifier import load_trained_model
     from tasks.images import load_image
 
-    classifier = load_classifier(model)
+    classifier = load_trained_model(model)
     pixels = np.stack([load_image(pafs.LocalFileSystem(), str(p), (64, 64)) for p in photos])
     expected = classifier.model.predict_on_batch(pixels.astype(np.float32))
     np.testing.assert_allclose(plain_run(output, 64, photos), expected, atol=1e-3)

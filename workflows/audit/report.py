@@ -14,6 +14,7 @@ from PIL import Image
 from storage.filesystem import Location
 from storage.names import escape_name, unescape_name
 from tasks.images import ImageRejected, load_image
+from workflows.audit.settings import GROUP_ISSUES, ISSUE_TITLES, ISSUES
 from workflows.datasets import list_tree
 
 SHOWN = 120  # groups or images per section; the CSV holds all of them
@@ -57,15 +58,13 @@ small{color:#888} table{border-collapse:collapse}
 td,th{padding:.3em .8em;border-bottom:1px solid #ddd}"""
 
 
-def render_report(dataset: str, root: str, images: Any, issues: list[dict], facts: dict) -> str:
+def render_report(dataset: str, root: str, images: Any, issues: list[dict], summary: dict) -> str:
     location = Location.at(root)
-    counts = "".join(f"<tr><td>{k}</td><td>{facts['counts'].get(k, 0)}</td></tr>"
-                     for k in ("exact_duplicate", "near_duplicate", "leakage", "conflicting_labels",
-                               "label_issue", "outlier"))  # fmt: skip
+    counts = "".join(f"<tr><td>{k}</td><td>{summary['counts'].get(k, 0)}</td></tr>"
+                     for k in ISSUES)  # fmt: skip
     sections = []
-    for kind, title in (("leakage", "Leaks across splits"), ("conflicting_labels",
-                        "Duplicate groups with different labels"), ("exact_duplicate",
-                        "Exact duplicates"), ("near_duplicate", "Near duplicates")):  # fmt: skip
+    for kind in GROUP_ISSUES:
+        title = ISSUE_TITLES[kind]
         by_group: dict[int, list[dict]] = {}
         for issue in issues:
             if issue["issue"] == kind:
@@ -77,10 +76,8 @@ def render_report(dataset: str, root: str, images: Any, issues: list[dict], fact
         if blocks:
             count = f"{len(by_group)} group{'s' if len(by_group) != 1 else ''}"
             sections.append(f"<h2>{title} ({count})</h2>" + "".join(blocks))
-    for kind, title in (
-        ("label_issue", "Label issues, most doubtful first"),
-        ("outlier", "Outliers"),
-    ):
+    for kind in ISSUES[len(GROUP_ISSUES) :]:
+        title = ISSUE_TITLES[kind]
         chosen = [i for i in issues if i["issue"] == kind]
         chosen.sort(key=lambda i: -i["score"])
         cards = [
@@ -93,10 +90,10 @@ def render_report(dataset: str, root: str, images: Any, issues: list[dict], fact
                 f"<h2>{title} ({len(chosen)})</h2><div class=group>{''.join(cards)}</div>"
             )
     name = html.escape(dataset)
-    thresholds = describe_thresholds(facts["thresholds"])
+    thresholds = describe_thresholds(summary["thresholds"])
     return (f"<!doctype html><html lang=en><meta charset=utf-8><title>wf audit: {name}</title>"
             f"<style>{STYLE}</style><h1>wf audit: {name}</h1>"
-            f"<p>{facts['images']} images; {html.escape(thresholds)}. "
+            f"<p>{summary['images']} images; {html.escape(thresholds)}. "
             "A green frame marks the image to keep of each group; the CSV holds every flagged "
             f"image.</p><table><tr><th>issue</th><th>images</th></tr>{counts}</table>"
             f"{''.join(sections)}</html>")  # fmt: skip

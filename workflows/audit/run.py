@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from storage.errors import RunFailed, SettingsError, StoreError
 from storage.feature_store import FeatureStore, tap_column, tap_to_numpy
@@ -36,6 +35,7 @@ from tasks.audit import (
     relative_scale,
 )
 from workflows.audit.settings import AuditSettings
+from workflows.datasets import SPLITS as LABELLED_SPLITS
 
 
 @dataclass
@@ -51,11 +51,9 @@ class Images:
 
 
 def load_images(store: FeatureStore) -> Images:
-    tables = [store.read_table(s, ["path", "split", "label", "label_index", "image_id", "copy",
-                                   tap_column("bottleneck")])
-              for s in ("train", "validation", "test") if store.manifest.files(s)]  # fmt: skip
-    table = pa.concat_tables(tables)
-    table = table.filter(pc.equal(table["copy"], 0))
+    columns = ["path", "split", "label", "label_index", "image_id", tap_column("bottleneck")]
+    table = pa.concat_tables([store.read_table(s, columns, first_copy_only=True)
+                              for s in LABELLED_SPLITS if store.manifest.files(s)])  # fmt: skip
     shape = store.manifest.taps["bottleneck"].shape
     return Images(table["path"].to_pylist(), table["split"].to_pylist(), table["label"].to_pylist(),
                   table["label_index"].to_numpy(), table["image_id"].to_pylist(),
@@ -97,7 +95,7 @@ def audit_images(
     images: Images, classes: tuple[str, ...], settings: AuditSettings, sizes: dict[str, int],
     out_of_fold: Any = None,
 ) -> tuple[list[dict], dict]:  # fmt: skip
-    """Every issue of one dataset's images, and the facts of the audit (thresholds, counts).
+    """Every issue of one dataset's images, and the summary of the audit (thresholds, counts).
     ``out_of_fold``: the labelled images' out-of-fold probabilities
     (:class:`workflows.train.cross_validate.OutOfFold`); without them, no label issues."""
     started = time.perf_counter()
@@ -149,7 +147,7 @@ def audit_images(
     for i, score, suggested in flagged:
         add("label_issue", i, score, suggested_label=classes[suggested])
     lap("label_issues")
-    facts = {
+    summary = {
         "images": len(images.path), "counts": dict(Counter(i["issue"] for i in issues)),
         "thresholds": {"similarity": settings.similarity, "relative": settings.relative,
                        "relative_distance": round(settings.relative * relative_scale(neighbours), 6)
@@ -158,7 +156,7 @@ def audit_images(
                        "exact_only": settings.exact_only},
         "seconds": round(time.perf_counter() - started, 3), "timings": timings,
     }  # fmt: skip
-    return issues, facts
+    return issues, summary
 
 
 def _label_issues(
@@ -199,11 +197,11 @@ def audit_context(settings: AuditSettings, store: FeatureStore) -> Any:
     and the audit's seed: its out-of-fold probabilities are those ``--cv`` computes."""
     from storage.runs import RunsLayout
     from tasks.methods import JobContext, TrainOptions, get_method
-    from workflows.train.run import store_facts
+    from workflows.train.run import store_snapshot
 
     manifest, method = store.manifest, get_method("bottleneck")
     return JobContext(dataset=manifest.dataset, method=method.name, classes=manifest.classes,
-                      dataset_root=manifest.dataset_root, stores=(store_facts(store),),
+                      dataset_root=manifest.dataset_root, stores=(store_snapshot(store),),
                       store_filesystem=store.layout.filesystem, runs=RunsLayout(settings.output),
                       recipe=method.recipe, options=TrainOptions(seed=settings.seed))  # fmt: skip
 
@@ -225,12 +223,12 @@ def resplit(images: Images, issues: list[dict]) -> list[dict]:
             for p, s in zip(images.path, images.split, strict=True)]  # fmt: skip
 
 
-def write_outputs(location: Location, issues: list[dict], facts: dict, report: str,
+def write_outputs(location: Location, issues: list[dict], summary: dict, report: str,
                   proposal: list[dict] | None) -> None:  # fmt: skip
     table = pa.Table.from_pylist(issues or [], schema=ISSUE_SCHEMA)
     files = {"issues.csv": table_bytes(table, "csv"),
              "issues.parquet": table_bytes(table, "parquet"),
-             "summary.json": (json.dumps(facts, indent=2) + "\n").encode(),
+             "summary.json": (json.dumps(summary, indent=2) + "\n").encode(),
              "report.html": report.encode()}  # fmt: skip
     if proposal is not None:
         files["resplit.csv"] = table_bytes(pa.Table.from_pylist(proposal), "csv")
@@ -246,7 +244,7 @@ ISSUE_SCHEMA = pa.schema([
 
 
 def run_audit(settings: AuditSettings) -> dict[str, dict]:
-    """Audit every selected dataset of the store; returns each one's summary facts."""
+    """Audit every selected dataset of the store; returns each one's summary."""
     from workflows.audit.report import file_sizes, render_report
     from workflows.cluster import ray_cluster
 
@@ -291,7 +289,7 @@ def run_audit(settings: AuditSettings) -> dict[str, dict]:
 def _audit_store(
     settings: AuditSettings, store: FeatureStore, pool: Any, file_sizes: Any, render_report: Any
 ) -> dict:
-    """One dataset's audit, written; its facts."""
+    """One dataset's audit, written; its summary."""
     from workflows.train.cross_validate import shared_out_of_fold
 
     dataset = store.manifest.dataset
@@ -301,22 +299,22 @@ def _audit_store(
                                      settings.folds, pool, images)  # fmt: skip
     seconds = time.perf_counter() - started
     sizes = file_sizes(store.manifest.dataset_root)
-    issues, facts = audit_images(images, store.manifest.classes, settings, sizes, out_of_fold)
-    facts["timings"] = {"out_of_fold": round(seconds, 3), **facts["timings"]}
-    facts["seconds"] = round(facts["seconds"] + seconds, 3)
-    facts["out_of_fold"] = (
+    issues, summary = audit_images(images, store.manifest.classes, settings, sizes, out_of_fold)
+    summary["timings"] = {"out_of_fold": round(seconds, 3), **summary["timings"]}
+    summary["seconds"] = round(summary["seconds"] + seconds, 3)
+    summary["out_of_fold"] = (
         {"method": "bottleneck", "folds": int(out_of_fold.fold.max()) + 1,
          "reused": out_of_fold.reused, "seconds": round(seconds, 3)}
         if out_of_fold is not None else None
     )  # fmt: skip
-    facts.update(
+    summary.update(
         dataset=dataset, backbone=settings.backbone, manifest_id=store.manifest.manifest_id
     )
     location = Location.at(settings.output.rstrip("/") + "/" + dataset)
-    report = render_report(dataset, store.manifest.dataset_root, images, issues, facts)
-    write_outputs(location, issues, facts, report,
+    report = render_report(dataset, store.manifest.dataset_root, images, issues, summary)
+    write_outputs(location, issues, summary, report,
                   resplit(images, issues) if settings.resplit else None)  # fmt: skip
-    return facts
+    return summary
 
 
 def check_fail_on(settings: AuditSettings, summaries: dict[str, dict]) -> None:

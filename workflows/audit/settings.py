@@ -13,8 +13,19 @@ from workflows.settings import ClusterSettings, setting
 # NEAR_SIMILARITY, and distance at most NEAR_RELATIVE x the typical distance to a 10th neighbour.
 NEAR_SIMILARITY, NEAR_RELATIVE = 0.85, 0.35
 
-ISSUES = ("exact_duplicate", "near_duplicate", "leakage", "outlier", "label_issue",
-          "conflicting_labels")  # fmt: skip
+# The kinds of issue the audit reports, in the order tables and the report show them, with the
+# report's title of each, the worst first. Groups of images: the first four; single images: the
+# last two.
+ISSUE_TITLES = {
+    "leakage": "Leaks across splits",
+    "conflicting_labels": "Duplicate groups with different labels",
+    "exact_duplicate": "Exact duplicates",
+    "near_duplicate": "Near duplicates",
+    "label_issue": "Label issues, most doubtful first",
+    "outlier": "Outliers",
+}
+ISSUES = tuple(ISSUE_TITLES)
+GROUP_ISSUES = ISSUES[:4]
 
 
 @dataclass(frozen=True)

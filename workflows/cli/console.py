@@ -134,11 +134,9 @@ def train_progress(enabled: bool = True) -> Iterator[Callable[[dict[str, dict]],
         table = Table(title="wf train-all: jobs")
         for column in ("job", "state", "epoch"):
             table.add_column(column, no_wrap=True)
-        for key, facts in status.items():
-            colour = colours.get(facts["state"], "white")
-            table.add_row(
-                key, f"[{colour}]{facts['state']}[/]", f"{facts['epoch']}/{facts['epochs']}"
-            )
+        for key, job in status.items():
+            colour = colours.get(job["state"], "white")
+            table.add_row(key, f"[{colour}]{job['state']}[/]", f"{job['epoch']}/{job['epochs']}")
         return table
 
     with Live(Table(title="wf train-all: starting"), console=err, refresh_per_second=2) as live:
@@ -183,7 +181,7 @@ def show_train(runs: str, results: list[Any], as_json: bool) -> None:
         out.print(f"summary: {runs.rstrip('/')}/summary.md and summary.html", markup=False)
     for result in results:
         if result.status == "failed":
-            say("failed", f"{result.dataset}/{result.method}: {result.error}")
+            say("failed", f"{result.key}: {result.error}")
 
 
 def show_evaluation(folder: str, metrics: dict[str, Any], as_json: bool) -> None:
@@ -298,9 +296,9 @@ def show_next_steps(runs: str) -> None:
 def show_serving(url: str, models: list[Any]) -> None:
     """Where `wf serve` listens, its models, and a request to try."""
     out.print(f"serving {len(models)} models at {url} (Ctrl-C stops)", markup=False)
-    for facts in models:
-        out.print(f"  POST {url}/v1/models/{facts.dataset}/{facts.method}:predict"
-                  f"   ({', '.join(facts.classes)})", markup=False, highlight=False)  # fmt: skip
+    for served in models:
+        out.print(f"  POST {url}/v1/models/{served.dataset}/{served.method}:predict"
+                  f"   ({', '.join(served.classes)})", markup=False, highlight=False)  # fmt: skip
     first = models[0]
     out.print("try:", markup=False)
     out.print(f"  curl --data-binary @photo.jpg {url}/v1/models/{first.dataset}/"
@@ -338,10 +336,10 @@ def show_audit(output: str, summaries: dict[str, dict], as_json: bool) -> None:
     if as_json:
         print_json(summaries)
         return
-    kinds = ("exact_duplicate", "near_duplicate", "leakage", "conflicting_labels", "label_issue",
-             "outlier")  # fmt: skip
+    from workflows.audit.settings import ISSUES
+
     rows = [{"dataset": d, "images": str(s["images"]),
-             **{k.replace("_", " "): str(s["counts"].get(k, 0)) for k in kinds}}
+             **{k.replace("_", " "): str(s["counts"].get(k, 0)) for k in ISSUES}}
             for d, s in summaries.items()]  # fmt: skip
     print_table(f"wf audit: {output}", rows)
     for dataset in summaries:

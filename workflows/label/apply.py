@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 from storage.errors import DatasetError
 from storage.filesystem import Location, file_info, read_bytes, write_bytes
 from storage.names import unescape_name
-from workflows.datasets import SPLIT_ALIASES, UNLABELLED_FOLDERS, list_tree
+from workflows.datasets import SPLIT_ALIASES, SPLITS, UNLABELLED_FOLDERS, list_tree
 
 LOG = ".wf-labels.jsonl"
 _LABEL = re.compile(r"^[^/\\\x00]+$")
@@ -62,7 +62,7 @@ def label_images(dataset: str, labels_csv: str, split: str = "train") -> LabelRe
     tree = list_tree(dataset)
     lower = {name.lower(): name for name in tree.children()}
     has_splits = any(name in SPLIT_ALIASES for name in lower)
-    if split not in ("train", "validation", "test"):
+    if split not in SPLITS:
         raise DatasetError(f"--split must be train, validation or test: {split}")
     folder = ""
     if has_splits:

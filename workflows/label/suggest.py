@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from storage.errors import SettingsError, StoreError
 from storage.feature_store import FeatureStore, tap_column
@@ -42,11 +41,11 @@ from tasks.cross_validation import apply_temperature
 from tasks.heads import probabilities
 from tasks.methods import get_method
 from workflows.audit.settings import NEAR_RELATIVE, NEAR_SIMILARITY
-from workflows.datasets import UNLABELLED
+from workflows.datasets import SPLITS, UNLABELLED
 from workflows.label.settings import SuggestSettings
 
 CANDIDATES = 2  # the shortlist: this many times the budget, the most uncertain
-LABELLED = ("train", "validation", "test")
+
 REASONS = ("uncertain", "spread", "balance")
 
 
@@ -128,8 +127,8 @@ def _near_limit(pool: np.ndarray, labelled: np.ndarray) -> float:
 
 
 def _rows(store: FeatureStore, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    table = store.read_table(split, ["path", "label_index", "copy", tap_column("bottleneck")])
-    table = table.filter(pc.equal(table["copy"], 0))
+    columns = ["path", "label_index", tap_column("bottleneck")]
+    table = store.read_table(split, columns, first_copy_only=True)
     from storage.feature_store import tap_to_numpy
 
     x = tap_to_numpy(table[tap_column("bottleneck")], store.manifest.taps["bottleneck"].shape)
@@ -182,7 +181,7 @@ def suggest_dataset(settings: SuggestSettings, dataset: str) -> dict[str, Any]:
         warnings.append(f"{dataset}: the {settings.method} run predates the store's labels; "
                         "`wf train-all` first for better suggestions")  # fmt: skip
     paths, x, _ = _rows(store, UNLABELLED)
-    found = [_rows(store, s) for s in LABELLED if store.has_split(s)]
+    found = [_rows(store, s) for s in SPLITS if store.has_split(s)]
     labelled = normalise(np.concatenate([f[1] for f in found]))
     probs = model_probabilities(runs, dataset, settings.method, x)
     classes = list(store.manifest.classes)

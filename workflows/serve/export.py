@@ -70,13 +70,13 @@ def export_model(
 ) -> ExportReport:  # fmt: skip
     """Convert ``model_path`` to ``fmt``, check it on ``check`` and write it to ``output`` when
     it passes; a model it refuses raises :class:`ExportRefused` holding the report."""
-    from tasks.classifier import load_classifier
+    from tasks.classifier import load_trained_model
 
     if fmt not in FORMATS:
         raise SettingsError(f"--format must be one of {', '.join(FORMATS)}: {fmt}")
     if model_path.endswith(".onnx"):
         raise SettingsError(f"{model_path} is already ONNX (a job on an ONNX backbone): use it")
-    classifier = load_classifier(model_path)
+    classifier = load_trained_model(model_path)
     root = _dataset_root(model_path)
     check = check or _default(root, "validation", "--check FOLDER (a labelled folder)")
     pixels, labels = labelled_images(check, classifier.classes, classifier.input_size)

@@ -16,7 +16,7 @@ from storage.errors import SettingsError
 from storage.filesystem import Location, file_location, write_bytes
 from storage.names import escape_name
 from tasks.abstention import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION
-from tasks.classifier import Classifier, load_classifier
+from tasks.classifier import TrainedModel, load_trained_model
 from tasks.evaluation import accuracy_interval, classification_metrics
 from tasks.images import ImageRejected, load_image
 from workflows.datasets import UNLABELLED_FOLDERS, list_tree
@@ -51,7 +51,7 @@ def image_files(paths: list[str]) -> list[tuple[str, Location, str]]:
     return files
 
 
-def classify(classifier: Classifier, files: list[tuple[str, Location, str]]) -> list[Prediction]:
+def classify(classifier: TrainedModel, files: list[tuple[str, Location, str]]) -> list[Prediction]:
     size = classifier.input_size
     results: dict[int, Prediction] = {}
     good: list[tuple[int, np.ndarray]] = []
@@ -84,14 +84,14 @@ class Thresholds:
     max_distance: float | None = None
     abstain: bool = True
 
-    def apply(self, classifier: Classifier) -> Classifier:
+    def apply(self, classifier: TrainedModel) -> TrainedModel:
         return classifier.with_thresholds(self.min_confidence, self.max_distance, self.abstain)
 
 
 def predict_paths(
     model_path: str, paths: list[str], thresholds: Thresholds | None = None
 ) -> list[Prediction]:
-    classifier = (thresholds or Thresholds()).apply(load_classifier(model_path))
+    classifier = (thresholds or Thresholds()).apply(load_trained_model(model_path))
     return classify(classifier, image_files(paths))
 
 
@@ -133,7 +133,7 @@ def evaluate_folder(model_path: str, folder: str, thresholds: Thresholds | None 
     on every image, and on the images it answered (``answered``: accuracy with its interval,
     and the coverage) when it can abstain."""
     tree = list_tree(folder)
-    classifier = (thresholds or Thresholds()).apply(load_classifier(model_path))
+    classifier = (thresholds or Thresholds()).apply(load_trained_model(model_path))
     present = [c for c in tree.children() if c not in UNLABELLED_FOLDERS]  # no class to score
     unknown = [c for c in present if escape_name(c) not in classifier.classes]
     if unknown:

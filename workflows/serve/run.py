@@ -1,6 +1,6 @@
 """`wf serve`: every trained classifier of a runs folder behind one HTTP endpoint, on Ray Serve.
 
-find the finished jobs (``--datasets``, ``--methods``) -> one batched Classifier deployment per
+find the finished jobs (``--datasets``, ``--methods``) -> one batched ModelDeployment per
 model, with a bounded queue -> the gateway -> serve on HOST:PORT until stopped.
 """
 
@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 from storage.errors import StoreError
 from storage.runs import RunsLayout
-from tasks.serving import ModelFacts
+from tasks.serving import ServedModel
 from workflows.serve.settings import ServeSettings
 
 
-def find_models(settings: ServeSettings) -> list[ModelFacts]:
+def find_models(settings: ServeSettings) -> list[ServedModel]:
     """The finished jobs of the runs folder the settings select, as the gateway describes them."""
     runs = RunsLayout(settings.runs)
     found = []
@@ -26,7 +26,7 @@ def find_models(settings: ServeSettings) -> list[ModelFacts]:
         if settings.methods and job.method not in settings.methods:
             continue
         metrics = job.metrics()
-        found.append(ModelFacts(
+        found.append(ServedModel(
             dataset=job.dataset, method=job.method, model_uri=job.display(job.model_name),
             classes=tuple(job.classes()),
             sha256=job.index()[job.model_name]["sha256"],
@@ -39,13 +39,13 @@ def find_models(settings: ServeSettings) -> list[ModelFacts]:
     return found
 
 
-def start(settings: ServeSettings, models: list[ModelFacts]) -> str:
+def start(settings: ServeSettings, models: list[ServedModel]) -> str:
     """Deploy the models and the gateway on the current Ray cluster; returns the base URL."""
     import logging
 
     from ray import serve
 
-    from tasks.serving import Classifier
+    from tasks.serving import ModelDeployment
     from tasks.serving_gateway import Gateway
 
     if not settings.cluster.verbose:  # Serve's own progress lines; its replicas log to files
@@ -59,13 +59,13 @@ def start(settings: ServeSettings, models: list[ModelFacts]) -> str:
         else {"num_replicas": settings.replicas}
     )  # fmt: skip
     handles = [
-        Classifier.options(
-            name=f"model-{facts.name}", max_ongoing_requests=settings.max_ongoing_requests,
+        ModelDeployment.options(
+            name=f"model-{served.name}", max_ongoing_requests=settings.max_ongoing_requests,
             max_queued_requests=settings.max_queued_requests,
             ray_actor_options={"num_cpus": 0}, **scaling,
-        ).bind(facts.model_uri, settings.max_pixels, settings.max_batch_size,
+        ).bind(served.model_uri, settings.max_pixels, settings.max_batch_size,
                settings.batch_wait_ms / 1000, settings.runtime)
-        for facts in models
+        for served in models
     ]  # fmt: skip
     gateway = Gateway.options(
         max_ongoing_requests=settings.max_ongoing_requests * len(models) * 4,
@@ -76,7 +76,7 @@ def start(settings: ServeSettings, models: list[ModelFacts]) -> str:
 
 
 def serve_forever(
-    settings: ServeSettings, on_ready: Callable[[str, list[ModelFacts]], None]
+    settings: ServeSettings, on_ready: Callable[[str, list[ServedModel]], None]
 ) -> None:
     """Serve until SIGINT or SIGTERM; then shut the applications down."""
     from ray import serve

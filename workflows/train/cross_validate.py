@@ -35,6 +35,7 @@ from storage.feature_store import FeatureStore
 from storage.filesystem import file_info, read_bytes, write_bytes
 from storage.hashing import fingerprint, stable_unit_interval
 from storage.layout import StoreLayout
+from storage.runs import split_job_key
 from tasks.abstention import DEFAULT_RATE, choose
 from tasks.cross_validation import (
     CrossValidated,
@@ -360,15 +361,15 @@ def dataset_choice(
     (by temperatures fitted on the other folds); ``truth``: each image's label; ``rate``: the
     in-distribution share the average's abstention threshold declines (``ensemble.abstain``)."""
     ranked = sorted(found, key=lambda key: -found[key].accuracy)
-    choice: dict[str, Any] = {"chosen": ranked[0].split("/", 1)[1], "seconds": round(seconds, 3),
-                              "among": sorted(key.split("/", 1)[1] for key in found)}  # fmt: skip
+    choice: dict[str, Any] = {"chosen": split_job_key(ranked[0])[1], "seconds": round(seconds, 3),
+                              "among": sorted(split_job_key(key)[1] for key in found)}  # fmt: skip
     if len(ranked) > 1:
         best, second = scored[ranked[0]], scored[ranked[1]]
         common = sorted(set(best) & set(second))
         labels = np.array([truth[k] for k in common])
         test = paired_comparison(labels, np.stack([best[k] for k in common]),
                                  np.stack([second[k] for k in common]))  # fmt: skip
-        choice.update(next=ranked[1].split("/", 1)[1], images=len(common), **test)
+        choice.update(next=split_job_key(ranked[1])[1], images=len(common), **test)
         choice["ensemble"] = _ensemble(ranked, scored, calibrated, truth, rate)
     return {key: dataclasses.replace(value, choice=choice) for key, value in found.items()}
 
@@ -389,9 +390,9 @@ def _ensemble(
     test = paired_comparison(labels, average, np.stack([scored[ranked[0]][k] for k in common]))
     beats = not test["within_noise"] and test["only_first"] > test["only_second"]
     abstain = choose(average.max(axis=1), None, rate, "out-of-fold").to_json()
-    return {"members": [key.split("/", 1)[1] for key in ranked],
+    return {"members": [split_job_key(key)[1] for key in ranked],
             "accuracy": round(float(right.mean()), 6), "interval": [round(low, 6), round(high, 6)],
-            "n": len(common), "against": ranked[0].split("/", 1)[1],
+            "n": len(common), "against": split_job_key(ranked[0])[1],
             "only_ensemble": test["only_first"], "only_best": test["only_second"],
             "p_value": test["p_value"], "within_noise": test["within_noise"],
             "beats_best": beats,

@@ -21,9 +21,9 @@ from storage.errors import RunFailed, SettingsError, StoreError
 from storage.feature_store import FeatureStore
 from storage.filesystem import delete_folder
 from storage.layout import StoreLayout
-from storage.runs import Artifact, RunsLayout
+from storage.runs import Artifact, RunsLayout, job_key, job_run_name, split_job_key
 from tasks.backbones import DEFAULT_BACKBONE, is_onnx_store
-from tasks.methods import JobContext, Method, StoreFacts, get_method, in_dependency_order
+from tasks.methods import JobContext, Method, StoreSnapshot, get_method, in_dependency_order
 from tasks.training.engine import TrainingPool
 from tasks.training.job import JobBoard, JobResult, run_job_task
 from workflows.cluster import on_this_node, ray_cluster
@@ -42,13 +42,13 @@ class PlannedJob:
 
     @property
     def key(self) -> str:
-        return f"{self.dataset}/{self.method}"
+        return job_key(self.dataset, self.method)
 
 
-def store_facts(store: FeatureStore) -> StoreFacts:
+def store_snapshot(store: FeatureStore) -> StoreSnapshot:
     manifest = store.manifest
     splits = sorted({r.split for r in manifest.shards.values()})
-    return StoreFacts(
+    return StoreSnapshot(
         backbone=manifest.backbone,
         input_size=tuple(manifest.input_size),
         taps={name: tuple(tap.shape) for name, tap in manifest.taps.items()},
@@ -114,7 +114,7 @@ def plan_jobs(settings: TrainSettings) -> list[PlannedJob]:
             )
         for method in in_dependency_order(settings.methods):
             names = [own, *(b for b in backbones if b != own)] if method.all_backbones else [own]
-            depends = f"{dataset}/{method.depends_on}" if method.depends_on else None
+            depends = job_key(dataset, method.depends_on) if method.depends_on else None
             try:
                 stores = [_open_verified(layout, dataset, b) for b in names]
                 _check_method(method, stores[0])
@@ -126,7 +126,7 @@ def plan_jobs(settings: TrainSettings) -> list[PlannedJob]:
             context = JobContext(
                 dataset=dataset, method=method.name, classes=stores[0].manifest.classes,
                 dataset_root=stores[0].manifest.dataset_root,
-                stores=tuple(store_facts(s) for s in stores), store_filesystem=layout.filesystem,
+                stores=tuple(store_snapshot(s) for s in stores), store_filesystem=layout.filesystem,
                 runs=runs, recipe=settings.recipes[method.name], options=settings.options,
             )  # fmt: skip
             jobs.append(PlannedJob(dataset, method.name, context, depends))
@@ -161,7 +161,7 @@ def _stale(jobs: list[PlannedJob], runs: RunsLayout) -> set[str]:
 def _forget(runs: RunsLayout, dataset: str, method: str) -> None:
     """Remove a job's artifacts, Ray Train folder and checkpoints: it trains again."""
     runs.job(dataset, method).remove()
-    delete_folder(runs.location.filesystem, runs.ray_run_dir(f"{dataset}-{method}"))
+    delete_folder(runs.location.filesystem, runs.ray_run_dir(job_run_name(dataset, method)))
     runs.checkpoints(dataset, method).remove()
 
 
@@ -284,7 +284,7 @@ def _ensembles(
         unfinished = [
             m
             for m in ensemble["members"]
-            if getattr(results.get(f"{dataset}/{m}"), "status", "") not in ("done", "kept")
+            if getattr(results.get(job_key(dataset, m)), "status", "") not in ("done", "kept")
         ]
         if unfinished:
             why = f"not built: {', '.join(unfinished)} did not finish"
@@ -309,15 +309,14 @@ def _ensembles(
             assert context is not None
             store = FeatureStore.open(StoreLayout.at(settings.store), job.dataset,
                                       context.store.backbone)  # fmt: skip
-            table = store.read_table("validation", ["path", "label_index", "copy"])
-            validation = [(p, int(y)) for p, y, c in zip(table["path"].to_pylist(),
-                          table["label_index"].to_pylist(), table["copy"].to_pylist(),
-                          strict=True) if c == 0]  # fmt: skip
-            pool.submit(f"{job.dataset}/{ENSEMBLE}", "build_ensemble", runs, job.dataset,
+            table = store.read_table("validation", ["path", "label_index"], first_copy_only=True)
+            validation = list(zip(table["path"].to_pylist(), table["label_index"].to_pylist(),
+                                  strict=True))  # fmt: skip
+            pool.submit(job_key(job.dataset, ENSEMBLE), "build_ensemble", runs, job.dataset,
                         ensemble["members"], list(context.classes), context.dataset_root,
                         validation, ensemble)  # fmt: skip
         for outcome in pool.drain():
-            dataset = outcome.key.split("/", 1)[0]
+            dataset, _ = split_job_key(outcome.key)
             if outcome.error is not None:
                 lines = str(outcome.error).strip().splitlines()
                 out.append(
@@ -466,9 +465,9 @@ def _status(
     jobs: list[PlannedJob], results: dict[str, JobResult], active: set[str], board: object
 ) -> dict[str, dict]:
     try:
-        facts = ray.get(board.all.remote(), timeout=5)  # type: ignore[attr-defined]
+        posted = ray.get(board.all.remote(), timeout=5)  # type: ignore[attr-defined]
     except Exception:  # progress is for people; the run goes on
-        facts = {}
+        posted = {}
     status = {}
     for job in jobs:
         epochs = job.context.recipe.epochs if job.context else 0
@@ -478,7 +477,7 @@ def _status(
         else:
             state = "running" if job.key in active else "waiting"
             status[job.key] = {"state": state, "epochs": epochs,
-                               "epoch": facts.get(job.key, {}).get("epoch", 0)}  # fmt: skip
+                               "epoch": posted.get(job.key, {}).get("epoch", 0)}  # fmt: skip
     return status
 
 

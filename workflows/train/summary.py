@@ -222,7 +222,7 @@ def _settings(settings: dict[str, Any] | None) -> str:
     recipe, options = settings.get("recipe", {}), settings.get("options", {})
     stores = ", ".join(f"{s['backbone']} ({s['input_size'][0]} px, manifest {s['manifest_id']})"
                        for s in settings.get("stores", []))  # fmt: skip
-    facts = [
+    items = [
         ("recipe", f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, "
                    f"{recipe.get('optimizer')} {recipe.get('learning_rate')}"),
         ("options", ", ".join(f"{k} {v}" for k, v in options.items() if k != "policy")),
@@ -230,7 +230,7 @@ def _settings(settings: dict[str, Any] | None) -> str:
         ("images", settings.get("dataset_root", "")),
     ]  # fmt: skip
     return (
-        "<dl>" + "".join(f"<dt>{k}</dt><dd>{html.escape(str(v))}</dd>" for k, v in facts) + "</dl>"
+        "<dl>" + "".join(f"<dt>{k}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items) + "</dl>"
     )
 
 
