@@ -101,32 +101,39 @@ def run_ray_data(images: str, work: str) -> dict:
 
 
 def run_wf(images: str, work: str, runtime: str = "litert") -> dict:
+    """`wf extract` as a user runs it (the CLI, in its own process, --json), after a warm-up
+    run in this process has filled the converted-backbone cache. Timed from just before the
+    command starts; its report says when the first shard task began and where the workers'
+    seconds went."""
     from workflows.extract.run import run_extract
     from workflows.extract.settings import DatasetSource, ExtractSettings
     from workflows.settings import ClusterSettings
 
-    def settings(store: str) -> ExtractSettings:
-        return ExtractSettings(
-            datasets=(DatasetSource(images, name="cats_vs_dogs_train"),),
-            store=store,
-            shards=8,
-            augment=0,
-            validation_fraction=0.0,
-            runtime=runtime,
-            cache_dir=os.path.join(work, "cache"),
-            cluster=ClusterSettings(num_cpus=2),
-        )
-
-    run_extract(settings(os.path.join(work, "warmup")))  # fills the converted-backbone cache
-    started = time.perf_counter()
-    (report,) = run_extract(settings(os.path.join(work, "store")))
-    seconds = time.perf_counter() - started
+    cache = os.path.join(work, "cache")
+    run_extract(ExtractSettings(
+        datasets=(DatasetSource(images, name="warmup"),), store=os.path.join(work, "warmup"),
+        shards=1, augment=0, runtime=runtime, cache_dir=cache, cluster=ClusterSettings(num_cpus=2),
+    ))  # fmt: skip
+    command = [sys.executable, "-m", "workflows.cli", "extract", images, "--store",
+               os.path.join(work, "store"), "--shards", "8", "--augment", "0", "--runtime",
+               runtime, "--cache-dir", cache, "--num-cpus", "2", "--json"]  # fmt: skip
+    started_at = time.time()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    seconds = time.time() - started_at
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-2000:])
+    (report,) = json.loads(done.stdout)
     return {
-        "images": report.images,
+        "images": report["images"],
         "seconds": seconds,
-        "extract_seconds": report.seconds,
-        "peak_rss_mib": report.peak_worker_rss_mib,
-        "rejects": report.rejects,
+        "extract_seconds": report["seconds"],
+        "peak_rss_mib": report["peak_worker_rss_mib"],
+        "rejects": report["rejects"],
+        "stages": report["stages"],
+        "task_seconds": report["task_seconds"],
+        "commit_seconds": report["commit_seconds"],
+        "start_up": report["first_shard_at"] - started_at,
+        "extract_started": report["extract_started_at"] - started_at,
     }
 
 
@@ -193,6 +200,37 @@ def print_table(results: dict) -> None:
             )
 
 
+def print_breakdown(method: str, r: dict, runtime_ms: float, slots: int = 2) -> None:
+    """Where ``slots`` x the command's wall time went, and the gap to the compute limit."""
+    wall, phase = r["seconds"], r["extract_seconds"]
+    first = r["start_up"]
+    # The extraction phase: from the cluster being up (tasks submitted) to the last commit.
+    end = r["extract_started"] + phase
+    idle_in_phase = slots * (end - first) - r["task_seconds"]
+    parts = [("start-up: command start to first shard running (x slots)", slots * first)]
+    parts += [(f"shard stage: {stage}", seconds) for stage, seconds in r["stages"].items()]
+    in_tasks = r["task_seconds"] - sum(r["stages"].values())
+    parts += [("shard tasks, outside the stages above", in_tasks),
+              ("workers idle while shards ran (tail, scheduling)", idle_in_phase),
+              ("after the last shard: compaction, exit (x slots)", slots * (wall - end)),
+              ]  # fmt: skip
+    total = slots * wall
+    print(f"\n{method}: where {slots} slots x {wall:.1f} s = {total:.1f} slot-seconds went")
+    print(f"{'':<56} {'seconds':>8} {'share':>6}")
+    for name, seconds in parts:
+        print(f"{name:<56} {seconds:>8.2f} {seconds / total:>6.1%}")
+    print(f"{'(driver, beside the slots) committing shards':<56} {r['commit_seconds']:>8.2f}")
+    limit = slots * 1000 / runtime_ms
+    steady = r["images"] / (end - first)
+    print(
+        f"compute limit ({slots} slots at {runtime_ms:.2f} ms an image, the runtime alone): "
+        f"{limit:.1f} img/s; steady state (first shard to last commit) {steady:.1f} img/s "
+        f"({steady / limit:.0%}, target 85%); end to end {r['images'] / wall:.1f} img/s "
+        f"({r['images'] / wall / limit:.0%}, target 70%); start-up {first:.1f} s (target 5 s); "
+        f"unexplained (task time outside every stage) {in_tasks / total:.1%} (target < 5%)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", default=str(DEFAULT_IMAGES))
@@ -240,6 +278,9 @@ def main() -> None:
                     f"{method}: compute limit {limit:.1f} img/s; end to end {rate:.1f} "
                     f"({rate / limit:.0%}), extraction only {only:.1f} ({only / limit:.0%})"
                 )
+        for method, runtime in (("wf", "litert"), ("wf_int8", "litert-int8")):
+            if "stages" in results.get(method, {}):
+                print_breakdown(method, results[method], alone[f"{runtime}_ms"])
         if "seconds" in results.get("wf_int8", {}) and "seconds" in results.get("wf", {}):
             speedup = results["wf"]["seconds"] / results["wf_int8"]["seconds"]
             print(f"litert-int8 end to end: {speedup:.2f}x float32 (target >= 1.8x)")

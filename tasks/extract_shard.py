@@ -40,6 +40,31 @@ from tasks.images import ImageRejected, decode_image, read_image_bytes
 
 ProgressCallback = Callable[[int, int], None]
 
+# Where a shard's seconds go, each stage timed where it runs (benchmarks/extract_throughput.py
+# sums them over workers to explain the gap to the compute limit).
+STAGES = ("read", "hash", "decode", "augment", "runtime", "arrow", "write", "progress")
+
+
+class StageClock:
+    """Seconds per stage of one shard; :meth:`timed` adds a block's time to its stage."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+
+    def timed(self, stage: str) -> _Timed:
+        return _Timed(self.seconds, stage)
+
+
+class _Timed:
+    def __init__(self, seconds: dict[str, float], stage: str) -> None:
+        self._seconds, self._stage = seconds, stage
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, *_: object) -> None:
+        self._seconds[self._stage] += time.perf_counter() - self._started
+
 
 @dataclass(frozen=True)
 class ImageItem:
@@ -91,17 +116,24 @@ class ShardResult:
     worker: str
     node: str
     peak_rss_mib: float
+    started_at: float = 0.0  # wall clock (time.time()) when the task began
+    stages: tuple[tuple[str, float], ...] = ()  # seconds per stage (STAGES), this shard's
 
 
 def _decoded(
-    job: ShardJob, size: tuple[int, int], rejects: list[Reject]
+    job: ShardJob, size: tuple[int, int], rejects: list[Reject], clock: StageClock
 ) -> Iterator[tuple[ImageItem, str, np.ndarray]]:
     for item in job.items:
         try:
-            data = read_image_bytes(job.source, item.path)
+            with clock.timed("read"):
+                data = read_image_bytes(job.source, item.path)
             if data and len(data) != item.size:
                 raise ImageRejected("changed", f"{item.size} bytes when planned, {len(data)} now")
-            yield item, content_id(data), decode_image(data, size, job.max_pixels)
+            with clock.timed("hash"):
+                image_id = content_id(data)
+            with clock.timed("decode"):
+                pixels = decode_image(data, size, job.max_pixels)
+            yield item, image_id, pixels
         except ImageRejected as rejected:
             rejects.append(Reject(item.relative_path, job.split, rejected.reason, rejected.detail))
 
@@ -113,6 +145,7 @@ def _batches(
     rejects: list[Reject],
     class_images: list[int],
     progress: ProgressCallback | None,
+    clock: StageClock,
 ) -> Iterator[pa.RecordBatch]:
     extractor = extractor_for(prepared, job.threads)
     copies = 1 + (job.augment_copies if job.split == "train" else 0)
@@ -121,32 +154,36 @@ def _batches(
 
     def flush() -> pa.RecordBatch:
         nonlocal reported_rejects
-        features = extractor(np.stack([pixels for *_, pixels in pending]))
-        columns: dict[str, Any] = {
-            "image_id": [image_id for _, image_id, _, _ in pending],
-            "path": [item.relative_path for item, *_ in pending],
-            "label": [item.label for item, *_ in pending],
-            "label_index": [item.label_index for item, *_ in pending],
-            "split": [job.split] * len(pending),
-            "copy": [copy for _, _, copy, _ in pending],
-        }
-        for tap, values in features.items():
-            columns[tap_column(tap)] = values
-        batch = rows_to_batch(schema, columns)
+        with clock.timed("runtime"):
+            features = extractor(np.stack([pixels for *_, pixels in pending]))
+        with clock.timed("arrow"):
+            columns: dict[str, Any] = {
+                "image_id": [image_id for _, image_id, _, _ in pending],
+                "path": [item.relative_path for item, *_ in pending],
+                "label": [item.label for item, *_ in pending],
+                "label_index": [item.label_index for item, *_ in pending],
+                "split": [job.split] * len(pending),
+                "copy": [copy for _, _, copy, _ in pending],
+            }
+            for tap, values in features.items():
+                columns[tap_column(tap)] = values
+            batch = rows_to_batch(schema, columns)
         if progress is not None:
-            images = sum(1 for _, _, copy, _ in pending if copy == 0)
-            progress(images, len(rejects) - reported_rejects)
+            with clock.timed("progress"):
+                images = sum(1 for _, _, copy, _ in pending if copy == 0)
+                progress(images, len(rejects) - reported_rejects)
             reported_rejects = len(rejects)
         pending.clear()
         return batch
 
-    for item, image_id, pixels in _decoded(job, prepared.input_size, rejects):
+    for item, image_id, pixels in _decoded(job, prepared.input_size, rejects, clock):
         if item.label_index >= 0:  # an unlabelled image has no class to count
             class_images[item.label_index] += 1
         pending.append((item, image_id, 0, pixels))
-        for copy in range(1, copies):
-            seed = copy_seed(image_id, copy, job.seed)
-            pending.append((item, image_id, copy, augment_image(pixels, job.policy, seed)))
+        with clock.timed("augment"):
+            for copy in range(1, copies):
+                seed = copy_seed(image_id, copy, job.seed)
+                pending.append((item, image_id, copy, augment_image(pixels, job.policy, seed)))
         if len(pending) >= job.batch_size:
             yield flush()
     if pending:
@@ -159,17 +196,25 @@ def extract_shard(
     job: ShardJob, prepared: PreparedBackbone, progress: ProgressCallback | None = None
 ) -> ShardResult:
     """Extract ``job`` and write its part file; bad images become rejects, never failures."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     taps = {tap: TapRecord(shape, job.dtype) for tap, shape in prepared.taps.items()}
     schema = feature_schema(taps, job.classes)
     rejects: list[Reject] = []
     class_images = [0] * len(job.classes)
 
+    clock = StageClock()
+
     def attempt() -> WrittenFile:
         rejects.clear()
         class_images[:] = [0] * len(job.classes)
-        batches = _batches(job, prepared, schema, rejects, class_images, progress)
-        return write_part(job.layout, job.output_path, schema, batches)
+        clock.seconds.update(dict.fromkeys(STAGES, 0.0))
+        begun = time.perf_counter()
+        batches = _batches(job, prepared, schema, rejects, class_images, progress, clock)
+        written = write_part(job.layout, job.output_path, schema, batches)
+        # What write_part spent outside the batches it pulled: Parquet encoding and the upload.
+        inside = sum(v for k, v in clock.seconds.items() if k != "write")
+        clock.seconds["write"] = max(0.0, time.perf_counter() - begun - inside)
+        return written
 
     # An object store that stops answering mid-upload: the shard is made again, after a
     # backoff, until the store's retry policy gives up (then the task fails, one line).
@@ -188,6 +233,8 @@ def extract_shard(
         worker=f"{socket.gethostname()}:{os.getpid()}",
         node=ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        started_at=started_at,
+        stages=tuple((k, round(v, 6)) for k, v in clock.seconds.items()),
     )
 
 

@@ -9,6 +9,7 @@ from storage.errors import StoreError
 from storage.filesystem import (
     Location,
     RetryPolicy,
+    list_files,
     read_bytes,
     remove_temporaries,
     retrying,
@@ -75,3 +76,31 @@ def test_transient_object_store_errors_are_retried_then_one_line():
 
     with pytest.raises(OSError, match="ACCESS_DENIED"):  # not transient: no retry
         retrying(remote, denied, RetryPolicy(3, 0.01, 0.02))
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from tests.s3 import S3Server
+
+    server = S3Server()
+    server.create_bucket("listing")
+    yield server
+    server.close()
+
+
+def test_listing_an_object_store_by_prefix_in_parallel_finds_what_one_listing_finds(s3):
+    fs = s3.filesystem()
+    keys = ["loose.txt", "train/a/1.jpg", "train/a/2.jpg", "train/b/deep/3.jpg",
+            "validation/a/4.jpg", "validation/only.jpg", "unlabelled/x/y/z/5.jpg"]  # fmt: skip
+    keys += [f"wide/p{i:02d}/{j}.jpg" for i in range(20) for j in range(3)]  # more than threads
+    for key in keys:
+        with fs.open_output_stream(f"listing/root/{key}") as out:
+            out.write(b"wf")
+    serial = [(i.path, i.size) for i in list_files(fs, "listing/root")]
+    for threads in (2, 4, 16):
+        assert [(i.path, i.size) for i in list_files(fs, "listing/root", threads=threads)] == serial
+    assert len(serial) == len(keys)
+    assert list_files(fs, "listing/nothing/here", threads=4) == []
+    files, folders = Location(fs, "listing/root", "s3://listing/root").tree(lambda name: False)
+    assert sorted(f.parts for f in files) == sorted(tuple(k.split("/")) for k in keys)
+    assert ("train", "b", "deep") in folders and ("wide", "p19") in folders

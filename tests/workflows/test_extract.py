@@ -16,7 +16,7 @@ from storage.errors import StoreBusyError
 from storage.feature_store import FeatureStore
 from storage.layout import StoreLayout
 from storage.verify import VerifyReport, verify_store
-from tasks.extract_shard import ImageItem
+from tasks.extract_shard import STAGES, ImageItem
 from tests.conftest import make_dataset
 from tests.corpus import fuzzed_images, write_bad_input_corpus
 from workflows.extract.plan import plan_shards
@@ -64,6 +64,11 @@ def test_rerun_recomputes_only_changed_shards(tmp_path, cache_dir, ray_local):
     assert (first.shards_done, first.shards_skipped, first.rejects) == (8, 0, 0)
     store = FeatureStore.open(settings.store, "shapes", "efficientnet_lite0")
     assert store.manifest.is_complete() and len(first.nodes) == 1
+    # Where the shards' seconds went: every stage timed, within the tasks' own seconds.
+    assert set(first.stages) == set(STAGES) and first.commits == 8
+    assert first.stages["runtime"] > 0 and first.stages["decode"] > 0 and first.stages["write"] > 0
+    assert sum(first.stages.values()) <= first.task_seconds
+    assert first.extract_started_at <= first.first_shard_at <= first.extract_started_at + 60
     before = _by_key(store)
 
     (again,) = run_extract(settings)

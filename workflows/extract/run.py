@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 
@@ -28,7 +29,7 @@ from storage.manifest import (
 )
 from storage.rejects import write_rejects
 from tasks.backbones import get_backbone
-from tasks.extract_shard import ProgressCounter, ShardResult, extract_shard_task
+from tasks.extract_shard import ProgressCounter, ShardJob, ShardResult, extract_shard_task
 from workflows.cluster import on_this_node, ray_cluster
 from workflows.datasets import UNLABELLED, DatasetSpec, discover_dataset, expand_dataset_paths
 from workflows.extract.calibration import backbone_preparer
@@ -60,6 +61,13 @@ class DatasetReport:
     commits: int = 0  # shards committed by this run
     commit_seconds: float = 0.0  # time the driver spent committing them
     commit_bytes: int = 0  # bytes it wrote to commit them
+    # Where the time went (benchmarks/extract_throughput.py): seconds per stage summed over this
+    # run's shards (tasks.extract_shard.STAGES), the shard tasks' own seconds summed, and when
+    # (wall clock, time.time()) the extraction phase began and its first shard task started.
+    stages: dict[str, float] = field(default_factory=dict)
+    task_seconds: float = 0.0
+    extract_started_at: float = 0.0
+    first_shard_at: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -179,6 +187,10 @@ class _Outcome:
     finished_at: dict[str, float]
     commit_seconds: dict[str, float] = field(default_factory=dict)
     commit_bytes: dict[str, int] = field(default_factory=dict)
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    task_seconds: dict[str, float] = field(default_factory=dict)
+    first_shard_at: dict[str, float] = field(default_factory=dict)
+    started_at: float = 0.0  # wall clock
 
 
 def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outcome:
@@ -189,8 +201,9 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
     if not any(plan.jobs for plan in plans.values()):
         return outcome
     planned = {n: sum(len(j.items) for j in p.jobs) for n, p in plans.items()}
-    with ray_cluster(settings.cluster):
+    with ray_cluster(settings.cluster), ThreadPoolExecutor(COMMIT_THREADS) as committer:
         outcome.started = time.perf_counter()  # rates count extraction, not Ray's start-up
+        outcome.started_at = time.time()
         refs = {p.key: ray.put(p) for p in prepared.values()}  # once each, to every node
         counter = ProgressCounter.options(scheduling_strategy=on_this_node()).remote()
         pending = {}
@@ -198,35 +211,30 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
             for job in plan.jobs:
                 task = extract_shard_task.options(num_cpus=settings.threads_per_task)
                 pending[task.remote(job, refs[prepared[job.dataset].key], counter)] = job
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+        # Commits go to a small pool, so that a slow store's round trips do not queue behind
+        # one another (each record is independent; the manifest is compacted once, at the end).
+        # Their results are folded here, on the driver's thread, as they finish.
+        commits: dict[Future, tuple[ShardJob, ShardRecord, ShardResult]] = {}
+        while pending or commits:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5) if pending else ([], [])
             for ref in ready:
                 job = pending.pop(ref)
-                plan = plans[job.dataset]
                 try:
                     result: ShardResult = ray.get(ref)
                 except Exception as error:  # a failed shard is reported, others go on
-                    lines = str(error).strip().splitlines()
-                    outcome.failures[job.dataset].append(
-                        f"{job.split} shard {job.shard}: {type(error).__name__}: "
-                        f"{lines[-1] if lines else ''}"
-                    )
+                    outcome.failures[job.dataset].append(_failure(job, error))
                     continue
                 leases[job.dataset].check()  # a lost lease stops before the manifest moves
-                started = time.perf_counter()
-                written = _commit(layout, plan, result)
-                name = job.dataset
-                outcome.commit_seconds[name] = outcome.commit_seconds.get(name, 0.0) + (
-                    time.perf_counter() - started
-                )
-                outcome.commit_bytes[name] = outcome.commit_bytes.get(name, 0) + written
-                outcome.done[job.dataset] += 1
-                outcome.images[job.dataset] += result.images
-                outcome.peak_rss[job.dataset] = max(
-                    outcome.peak_rss[job.dataset], result.peak_rss_mib
-                )
-                outcome.nodes[job.dataset].add(result.node)
-                if not any(j.dataset == job.dataset for j in pending.values()):
+                record = _record(layout, plans[job.dataset], result)
+                commit = committer.submit(_commit, layout, plans[job.dataset], record)
+                commits[commit] = (job, record, result)
+            finished = [f for f in commits if f.done()] if pending else list(commits)
+            for future in finished:
+                job, record, result = commits.pop(future)
+                _fold(outcome, plans[job.dataset], job, record, result, future)
+                if not any(j.dataset == job.dataset for j in pending.values()) and not any(
+                    j.dataset == job.dataset for j, _, _ in commits.values()
+                ):
                     outcome.finished_at[job.dataset] = time.perf_counter()
             if on_progress is not None:
                 try:
@@ -238,10 +246,17 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
     return outcome
 
 
-def _commit(layout: StoreLayout, plan: DatasetPlan, result: ShardResult) -> int:
-    """Make a finished shard count: one commit record."""
+COMMIT_THREADS = 8  # commit records in flight at once (benchmarks/listing_scale.py)
+
+
+def _failure(job: ShardJob, error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{job.split} shard {job.shard}: {type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+def _record(layout: StoreLayout, plan: DatasetPlan, result: ShardResult) -> ShardRecord:
     key = shard_key(result.split, result.shard)
-    record = ShardRecord(
+    return ShardRecord(
         split=result.split, shard=result.shard, num_shards=plan.manifest.num_shards,
         file=layout.relative(result.path), input_fingerprint=plan.fingerprints[key],
         images=result.images, rows=result.rows, rejects=result.rejects, sha256=result.sha256,
@@ -249,9 +264,37 @@ def _commit(layout: StoreLayout, plan: DatasetPlan, result: ShardResult) -> int:
         class_images=result.class_images, worker=result.worker, node=result.node,
         peak_rss_mib=round(result.peak_rss_mib, 1),
     )  # fmt: skip
+
+
+def _commit(layout: StoreLayout, plan: DatasetPlan, record: ShardRecord) -> tuple[int, float]:
+    """Make a finished shard count: one commit record. Returns its bytes and seconds."""
+    started = time.perf_counter()
     written = commit_shard(layout, plan.manifest, record)
+    return written, time.perf_counter() - started
+
+
+def _fold(outcome: _Outcome, plan: DatasetPlan, job: ShardJob, record: ShardRecord,
+          result: ShardResult, commit: Future) -> None:  # fmt: skip
+    """A commit finished: the shard counts (or, if its record could not be written, fails)."""
+    name = job.dataset
+    try:
+        written, seconds = commit.result()
+    except Exception as error:
+        outcome.failures[name].append(_failure(job, error))
+        return
     plan.manifest = plan.manifest.with_shard(record)
-    return written
+    outcome.commit_seconds[name] = outcome.commit_seconds.get(name, 0.0) + seconds
+    outcome.commit_bytes[name] = outcome.commit_bytes.get(name, 0) + written
+    outcome.done[name] += 1
+    outcome.images[name] += result.images
+    stages = outcome.stages.setdefault(name, {})
+    for stage, seconds in result.stages:
+        stages[stage] = stages.get(stage, 0.0) + seconds
+    outcome.task_seconds[name] = outcome.task_seconds.get(name, 0.0) + result.seconds
+    first = outcome.first_shard_at.get(name, result.started_at)
+    outcome.first_shard_at[name] = min(first, result.started_at)
+    outcome.peak_rss[name] = max(outcome.peak_rss[name], record.peak_rss_mib)
+    outcome.nodes[name].add(record.node)
 
 
 def _finish(layout: StoreLayout, plan: DatasetPlan, outcome: _Outcome, name: str) -> DatasetReport:
@@ -280,6 +323,9 @@ def _finish(layout: StoreLayout, plan: DatasetPlan, outcome: _Outcome, name: str
         warnings=plan.spec.warnings, failures=tuple(outcome.failures[name]), empty_classes=empty,
         commits=outcome.done[name], commit_seconds=round(outcome.commit_seconds.get(name, 0.0), 4),
         commit_bytes=outcome.commit_bytes.get(name, 0),
+        stages={k: round(v, 4) for k, v in outcome.stages.get(name, {}).items()},
+        task_seconds=round(outcome.task_seconds.get(name, 0.0), 4),
+        extract_started_at=outcome.started_at, first_shard_at=outcome.first_shard_at.get(name, 0.0),
     )  # fmt: skip
 
 
