@@ -42,18 +42,25 @@ SPLITS, CLASSES = ("train", "validation"), 20
 
 
 class SlowProxy(Proxy):
-    """The test server's proxy, with ``latency`` seconds added to every request it forwards."""
+    """The test server's proxy, with ``latency`` seconds added to every round trip: a request
+    that follows an answer on its connection waits ``latency`` before it is forwarded (once,
+    however many packets carry it)."""
 
     def __init__(self, target: int, latency: float) -> None:
         self.latency = latency
+        self.answered: dict[object, bool] = {}  # client connection -> an answer came since
         super().__init__(target)
 
     def _pipe(self, source, sink) -> None:  # type: ignore[no-untyped-def]
         inbound = source.getsockname()[1] == self.port  # a client's request, not the answer
+        client = source if inbound else sink
         try:
             while data := source.recv(65536):
-                if inbound:
+                if inbound and self.answered.get(client, True):
                     time.sleep(self.latency)
+                    self.answered[client] = False
+                elif not inbound:
+                    self.answered[client] = True
                 sink.sendall(data)
         except OSError:
             pass
