@@ -91,10 +91,11 @@ def print_json(value: Any) -> None:
 @contextmanager
 def extract_progress(
     enabled: bool = True,
-) -> Iterator[Callable[[dict[str, tuple[int, int, int]]], None]]:
-    """A progress bar per dataset; yields the hook that ``run_extract`` calls."""
+) -> Iterator[Callable[[dict[str, tuple[int, int, int]]], None] | None]:
+    """A progress bar per dataset; yields the hook that ``run_extract`` calls (None when
+    disabled: then the run keeps no progress counter at all)."""
     if not enabled:
-        yield lambda totals: None
+        yield None
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]:>6.1f} img/s  rejects {task.fields[rejects]}"),

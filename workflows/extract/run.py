@@ -205,7 +205,13 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
         outcome.started = time.perf_counter()  # rates count extraction, not Ray's start-up
         outcome.started_at = time.time()
         refs = {p.key: ray.put(p) for p in prepared.values()}  # once each, to every node
-        counter = ProgressCounter.options(scheduling_strategy=on_this_node()).remote()
+        # Progress for people only: without a display (--json) no counter actor is started (a
+        # process of its own, and a remote call from every batch).
+        counter = (
+            ProgressCounter.options(scheduling_strategy=on_this_node()).remote()
+            if on_progress is not None
+            else None
+        )
         pending = {}
         for plan in plans.values():
             for job in plan.jobs:
