@@ -22,7 +22,6 @@ Usage: python benchmarks/listing_scale.py [--objects 100000] [--commits 2000] [-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -39,35 +38,6 @@ sys.path.insert(0, str(HERE.parent))
 from tests.s3 import Proxy, S3Server  # noqa: E402
 
 SPLITS, CLASSES = ("train", "validation"), 20
-
-
-class SlowProxy(Proxy):
-    """The test server's proxy, with ``latency`` seconds added to every round trip: a request
-    that follows an answer on its connection waits ``latency`` before it is forwarded (once,
-    however many packets carry it)."""
-
-    def __init__(self, target: int, latency: float) -> None:
-        self.latency = latency
-        self.answered: dict[object, bool] = {}  # client connection -> an answer came since
-        super().__init__(target)
-
-    def _pipe(self, source, sink) -> None:  # type: ignore[no-untyped-def]
-        inbound = source.getsockname()[1] == self.port  # a client's request, not the answer
-        client = source if inbound else sink
-        try:
-            while data := source.recv(65536):
-                if inbound and self.answered.get(client, True):
-                    time.sleep(self.latency)
-                    self.answered[client] = False
-                elif not inbound:
-                    self.answered[client] = True
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.close()
 
 
 def populate(server: S3Server, objects: int) -> None:
@@ -170,7 +140,7 @@ def main() -> None:
         started = time.perf_counter()
         populate(server, args.objects)
         print(f"{args.objects} objects written in {time.perf_counter() - started:.0f} s")
-        slow = SlowProxy(server.port, args.latency_ms / 1000)
+        slow = Proxy(server.port, latency=args.latency_ms / 1000)
         endpoints = {
             "moto as it answers": server.env(),
             f"+{args.latency_ms:g} ms a request": {

@@ -27,10 +27,14 @@ def free_port() -> int:
 
 
 class Proxy:
-    """Forwards 127.0.0.1:``port`` to ``target``; :meth:`stop` refuses and cuts connections."""
+    """Forwards 127.0.0.1:``port`` to ``target``; :meth:`stop` refuses and cuts connections.
+    With ``latency`` (seconds), every round trip waits that long: a request that follows an
+    answer on its connection is held once before it is forwarded, however many packets carry
+    it (a remote store's distance, for benchmarks/listing_scale.py)."""
 
-    def __init__(self, target: int) -> None:
-        self.target, self.port = target, free_port()
+    def __init__(self, target: int, latency: float = 0.0) -> None:
+        self.target, self.port, self.latency = target, free_port(), latency
+        self.answered: dict[socket.socket, bool] = {}  # client connection -> answered since
         self.down, self.refused = False, 0  # while down: connections accepted, then cut
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
@@ -92,7 +96,14 @@ class Proxy:
 
     def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
+            inbound = source.getsockname()[1] == self.port  # a client's request, not the answer
+            client = source if inbound else sink
             while data := source.recv(65536):
+                if self.latency and inbound and self.answered.get(client, True):
+                    time.sleep(self.latency)
+                    self.answered[client] = False
+                elif self.latency and not inbound:
+                    self.answered[client] = True
                 sink.sendall(data)
         except OSError:
             pass

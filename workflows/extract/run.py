@@ -221,6 +221,7 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
         # one another (each record is independent; the manifest is compacted once, at the end).
         # Their results are folded here, on the driver's thread, as they finish.
         commits: dict[Future, tuple[ShardJob, ShardRecord, ShardResult]] = {}
+        unsettled = {name: len(plan.jobs) for name, plan in plans.items()}  # running or committing
         while pending or commits:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5) if pending else ([], [])
             for ref in ready:
@@ -229,6 +230,7 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
                     result: ShardResult = ray.get(ref)
                 except Exception as error:  # a failed shard is reported, others go on
                     outcome.failures[job.dataset].append(_failure(job, error))
+                    unsettled[job.dataset] -= 1
                     continue
                 leases[job.dataset].check()  # a lost lease stops before the manifest moves
                 record = _record(layout, plans[job.dataset], result)
@@ -238,9 +240,8 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
             for future in finished:
                 job, record, result = commits.pop(future)
                 _fold(outcome, plans[job.dataset], job, record, result, future)
-                if not any(j.dataset == job.dataset for j in pending.values()) and not any(
-                    j.dataset == job.dataset for j, _, _ in commits.values()
-                ):
+                unsettled[job.dataset] -= 1
+                if not unsettled[job.dataset]:
                     outcome.finished_at[job.dataset] = time.perf_counter()
             if on_progress is not None:
                 try:
