@@ -107,6 +107,8 @@ ERRORS = [
     (["verify"], 2, "name a STORE"),
     (["audit", "--store", "{root}/nothing"], 2, "no efficientnet_lite0 feature store"),
     (["audit", "--store", "{root}/s", "--fail-on", "leaks"], 2, "--fail-on takes"),
+    (["serve", "--runs", "{root}/r", "--max-queued", "0"], 2, "--max-queued must be >= 1"),
+    (["serve", "--runs", "{root}/r", "--runtime", "tf"], 2, "--runtime must be onnx or keras"),
 ]
 
 
