@@ -14,8 +14,10 @@ the run's worker pool checkpoints every epoch under ``<runs>/_checkpoints/<datas
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,6 +71,80 @@ class Artifact:
     INDEX = ARTIFACT_INDEX
 
 
+@dataclass
+class JobMetrics:
+    """A job's ``metrics.json``: what it measured and how it ran, read and written here alone
+    (:meth:`JobFiles.metrics`, :meth:`JobFiles.write_metrics`). Validation numbers come from
+    :func:`tasks.evaluation.classification_metrics`; ``cv``, ``ece`` and ``temperature`` from
+    :class:`tasks.cross_validation.CrossValidated` (absent without ``--cv``); ``abstain`` from
+    :class:`tasks.abstention.Abstention`. A key this version does not know is kept in ``extra``
+    and written back, so a newer file survives an older reader."""
+
+    dataset: str
+    method: str
+    # On the validation split's original images (None when the dataset has none).
+    accuracy: float | None = None
+    n: int | None = None
+    accuracy_interval: list[float] | None = None  # 95% Wilson: [low, high]
+    loss: float | None = None
+    examples: int | None = None  # the same as n, for readers of files before n
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)
+    confusion_matrix: list[list[int]] | None = None
+    classes: list[str] = field(default_factory=list)
+    # How it trained.
+    epochs: int = 0
+    best_epoch: int | None = None
+    best_val_loss: float | None = None
+    kept: str = "last"  # the weights saved: "last" or "best" (--keep-best)
+    rows_per_epoch: int | None = None
+    steps_per_epoch: int | None = None
+    optimizer_steps: int | None = None
+    resumed_from_epoch: int = 0
+    epoch_copies: int | None = None
+    workers: int = 1
+    workers_in_sync: bool | None = None  # with 2 or more workers: every worker's weights alike
+    nodes: list[str] = field(default_factory=list)
+    seconds: float | None = None
+    seconds_per_epoch: float | None = None
+    finished_at: str = ""
+    # What it read: each backbone's store manifest and labelled rows (retrain when they move).
+    manifest_ids: dict[str, str] = field(default_factory=dict)
+    store_ids: dict[str, str] = field(default_factory=dict)
+    input_size: list[int] | None = None  # what the saved model takes: [height, width]
+    abstain: dict[str, Any] | None = None
+    # With --cv only (left out of the file without it).
+    cv: dict[str, Any] | None = None
+    ece: dict[str, Any] | None = None
+    temperature: float | None = None
+    members: list[str] | None = None  # an ensemble's methods
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    OMITTED_WHEN_EMPTY = ("cv", "ece", "temperature", "members")
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> JobMetrics:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in value.items() if k in names}
+        return cls(**{"dataset": "", "method": "", **known},
+                   extra={k: v for k, v in value.items() if k not in names})  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        for name in self.OMITTED_WHEN_EMPTY:
+            if out[name] is None:
+                del out[name]
+        return {**self.extra, **out}
+
+    def update(self, **values: Any) -> None:
+        """Set fields by name (a :func:`classification_metrics` dict, cross-validation's
+        entries); an unknown name is kept in ``extra``."""
+        for name, value in values.items():
+            if name in self.__dataclass_fields__ and name != "extra":
+                setattr(self, name, value)
+            else:
+                self.extra[name] = value
+
+
 class JobFiles:
     """The artifacts of one (dataset, method) job."""
 
@@ -95,9 +171,15 @@ class JobFiles:
     def model(self) -> str:
         return self.path(self.model_name)
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> JobMetrics:
         """``metrics.json``: what the job measured and how it ran."""
-        return self.read_json(Artifact.METRICS)
+        value = self.read_json(Artifact.METRICS)
+        if not isinstance(value, dict):
+            raise StoreError(f"{self.display(Artifact.METRICS)} is not a JSON object")
+        return JobMetrics.from_json(value)
+
+    def write_metrics(self, metrics: JobMetrics) -> None:
+        self.write_json(Artifact.METRICS, metrics.to_json())
 
     def classes(self) -> list[str]:
         return list(self.read_json(Artifact.CLASSES))
@@ -211,6 +293,54 @@ class RunsLayout:
                 if job.exists():
                     found.append(job)
         return found
+
+
+@dataclass
+class FinalCounts:
+    """What the end of a job's training counted (its last checkpoint's ``final``)."""
+
+    resumed_from: int  # the epoch this run of it started at (0: from the start)
+    rows_per_epoch: int
+    steps_per_epoch: int
+    optimizer_steps: int
+
+
+@dataclass
+class CheckpointState:
+    """A checkpoint's ``state.json``: each epoch callback's state as its constructor takes it
+    back (``EpochLog(**log)``, ``BestEpoch(**best)``, ``StopWithoutProgress(**stop)``), and
+    the final counts once training ended."""
+
+    log: dict[str, Any] = field(default_factory=dict)  # history, epoch
+    best: dict[str, Any] = field(default_factory=dict)  # best_val_loss, best_epoch
+    stop: dict[str, Any] | None = None  # best, waited: with early stopping only
+    final: FinalCounts | None = None
+
+    @property
+    def epoch(self) -> int:
+        return int(self.log.get("epoch", 0))
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        return self.log.get("history", {})
+
+    @property
+    def best_epoch(self) -> int | None:
+        return self.best.get("best_epoch")
+
+    @property
+    def best_val_loss(self) -> float | None:
+        return self.best.get("best_val_loss")
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self)).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CheckpointState:
+        value = json.loads(data)
+        final = value.get("final")
+        return cls(value.get("log", {}), value.get("best", {}), value.get("stop"),
+                   FinalCounts(**final) if final else None)  # fmt: skip
 
 
 class JobCheckpoints:

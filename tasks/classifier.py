@@ -18,7 +18,7 @@ import numpy as np
 from storage.errors import SettingsError, StoreError
 from storage.filesystem import Location, file_info, file_location, read_bytes
 from storage.hashing import sha256_stream
-from storage.runs import Artifact
+from storage.runs import Artifact, JobMetrics
 from tasks.abstention import (
     Abstention,
     bank_from_bytes,
@@ -182,11 +182,12 @@ def _abstention(location: Location, model: Any, model_path: str) -> tuple[Any, A
     import keras
 
     try:
-        metrics = json.loads(read_bytes(location.filesystem, location.path(Artifact.METRICS)))
+        value = json.loads(read_bytes(location.filesystem, location.path(Artifact.METRICS)))
     except (FileNotFoundError, ValueError):
         return None, None, None
-    abstention = Abstention.from_json(metrics.get("abstain") if isinstance(metrics, dict) else None)
-    method = metrics.get("method") if isinstance(metrics, dict) else None
+    metrics = JobMetrics.from_json(value if isinstance(value, dict) else {})
+    abstention = Abstention.from_json(metrics.abstain)
+    method = metrics.method
     if abstention is None or method not in METHODS or not METHODS[method].embedding_layer:
         return abstention, None, None
     try:

@@ -21,7 +21,7 @@ import numpy as np
 
 from storage.errors import SettingsError
 from storage.filesystem import Location
-from storage.runs import Artifact, RunsLayout
+from storage.runs import Artifact, JobMetrics, RunsLayout
 from tasks.evaluation import classification_metrics, plot_confusion_matrix
 from tasks.heads import probabilities
 from tasks.images import load_image
@@ -54,7 +54,7 @@ def ensemble_model(keras: Any, members: list[tuple[str, Any]]) -> Any:
 def build_ensemble(
     runs: RunsLayout, dataset: str, members: list[str], classes: list[str],
     dataset_root: str, validation: list[tuple[str, int]], cv: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
+) -> JobMetrics:  # fmt: skip
     """Save ``members``' average as ``<runs>/<dataset>/ensemble/`` and return its metrics.
     ``validation``: each validation image's path (relative to ``dataset_root``) and label;
     ``cv``: cross-validation's ``choice.ensemble`` (with its ``abstain`` thresholds) and the
@@ -75,21 +75,19 @@ def build_ensemble(
     pixels = np.stack([load_image(location.filesystem, location.path(p), size)
                        for p, _ in validation])  # fmt: skip
     found = predict_in_batches(model, pixels.astype(np.float32), BATCH)
-    metrics = classification_metrics(np.array([label for _, label in validation]),
-                                     probabilities(found, len(classes)), classes)  # fmt: skip
-    metrics.update(
-        dataset=dataset, method=ENSEMBLE, members=list(members), epochs=0,
-        input_size=[int(d) for d in size], abstain=cv.get("abstain"),
-        cv={key: cv[key] for key in CV_KEYS},
-        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
-    )  # fmt: skip
+    metrics = JobMetrics(dataset, ENSEMBLE, members=list(members), epochs=0,
+                         input_size=[int(d) for d in size], abstain=cv.get("abstain"),
+                         cv={key: cv[key] for key in CV_KEYS},
+                         finished_at=datetime.now(UTC).isoformat(timespec="seconds"))  # fmt: skip
+    labels = np.array([label for _, label in validation])
+    metrics.update(**classification_metrics(labels, probabilities(found, len(classes)), classes))
     files = runs.job(dataset, ENSEMBLE)
     files.write_model(model)
-    metrics["seconds"] = round(time.perf_counter() - started, 3)
-    files.write_json(Artifact.METRICS, metrics)
+    metrics.seconds = round(time.perf_counter() - started, 3)
+    files.write_metrics(metrics)
     files.write_json(Artifact.CLASSES, list(classes))
     files.write(Artifact.CONFUSION_MATRIX,
-                plot_confusion_matrix(metrics, f"{dataset} / {ENSEMBLE}"))  # fmt: skip
+                plot_confusion_matrix(metrics.to_json(), f"{dataset} / {ENSEMBLE}"))  # fmt: skip
     files.write_index([Artifact.MODEL, Artifact.METRICS, Artifact.CLASSES,
                        Artifact.CONFUSION_MATRIX])  # fmt: skip
     return metrics

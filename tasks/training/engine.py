@@ -72,7 +72,7 @@ class TrainingWorker:
             problem = ray.get(problem)
         return [fit_and_predict(problem, train, held, self._fits) for train, held in splits]
 
-    def build_ensemble(self, *args: Any) -> dict[str, Any]:
+    def build_ensemble(self, *args: Any) -> Any:
         """A dataset's methods averaged into one saved model (:mod:`tasks.ensemble`)."""
         from tasks.ensemble import build_ensemble
 

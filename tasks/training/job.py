@@ -28,7 +28,7 @@ import ray
 
 from storage.errors import SettingsError
 from storage.lease import Lease
-from storage.runs import Artifact, JobFiles, job_key
+from storage.runs import Artifact, JobFiles, JobMetrics, job_key
 from tasks.abstention import (
     Abstention,
     bank_bytes,
@@ -79,20 +79,20 @@ class JobResult:
     @classmethod
     def from_artifacts(cls, files: JobFiles, status: str, error: str = "") -> JobResult:
         """A job that already has its artifacts, as its ``metrics.json`` tells it."""
-        metrics = files.metrics()
+        return cls.from_metrics(files, files.metrics(), status, error)
+
+    @classmethod
+    def from_metrics(
+        cls, files: JobFiles, metrics: JobMetrics, status: str, error: str = ""
+    ) -> JobResult:
+        interval = metrics.accuracy_interval
         return cls(
-            files.dataset, files.method, status, metrics.get("accuracy"), metrics.get("loss"),
-            metrics.get("epochs", 0), seconds_per_epoch=metrics.get("seconds_per_epoch"),
-            workers_in_sync=metrics.get("workers_in_sync"), nodes=tuple(metrics.get("nodes", ())),
-            error=error, model_path=files.display(files.model_name), **_honest(metrics),
+            files.dataset, files.method, status, metrics.accuracy, metrics.loss, metrics.epochs,
+            metrics.resumed_from_epoch, metrics.seconds or 0.0, metrics.seconds_per_epoch,
+            metrics.workers_in_sync, tuple(metrics.nodes), error,
+            files.display(files.model_name), metrics.n,
+            tuple(interval) if interval else None, metrics.cv,  # type: ignore[arg-type]
         )  # fmt: skip
-
-
-def _honest(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A result's count, interval and cross-validation, from its metrics."""
-    interval = metrics.get("accuracy_interval")
-    return {"n": metrics.get("n"), "accuracy_interval": tuple(interval) if interval else None,
-            "cv": metrics.get("cv")}  # fmt: skip
 
 
 def backbone_weights(
@@ -246,9 +246,9 @@ def run_job(context: JobContext, board: Any) -> JobResult:
         lease.check()
         kept_best = context.options.keep_best and checkpoint.best_weights is not None
         trained = checkpoint.best_weights if kept_best else checkpoint.weights
-        posted = ray.get(board.get.remote(context.key))
-        digests = [v for k, v in posted.items() if k.startswith("digest/")]
-        nodes = tuple(sorted({v for k, v in posted.items() if k.startswith("node/")}))
+        posted: JobPosts = ray.get(board.get.remote(context.key))
+        digests = list(posted.digests.values())
+        nodes = tuple(sorted(set(posted.nodes.values())))
         in_sync = (len(set(digests)) == 1 and len(digests) == context.options.workers
                    if context.options.workers > 1 else None)  # fmt: skip
         scored = method.build_trainable(keras, context)
@@ -277,11 +277,11 @@ def run_job_here(
         initial = method.initial_weights(context, weights) if restored is None else None
 
         def save(epoch: int, logs: dict[str, float], checkpoint: Checkpoint) -> None:
-            if "final" in logs:  # the last epoch's checkpoint is written; artifacts come next
+            if checkpoint.state.final is not None:  # the last epoch's is written; artifacts next
                 return
             lease.check()  # a worker that lost its lease stops before it writes
             checkpoints.save(epoch, checkpoint.to_files())
-            board.set.remote(context.key, "epoch", epoch)
+            board.post_epoch.remote(context.key, epoch)
 
         done = train_model(context, method, initial=initial, restored=restored, save=save)
         lease.check()
@@ -304,19 +304,23 @@ def finish_job(
     files = context.runs.job(context.dataset, context.method)
     kept_best = context.options.keep_best and checkpoint.best_weights is not None
     trained = checkpoint.best_weights if kept_best else checkpoint.weights
-    metrics = validation_metrics(context, method, scored)
+    metrics = JobMetrics(context.dataset, context.method)
+    metrics.update(**validation_metrics(context, method, scored))
     state = checkpoint.state
-    history = state["log"]["history"]
+    history = state.history
     seconds = history.get("seconds") or []
+    final = state.final
+    if final is None:
+        raise RuntimeError(f"{context.key}: its last checkpoint has no final counts")
     metrics.update(
-        dataset=context.dataset,
-        method=context.method,
-        epochs=state["log"]["epoch"],
-        best_epoch=state["best"]["best_epoch"],
-        best_val_loss=state["best"]["best_val_loss"],
+        epochs=state.epoch,
+        best_epoch=state.best_epoch,
+        best_val_loss=state.best_val_loss,
         kept="best" if kept_best else "last",
-        **{k: state["final"][k] for k in ("rows_per_epoch", "steps_per_epoch", "optimizer_steps")},
-        resumed_from_epoch=state["final"]["resumed_from"],
+        rows_per_epoch=final.rows_per_epoch,
+        steps_per_epoch=final.steps_per_epoch,
+        optimizer_steps=final.optimizer_steps,
+        resumed_from_epoch=final.resumed_from,
         epoch_copies=context.options.epoch_copies,
         workers=context.options.workers,
         workers_in_sync=workers_in_sync,
@@ -328,30 +332,25 @@ def finish_job(
         store_ids={s.backbone: s.labelled_id for s in context.stores},
     )
     if context.cv is not None:
-        metrics.update(context.cv.metrics())
+        metrics.update(**context.cv.metrics())
     abstention, bank = abstention_for(context, method, scored)
-    metrics["abstain"] = abstention.to_json() if abstention else None
+    metrics.abstain = abstention.to_json() if abstention else None
     _write_artifacts(context, method, trained, weights, metrics, history, bank)
-    metrics["seconds"] = round(time.perf_counter() - started, 3)
-    return JobResult(
-        context.dataset, context.method, "done", metrics.get("accuracy"), metrics.get("loss"),
-        metrics["epochs"], metrics["resumed_from_epoch"], metrics["seconds"],
-        metrics["seconds_per_epoch"], workers_in_sync, nodes,
-        model_path=files.display(files.model_name), **_honest(metrics),
-    )  # fmt: skip
+    metrics.seconds = round(time.perf_counter() - started, 3)
+    return JobResult.from_metrics(files, metrics, "done")
 
 
 def _write_artifacts(
     context: JobContext, method: Method, trained: dict[str, list[np.ndarray]],
-    weights: dict[str, ResolvedWeights], metrics: dict[str, Any], history: dict[str, list[float]],
+    weights: dict[str, ResolvedWeights], metrics: JobMetrics, history: dict[str, list[float]],
     bank: np.ndarray | None = None,
 ) -> None:  # fmt: skip
     files = context.runs.job(context.dataset, context.method)
     model = method.complete_model(context, calibrated(context, method, trained), weights)
-    metrics["input_size"] = [int(d) for d in model.input_shape[1:3]]  # what `wf serve` decodes to
+    metrics.input_size = [int(d) for d in model.input_shape[1:3]]  # what `wf serve` decodes to
     model_name = files.write_model(model)
     files.write_weights(Artifact.TRAINED_WEIGHTS, trained)
-    files.write_json(Artifact.METRICS, metrics)
+    files.write_metrics(metrics)
     files.write_json(Artifact.CLASSES, list(context.classes))
     files.write_json(Artifact.SETTINGS, job_settings(context))
     files.write_history(history)
@@ -359,8 +358,8 @@ def _write_artifacts(
     files.write(Artifact.LEARNING_CURVES, plot_learning_curves(history, title))
     names = [model_name, Artifact.TRAINED_WEIGHTS, Artifact.METRICS, Artifact.CLASSES,
              Artifact.SETTINGS, Artifact.HISTORY, Artifact.LEARNING_CURVES]  # fmt: skip
-    if metrics.get("confusion_matrix"):
-        files.write(Artifact.CONFUSION_MATRIX, plot_confusion_matrix(metrics, title))
+    if metrics.confusion_matrix:
+        files.write(Artifact.CONFUSION_MATRIX, plot_confusion_matrix(metrics.to_json(), title))
         names.append(Artifact.CONFUSION_MATRIX)
     if bank is not None:
         files.write(Artifact.EMBEDDINGS, bank_bytes(bank))
@@ -422,21 +421,36 @@ def job_settings(context: JobContext) -> dict[str, Any]:
     }
 
 
+@dataclass
+class JobPosts:
+    """What a job's workers posted on the :class:`JobBoard`."""
+
+    epoch: int = 0  # epochs done (its progress bar)
+    digests: dict[int, str] = dataclasses.field(default_factory=dict)  # by rank: trained weights
+    nodes: dict[int, str] = dataclasses.field(default_factory=dict)  # by rank: the node it ran on
+
+
 @ray.remote(num_cpus=0)
 class JobBoard:
-    """Per-job values that workers post (epochs done, weight digests, nodes) for the driver."""
+    """Per-job values that workers post (epochs done, weight digests, nodes) for the driver,
+    by job key."""
 
     def __init__(self) -> None:
-        self._posts: dict[str, dict[str, Any]] = {}
+        self._posts: dict[str, JobPosts] = {}
 
-    def set(self, job: str, key: str, value: Any) -> None:
-        self._posts.setdefault(job, {})[key] = value
+    def post_epoch(self, job: str, epoch: int) -> None:
+        self._posts.setdefault(job, JobPosts()).epoch = epoch
 
-    def get(self, job: str) -> dict[str, Any]:
-        return dict(self._posts.get(job, {}))
+    def post_worker(self, job: str, rank: int, digest: str, node: str) -> None:
+        """A worker of a job trained in sync is done: its weights' digest and its node."""
+        posts = self._posts.setdefault(job, JobPosts())
+        posts.digests[rank], posts.nodes[rank] = digest, node
 
-    def all(self) -> dict[str, dict[str, Any]]:
-        return {job: dict(posts) for job, posts in self._posts.items()}
+    def get(self, job: str) -> JobPosts:
+        return self._posts.get(job, JobPosts())
+
+    def all(self) -> dict[str, JobPosts]:
+        return dict(self._posts)
 
 
 run_job_task = ray.remote(num_cpus=0, max_retries=0)(run_job)

@@ -14,7 +14,6 @@ by layer name into the same architecture built in Keras 3.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -24,7 +23,12 @@ from typing import Any
 import numpy as np
 import ray
 
-from storage.runs import named_weights_from_bytes, named_weights_to_bytes
+from storage.runs import (
+    CheckpointState,
+    FinalCounts,
+    named_weights_from_bytes,
+    named_weights_to_bytes,
+)
 from tasks.heads import loss_name
 from tasks.methods import JobContext, Method, get_method
 from tasks.training.inputs import plan_epoch, read_rows, training_dataset, validation_dataset
@@ -42,7 +46,7 @@ class Checkpoint:
     """What a job's checkpoint holds: weights, optimiser state, the callbacks' state."""
 
     weights: dict[str, list[np.ndarray]]
-    state: dict[str, Any] = field(default_factory=dict)
+    state: CheckpointState = field(default_factory=CheckpointState)
     optimizer: list[np.ndarray] | None = None
     best_weights: dict[str, list[np.ndarray]] | None = None
 
@@ -51,7 +55,7 @@ class Checkpoint:
         arrays = {"weights.npz": self.weights, "best.npz": self.best_weights,
                   "optimizer.npz": optimizer}  # fmt: skip
         files = {n: named_weights_to_bytes(w) for n, w in arrays.items() if w is not None}
-        files["state.json"] = json.dumps(self.state).encode()
+        files["state.json"] = self.state.to_bytes()
         return files
 
     @classmethod
@@ -60,7 +64,7 @@ class Checkpoint:
             return named_weights_from_bytes(files[name]) if name in files else None
 
         optimizer = read("optimizer.npz")
-        return cls(read("weights.npz") or {}, json.loads(files["state.json"]),
+        return cls(read("weights.npz") or {}, CheckpointState.from_bytes(files["state.json"]),
                    optimizer and optimizer["optimizer"], read("best.npz"))  # fmt: skip
 
     def save(self, folder: str) -> None:
@@ -103,7 +107,7 @@ def train_model(
     restored: Checkpoint | None, save: Save, rank: int = 0, world: int = 1, strategy: Any = None,
 ) -> Trained:  # fmt: skip
     """Fit the job's model from ``restored`` (or the start) to its last epoch; ``save`` gets
-    every epoch's checkpoint, and the final one (``state["final"]``) once more at the end."""
+    every epoch's checkpoint, and the final one (``state.final``) once more at the end."""
     import tensorflow as tf
     import tf_keras
 
@@ -119,7 +123,7 @@ def train_model(
     train = read_rows(context, method, "train", rank, world)
     val = (read_rows(context, method, "validation", rank, world, first_copy_only=True)
            if context.has_split("validation") else None)  # fmt: skip
-    state = restored.state if restored else {}
+    state = restored.state if restored else CheckpointState()
 
     tf_keras.utils.set_random_seed(options.seed)  # the same initial weights on every worker
     with strategy.scope():
@@ -132,18 +136,17 @@ def train_model(
             if restored.optimizer is not None:
                 restore_optimizer_state(model, restored.optimizer)
 
-    log = EpochLog(**state.get("log", {}))
-    best = BestEpoch(options.keep_best, **state.get("best", {}),
+    log = EpochLog(**state.log)
+    best = BestEpoch(options.keep_best, **state.best,
                      weights=restored.best_weights if restored else None)  # fmt: skip
     callbacks: list[Any] = [log, best]
     stop = None
     if options.early_stopping_patience is not None:
-        stop = StopWithoutProgress(options.early_stopping_patience, **state.get("stop", {}))
+        stop = StopWithoutProgress(options.early_stopping_patience, **(state.stop or {}))
         callbacks.append(stop)
 
-    def checkpoint(final: dict[str, Any] | None = None) -> Checkpoint:
-        states = {"log": log.state(), "best": best.state(),
-                  **({"stop": stop.state()} if stop else {}), **(final or {})}  # fmt: skip
+    def checkpoint(final: FinalCounts | None = None) -> Checkpoint:
+        states = CheckpointState(log.state(), best.state(), stop.state() if stop else None, final)
         return Checkpoint(named_weights(model), states,
                           [v.numpy() for v in optimizer_state(model.optimizer)],
                           best.weights if options.keep_best else None)  # fmt: skip
@@ -166,13 +169,10 @@ def train_model(
             callbacks=[*callbacks, ReportEveryEpoch(lambda e, logs: save(e, logs, checkpoint()))],
             verbose=0,
         )
-    final = {
-        "resumed_from": resumed_from,
-        "rows_per_epoch": plan.rows * world,
-        "steps_per_epoch": plan.steps,
-        "optimizer_steps": int(model.optimizer.iterations.numpy()),
-    }
-    end = checkpoint({"final": final})
+    final = FinalCounts(resumed_from=resumed_from, rows_per_epoch=plan.rows * world,
+                        steps_per_epoch=plan.steps,
+                        optimizer_steps=int(model.optimizer.iterations.numpy()))  # fmt: skip
+    end = checkpoint(final)
     save(log.epoch, {"final": 1.0}, end)
     return Trained(model, end)
 
@@ -202,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None,
             )
         if rank == 0:
-            board.set.remote(context.key, "epoch", epoch)
+            board.post_epoch.remote(context.key, epoch)
 
     initial = config.get("initial_weights")
     trained = train_model(
@@ -210,5 +210,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         world=world, strategy=strategy, initial=ray.get(initial) if initial is not None else None,
     )  # fmt: skip
     digest = weights_digest(named_weights(trained.model))
-    ray.get(board.set.remote(context.key, f"digest/{rank}", digest))
-    ray.get(board.set.remote(context.key, f"node/{rank}", ray.get_runtime_context().get_node_id()))
+    node = ray.get_runtime_context().get_node_id()
+    ray.get(board.post_worker.remote(context.key, rank, digest, node))

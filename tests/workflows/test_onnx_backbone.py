@@ -105,7 +105,7 @@ def test_bottleneck_and_prototype_save_one_onnx_model_that_predict_and_plain_onn
     fusion = (
         RunsLayout(str(runs)).job("pairs", "fusion").metrics()
     )  # the ONNX and Lite0 side by side
-    assert set(fusion["manifest_ids"]) == {"tinyconv", "efficientnet_lite0"}
+    assert set(fusion.manifest_ids) == {"tinyconv", "efficientnet_lite0"}
     for method in ("bottleneck", "prototype", "fusion"):
         result = results[method]
         assert result.status == "done", result.error
@@ -125,7 +125,7 @@ def test_bottleneck_and_prototype_save_one_onnx_model_that_predict_and_plain_onn
     answers = classify(load_trained_model(files.model).with_thresholds(abstain=False),
                        image_files(list(map(str, photos))))  # fmt: skip
     assert [a.label for a in answers] == [p.parent.name for p in photos]
-    assert metrics["input_size"] == [32, 32] and metrics["cv"]["folds"] == 2
+    assert metrics.input_size == [32, 32] and metrics.cv and metrics.cv["folds"] == 2
     # wf audit and wf suggest read the store by its name, as for a built-in backbone.
     from workflows.audit.run import run_audit
     from workflows.audit.settings import AuditSettings

@@ -53,15 +53,15 @@ def list_runs(runs: str) -> list[dict[str, Any]]:
         entries.append({
             "dataset": job.dataset,
             "method": job.method,
-            "accuracy": metrics.get("accuracy"),
-            "n": metrics.get("n", metrics.get("examples")),
-            "accuracy_interval": metrics.get("accuracy_interval"),
-            "cv": {k: metrics["cv"][k] for k in ("folds", "accuracy", "interval", "n")}
-            if metrics.get("cv") else None,
-            "loss": metrics.get("loss"),
-            "epochs": metrics.get("epochs"),
-            "seconds_per_epoch": metrics.get("seconds_per_epoch"),
-            "finished": metrics.get("finished_at", ""),
+            "accuracy": metrics.accuracy,
+            "n": metrics.n if metrics.n is not None else metrics.examples,
+            "accuracy_interval": metrics.accuracy_interval,
+            "cv": {k: metrics.cv[k] for k in ("folds", "accuracy", "interval", "n")}
+            if metrics.cv else None,
+            "loss": metrics.loss,
+            "epochs": metrics.epochs,
+            "seconds_per_epoch": metrics.seconds_per_epoch,
+            "finished": metrics.finished_at,
             "model_bytes": index.get(job.model_name, {}).get("bytes"),
             "model": job.display(job.model_name),
         })  # fmt: skip

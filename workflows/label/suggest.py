@@ -161,7 +161,7 @@ def model_probabilities(runs: RunsLayout, dataset: str, method: str, x: np.ndarr
         set_named_weights(top, trained)
         raw = predict_in_batches(top, x)
     found = probabilities(raw, classes)
-    temperature = metrics.get("temperature")
+    temperature = metrics.temperature
     return apply_temperature(found, temperature) if temperature else found
 
 
@@ -174,9 +174,8 @@ def suggest_dataset(settings: SuggestSettings, dataset: str) -> dict[str, Any]:
                          f"{dataset}/unlabelled/ and run `wf extract`)")  # fmt: skip
     runs = RunsLayout(settings.runs)
     warnings = []
-    metrics = runs.job(dataset, settings.method).metrics() if runs.job(
-        dataset, settings.method).exists() else {}  # fmt: skip
-    trained_on = (metrics.get("store_ids") or {}).get(settings.backbone)
+    job = runs.job(dataset, settings.method)
+    trained_on = job.metrics().store_ids.get(settings.backbone) if job.exists() else None
     if trained_on and trained_on != store.manifest.labelled_id:
         warnings.append(f"{dataset}: the {settings.method} run predates the store's labels; "
                         "`wf train-all` first for better suggestions")  # fmt: skip

@@ -30,9 +30,9 @@ def find_models(settings: ServeSettings) -> list[ServedModel]:
             dataset=job.dataset, method=job.method, model_uri=job.display(job.model_name),
             classes=tuple(job.classes()),
             sha256=job.index()[job.model_name]["sha256"],
-            input_size=tuple(metrics["input_size"]),
-            metrics={k: metrics.get(k) for k in ("accuracy", "n", "accuracy_interval", "loss",
-                                                 "epochs", "per_class", "cv", "temperature")},
+            input_size=tuple(metrics.input_size or ()),
+            metrics={k: getattr(metrics, k) for k in ("accuracy", "n", "accuracy_interval", "loss",
+                                                      "epochs", "per_class", "cv", "temperature")},
         ))  # fmt: skip
     if not found:
         raise StoreError(f"no trained model under {settings.runs} (run `wf train-all` first)")

@@ -149,11 +149,11 @@ def _stale(jobs: list[PlannedJob], runs: RunsLayout) -> set[str]:
         except StoreError:
             continue  # reported as it is kept
         stores = job.context.stores
-        if "store_ids" in metrics:
-            now, then = {s.backbone: s.labelled_id for s in stores}, metrics["store_ids"]
+        if metrics.store_ids:
+            now, then = {s.backbone: s.labelled_id for s in stores}, metrics.store_ids
         else:  # written before store_ids: the whole manifest's id
-            now, then = {s.backbone: s.manifest_id for s in stores}, metrics.get("manifest_ids")
-        if then is not None and then != now:
+            now, then = {s.backbone: s.manifest_id for s in stores}, metrics.manifest_ids
+        if then and then != now:
             stale.add(job.key)
     return stale
 
@@ -476,8 +476,8 @@ def _status(
                                "epoch": results[job.key].epochs}  # fmt: skip
         else:
             state = "running" if job.key in active else "waiting"
-            status[job.key] = {"state": state, "epochs": epochs,
-                               "epoch": posted.get(job.key, {}).get("epoch", 0)}  # fmt: skip
+            epoch = posted[job.key].epoch if job.key in posted else 0
+            status[job.key] = {"state": state, "epochs": epochs, "epoch": epoch}
     return status
 
 

@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from storage.errors import StoreError
-from storage.runs import Artifact, JobFiles, RunsLayout
-from tasks.evaluation import accuracy_text, format_accuracy
+from storage.runs import Artifact, JobFiles, JobMetrics, RunsLayout
+from tasks.evaluation import format_accuracy
 from tasks.training.job import JobResult
 
 # Validation accuracy in the Keras blog on the same 2000/800 cats-vs-dogs split.
@@ -162,11 +162,10 @@ def _image(job: JobFiles, name: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
 
 
-def _honest(metrics: dict[str, Any]) -> str:
+def _honest(metrics: JobMetrics) -> str:
     """Cross-validation's numbers for one job: accuracy with its interval and per fold, the
     calibration before and after, and the learning curve's sentence."""
-    cv = metrics.get("cv")
-    abstain = metrics.get("abstain")
+    cv, abstain = metrics.cv, metrics.abstain
     declines = ""
     if abstain:
         far = (
@@ -179,13 +178,13 @@ def _honest(metrics: dict[str, Any]) -> str:
                     f"{100 * abstain['rate']:.0f}% of them)</li>")  # fmt: skip
     if not cv:
         return f"<ul class=cv>{declines}</ul>" if declines else ""
-    if metrics.get("members"):  # an ensemble: its average's numbers, out of fold
+    if metrics.members:  # an ensemble: its average's numbers, out of fold
         line = (f"cross-validated: <b>{html.escape(cv_text(cv))}</b>; {cv['only_ensemble']} right "
                 f"only by the average, {cv['only_best']} only by {html.escape(cv['against'])} "
                 f"(McNemar p={cv['p_value']:.3f})")  # fmt: skip
         return f"<ul class=cv><li>{line}</li>{declines}</ul>"
     folds = ", ".join(f"{a:.3f}" for a in cv["per_fold"])
-    ece = metrics.get("ece", {})
+    ece = metrics.ece or {}
     items = [
         f"cross-validated ({cv['folds']} folds, {cv['duplicate_groups']} duplicate groups kept "
         f"inside one fold): <b>{html.escape(cv_text(cv))}</b>; per fold {folds}"
@@ -195,7 +194,7 @@ def _honest(metrics: dict[str, Any]) -> str:
             if cv.get("prediction_interval")
             else ""
         ),
-        f"calibration: temperature {metrics.get('temperature', 1):.3g} inside the saved model; "
+        f"calibration: temperature {metrics.temperature or 1:.3g} inside the saved model; "
         f"expected calibration error {ece.get('before', 0):.3f} before, "
         f"{ece.get('after', 0):.3f} after (out-of-fold, {ece.get('bins', 15)} bins)",
     ]
@@ -206,11 +205,11 @@ def _honest(metrics: dict[str, Any]) -> str:
     return "<ul class=cv>" + "".join(f"<li>{item}</li>" for item in items) + declines + "</ul>"
 
 
-def _per_class(metrics: dict[str, Any]) -> str:
+def _per_class(metrics: JobMetrics) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
         f"<td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>"
-        for name, v in metrics.get("per_class", {}).items()
+        for name, v in metrics.per_class.items()
     )
     return ("<table class=small><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>"
             f"<th>images</th></tr>{rows}</table>") if rows else ""  # fmt: skip
@@ -236,20 +235,23 @@ def _settings(settings: dict[str, Any] | None) -> str:
 
 def _job_section(runs: RunsLayout, result: JobResult, best: bool) -> str:
     job = runs.job(result.dataset, result.method)
-    metrics = _read(job, Artifact.METRICS) or {}
+    try:
+        metrics = job.metrics()
+    except StoreError:
+        metrics = JobMetrics(result.dataset, result.method)
+    accuracy = html.escape(format_accuracy(metrics.accuracy, metrics.accuracy_interval, metrics.n))
     title = f"{result.dataset} / {result.method}" + (" &#9733; best" if best else "")
     if result.status not in ("done", "kept"):
         return (f'<section class="job failed"><h3>{html.escape(result.dataset)} / '
                 f"{html.escape(result.method)}: {result.status}</h3>"
                 f"<p>{html.escape(result.error)}</p></section>")  # fmt: skip
-    headline = (f"validation accuracy <b>{html.escape(accuracy_text(metrics))}</b>, loss "
-                f"{metrics.get('loss', 0):.4f}, {metrics.get('epochs')} epochs (kept: "
-                f"{metrics.get('kept', 'last')}, best epoch {metrics.get('best_epoch')}), "
-                f"{metrics.get('seconds_per_epoch')} s per epoch")  # fmt: skip
-    if metrics.get("members"):  # an ensemble: no epochs of its own
-        headline = (f"validation accuracy <b>{html.escape(accuracy_text(metrics))}</b>, loss "
-                    f"{metrics.get('loss', 0):.4f}: the average of "
-                    f"{html.escape(' and '.join(metrics['members']))}, calibrated")  # fmt: skip
+    headline = (f"validation accuracy <b>{accuracy}</b>, loss {metrics.loss or 0:.4f}, "
+                f"{metrics.epochs} epochs (kept: {metrics.kept}, best epoch "
+                f"{metrics.best_epoch}), {metrics.seconds_per_epoch} s per epoch")  # fmt: skip
+    if metrics.members:  # an ensemble: no epochs of its own
+        headline = (f"validation accuracy <b>{accuracy}</b>, loss {metrics.loss or 0:.4f}: the "
+                    f"average of {html.escape(' and '.join(metrics.members))}, "
+                    "calibrated")  # fmt: skip
     links = " ".join(
         f'<a href="{html.escape(result.dataset)}/{html.escape(result.method)}/{name}">{name}</a>'
         for name in (job.model_name, *FILES)
