@@ -118,6 +118,20 @@ class JobContext:
         return bool(self.store.files.get(split))
 
 
+@dataclass(frozen=True)
+class MethodOption:
+    """An option that one method reads: its :class:`TrainOptions` field (``--field-name`` on
+    the command line), what it does, and the least value it takes."""
+
+    field: str
+    help: str
+    minimum: int | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
 class Method(ABC):
     """A training method. Subclasses set the attributes and build the models."""
 
@@ -131,6 +145,15 @@ class Method(ABC):
     output_name: str = ""  # its last Dense layer (logits to probabilities): a temperature divides
     embedding_layer: str = ""  # the layer whose input is the embedding abstention measures
     closed_form: bool = False  # its trainable model is set in one step (fit_closed_form), no epochs
+    options: tuple[MethodOption, ...] = ()  # the TrainOptions fields only this method reads
+
+    def check_options(self, options: TrainOptions) -> None:
+        """Refuse, in one line, a value of one of its own options that it cannot train with."""
+        for option in self.options:
+            value = getattr(options, option.field)
+            if option.minimum is not None and value < option.minimum:
+                raise SettingsError(f"{option.flag} must be at least {option.minimum} "
+                                    f"({self.name}), not {value}")  # fmt: skip
 
     @property
     def fits_on_rows(self) -> bool:

@@ -16,9 +16,9 @@ import pyarrow as pa
 from storage.filesystem import Location
 from storage.names import unescape_name
 from tasks.backbones import ResolvedWeights
-from tasks.heads import build_scratch
+from tasks.heads import SCRATCH_IMAGE_SIZE, build_scratch
 from tasks.images import ImageRejected, load_image
-from tasks.methods.base import JobContext, Method, Recipe
+from tasks.methods.base import JobContext, Method, MethodOption, Recipe
 from tasks.training.weights import set_named_weights
 
 
@@ -28,6 +28,8 @@ class Scratch(Method):
     embedding_layer = "scratch_dense"
     summary = "the small convnet on the images, augmented live (the blog's ~0.80)"
     recipe = Recipe()
+    options = (MethodOption("scratch_image_size", "Input size of the small convnet (the blog's: "
+                            f"{SCRATCH_IMAGE_SIZE})", minimum=32),)  # fmt: skip
     augments_live = True
 
     def features(self, context: JobContext, tables: list[pa.Table]) -> np.ndarray:

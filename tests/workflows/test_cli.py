@@ -92,6 +92,11 @@ ERRORS = [
     (["train-all", "--store", "{root}/s", "--cv", "1"], 2, "--cv takes 0 (off) or at least 2"),
     (["train-all", "--store", "{root}/s", "--abstain-rate", "1.5"], 2, "--abstain-rate must be"),
     (["train-all", "--store", "{root}/s", "--ensemble", "sometimes"], 2, "--ensemble takes off"),
+    (
+        ["train-all", "--store", "{root}/s", "--methods", "scratch", "--scratch-image-size", "8"],
+        2,
+        "--scratch-image-size must be at least 32 (scratch), not 8",
+    ),
     (["suggest", "--store", "{root}/s", "--budget", "0"], 2, "--budget must be at least 1"),
     (["suggest", "--store", "{root}/s", "--method", "finetune"], 2, "use bottleneck or prototype"),
     (["suggest", "--store", "{root}/nostore"], 2, "no efficientnet_lite0 feature store"),

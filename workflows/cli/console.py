@@ -250,7 +250,8 @@ def show_registries(backbones: bool) -> None:
         {"name": m.name, "default": "yes" if m.name in DEFAULT_METHODS else "no",
          "reads": ", ".join(m.taps) or "images", "after": m.depends_on or "",
          "recipe": f"{m.recipe.epochs} epochs, batch {m.recipe.batch_size}, {m.recipe.optimizer} "
-                   f"{m.recipe.learning_rate:g}", "about": m.summary}
+                   f"{m.recipe.learning_rate:g}",
+         "options": ", ".join(o.flag for o in m.options), "about": m.summary}
         for m in METHODS.values()])  # fmt: skip
 
 

@@ -8,7 +8,6 @@ from typing import Any
 
 from storage.errors import SettingsError
 from tasks.backbones import DEFAULT_BACKBONE
-from tasks.heads import SCRATCH_IMAGE_SIZE
 from tasks.methods import DEFAULT_METHODS, METHODS, Recipe, TrainOptions, get_method
 from workflows.settings import ClusterSettings, setting
 
@@ -62,9 +61,9 @@ class TrainSettings:
             raise SettingsError(f"--cv takes 0 (off) or at least 2 folds, not {self.cv}")
         if not self.methods:
             raise SettingsError("--methods names no method")
-        for name in self.methods:
-            get_method(name)
         options = self.options
+        for name in self.methods:
+            get_method(name).check_options(options)
         if options.workers < 1 or options.threads < 1:
             raise SettingsError("--workers and --threads must be >= 1")
         if options.early_stopping_patience is not None and options.early_stopping_patience < 1:
@@ -73,8 +72,6 @@ class TrainSettings:
             raise SettingsError(
                 f"--epoch-copies must be {' or '.join(EPOCH_COPIES)}: {options.epoch_copies}"
             )
-        if options.scratch_image_size < 32:
-            raise SettingsError("--scratch-image-size must be at least 32")
         if options.max_failures < 0:
             raise SettingsError("--max-failures must be >= 0")
         if not 0 <= options.abstain_rate < 1:
@@ -94,10 +91,11 @@ TRAIN_OPTION_HELP = {
     "epoch_copies": "What an epoch on stored taps reads: 'all' stored copies, or 'one' copy of "
     "each image, the next one each epoch (the blog's epoch)",
     "seed": "Seed of initial weights and shuffling",
-    "scratch_image_size": f"Input size of the small convnet (the blog's: {SCRATCH_IMAGE_SIZE})",
     "max_failures": "Times Ray Train restarts a job's workers (a lost node) from its checkpoint",
     "abstain_rate": "Share of held-out in-distribution images the saved model declines (its "
     "abstention thresholds are chosen for it)",
+    # and each method's own (the method declares them: Method.options)
+    **{option.field: option.help for method in METHODS.values() for option in method.options},
 }
 
 
