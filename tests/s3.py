@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,10 +31,15 @@ class Proxy:
     """Forwards 127.0.0.1:``port`` to ``target``; :meth:`stop` refuses and cuts connections.
     With ``latency`` (seconds), every round trip waits that long: a request that follows an
     answer on its connection is held once before it is forwarded, however many packets carry
-    it (a remote store's distance, for benchmarks/listing_scale.py)."""
+    it (a remote store's distance, for benchmarks/listing_scale.py). With ``refuse`` (a
+    pattern of a request's bytes, e.g. ``rb"PUT /bucket/.*/x.json"``), a matching request is
+    answered ``403 AccessDenied`` as S3 answers a write it does not allow, and counted in
+    ``denied``; nothing of it reaches the store."""
 
     def __init__(self, target: int, latency: float = 0.0) -> None:
         self.target, self.port, self.latency = target, free_port(), latency
+        self.refuse: re.Pattern[bytes] | None = None
+        self.denied = 0
         self.answered: dict[socket.socket, bool] = {}  # client connection -> answered since
         self.down, self.refused = False, 0  # while down: connections accepted, then cut
         self._listener: socket.socket | None = None
@@ -99,6 +105,10 @@ class Proxy:
             inbound = source.getsockname()[1] == self.port  # a client's request, not the answer
             client = source if inbound else sink
             while data := source.recv(65536):
+                if inbound and self.refuse is not None and self.refuse.search(data):
+                    self.denied += 1
+                    source.sendall(ACCESS_DENIED)
+                    break
                 if self.latency and inbound and self.answered.get(client, True):
                     time.sleep(self.latency)
                     self.answered[client] = False
@@ -111,6 +121,13 @@ class Proxy:
             for end in (source, sink):
                 with contextlib.suppress(OSError):
                     end.close()
+
+
+_DENIED_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                b"<Message>Access Denied</Message></Error>")  # fmt: skip
+ACCESS_DENIED = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(_DENIED_BODY), _DENIED_BODY))  # fmt: skip
 
 
 class S3Server:

@@ -5,6 +5,7 @@ object store gone for a while). Every `wf` here is the real command in its own p
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -320,6 +321,39 @@ def test_the_object_store_gone_for_a_while_mid_extract(s3, data, cache_dir):
     assert run.returncode == 0, stderr[-3000:]  # retried with backoff, then went on
     checked = wf("verify", store, env=env)
     assert checked.returncode == 0, checked.stderr  # and the store reads back consistent
+
+
+def test_a_commit_the_store_refuses_fails_its_shard_alone_and_the_rerun_does_only_it(
+    s3, data, cache_dir
+):  # fmt: skip
+    env = s3.env()
+    s3.upload(str(data.parent), f"s3://{BUCKET}/denied")
+    images, store = f"s3://{BUCKET}/denied/shapes", f"s3://{BUCKET}/denied-store"
+    args = ["--shards", "4", "--cache-dir", cache_dir, "--num-cpus", "2", "--json"]
+    # The store answers 403 AccessDenied to one shard's commit record, and to nothing else.
+    s3.proxy.refuse = re.compile(rb"PUT /[^ ]*/_commits/[^ ]*/train-00001\.json")
+    try:
+        failed = wf("extract", images, "--store", store, *args, env=env)
+    finally:
+        s3.proxy.refuse = None
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert s3.proxy.denied >= 1 and "Traceback" not in failed.stderr
+    (report,) = json.loads(failed.stdout)
+    assert (report["shards_done"], report["shards_failed"]) == (7, 1), report  # of 4 + 4
+    assert len(report["failures"]) == 1 and report["failures"][0].startswith("train shard 1:")
+    assert "run the same command again" in failed.stderr
+    # Nothing of the refused shard counts: the manifest names the seven others, no part file
+    # of it is left, and the store reads back consistent.
+    manifest = json.loads(s3.read(f"{BUCKET}/denied-store/shapes/efficientnet_lite0/manifest.json"))
+    assert "train/00001" not in manifest["shards"] and len(manifest["shards"]) == 7
+    parts = [o for o in _s3_objects(s3, "denied-store") if "/part-" in o]
+    assert len(parts) == 7 and not [o for o in _s3_objects(s3, "denied-store") if "_commits" in o]
+    again = wf("extract", images, "--store", store, *args, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (report,) = json.loads(again.stdout)
+    assert (report["shards_done"], report["shards_skipped"], report["shards_failed"]) == (1, 7, 0)
+    checked = wf("verify", store, env=env)
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_wf_label_moves_images_on_an_object_store_and_logs_them(s3, tmp_path):
