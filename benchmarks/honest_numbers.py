@@ -11,7 +11,8 @@ with its abstention thresholds) is run on the test split through `wf predict`'s 
   method's accuracy), and inside the prediction interval for a test set of the test's size
   (the CV estimate's and the test's binomial noise together);
 - ECE (15 bins) on the test split, of the saved (calibrated) model and of the same model with
-  the temperature taken out;
+  the temperature taken out, beside the ECE a perfectly calibrated model would show on as many
+  images (``calibration_noise_floor``) and the lowest any one temperature reaches on the test;
 - abstention: the share of in-distribution test images declined, the share of out-of-
   distribution images declined (the other dataset's test photos, and generated noise, flat
   colours and text), and the AUROC of the out-of-distribution score (distance to the nearest
@@ -107,7 +108,11 @@ def main() -> None:
     from benchmarks.machine import banner
     from tasks.classifier import load_trained_model
     from tasks.cross_validation import apply_temperature
-    from tasks.evaluation import accuracy_interval, expected_calibration_error
+    from tasks.evaluation import (
+        accuracy_interval,
+        calibration_noise_floor,
+        expected_calibration_error,
+    )
     from tasks.methods import TrainOptions
     from tests.corpus import write_out_of_distribution
     from workflows.extract.run import run_extract
@@ -163,6 +168,12 @@ def main() -> None:
                 "temperature": metrics["temperature"],
                 "ece_test_uncalibrated": round(expected_calibration_error(labels, raw), 4),
                 "ece_test": round(expected_calibration_error(labels, probs), 4),
+                # ECE's own noise on this many images, and the best any one temperature gets
+                # on the test itself (an oracle: a ceiling for temperature scaling here).
+                "ece_test_floor": round(calibration_noise_floor(probs), 4),
+                "ece_test_best_temperature": round(min(
+                    expected_calibration_error(labels, apply_temperature(raw, t))
+                    for t in np.geomspace(0.5, 10, 121)), 4),
                 "ece_oof": [metrics["ece"]["before"], metrics["ece"]["after"]],
                 "abstained_in": round(float(abstained.mean()), 4),
                 "abstained_out": round(float(declined.mean()), 4),
@@ -178,10 +189,10 @@ def main() -> None:
     print()
     print(
         "| dataset | seed | cv accuracy (95%) | test accuracy | in CV interval | in prediction "
-        "interval | ECE test (raw -> calibrated) | abstained: in-dist / other photos / "
-        "generated | OOD AUROC |"
+        "interval | ECE test (raw -> calibrated) | ECE floor / best T | abstained: in-dist / "
+        "other photos / generated | OOD AUROC |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['dataset']} | {r['seed']} | {r['cv']:.3f} ({r['cv_interval'][0]:.3f}-"
@@ -189,6 +200,7 @@ def main() -> None:
             f"{'yes' if r['in_cv_interval'] else 'no'} | "
             f"{'yes' if r['in_prediction_interval'] else 'no'} | "
             f"{r['ece_test_uncalibrated']:.3f} -> {r['ece_test']:.3f} | "
+            f"{r['ece_test_floor']:.3f} / {r['ece_test_best_temperature']:.3f} | "
             f"{r['abstained_in']:.3f} / {r['abstained_out_other_photos']:.3f} / "
             f"{r['abstained_out_generated']:.3f} | {r['auroc']:.3f} |"
         )
@@ -202,7 +214,10 @@ def main() -> None:
         mine = [r for r in rows if r["dataset"] == name]
         print(
             f"{name}: ECE on test {np.mean([r['ece_test'] for r in mine]):.3f} calibrated "
-            f"(uncalibrated {np.mean([r['ece_test_uncalibrated'] for r in mine]):.3f}); "
+            f"(uncalibrated {np.mean([r['ece_test_uncalibrated'] for r in mine]):.3f}; a "
+            f"perfectly calibrated model {np.mean([r['ece_test_floor'] for r in mine]):.3f}, the "
+            f"best single temperature {np.mean([r['ece_test_best_temperature'] for r in mine]):.3f}"
+            "); "
             f"abstained in-distribution {np.mean([r['abstained_in'] for r in mine]):.3f}, "
             f"out {np.mean([r['abstained_out'] for r in mine]):.3f}; AUROC "
             f"{np.mean([r['auroc'] for r in mine]):.3f}"

@@ -15,7 +15,12 @@ import numpy as np
 
 from tasks.abstention import DEFAULT_RATE, choose, out_of_fold_distance
 from tasks.audit import normalise
-from tasks.evaluation import accuracy_interval, expected_calibration_error, reliability
+from tasks.evaluation import (
+    accuracy_interval,
+    calibration_noise_floor,
+    expected_calibration_error,
+    reliability,
+)
 
 BINS = 15  # of confidence, for the expected calibration error and the reliability plot
 NOISE = 0.05  # a paired difference with a larger p-value is within noise
@@ -150,6 +155,8 @@ class CrossValidated:
     prediction_interval: tuple[float, float] | None = None
     expected_n: int = 0
     reused_out_of_fold: bool = False  # the folds' probabilities came from the store's cache
+    # The ECE a perfectly calibrated model would show on these images (ECE's own noise).
+    ece_floor: float = 0.0
 
     @classmethod
     def measure(
@@ -175,6 +182,7 @@ class CrossValidated:
             temperature=round(fit_temperature(labels, probs), 6),
             ece_before=round(expected_calibration_error(labels, probs, BINS), 6),
             ece_after=round(expected_calibration_error(labels, calibrated, BINS), 6),
+            ece_floor=round(calibration_noise_floor(calibrated, BINS), 6),
             reliability={"before": reliability(labels, probs, BINS),
                          "after": reliability(labels, calibrated, BINS)},
             groups=groups, seconds=round(seconds, 3), abstain=abstain.to_json(),
@@ -196,6 +204,6 @@ class CrossValidated:
         if self.prediction_interval:
             cv["prediction_interval"] = list(self.prediction_interval)
             cv["prediction_n"] = self.expected_n
-        ece = {"before": self.ece_before, "after": self.ece_after, "bins": BINS,
-               "on": "out-of-fold", "reliability": self.reliability}  # fmt: skip
+        ece = {"before": self.ece_before, "after": self.ece_after, "floor": self.ece_floor,
+               "bins": BINS, "on": "out-of-fold", "reliability": self.reliability}  # fmt: skip
         return {"cv": cv, "ece": ece, "temperature": self.temperature}

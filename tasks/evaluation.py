@@ -112,6 +112,27 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int 
     return float(sum(gaps) / len(labels))
 
 
+def calibration_noise_floor(
+    probs: np.ndarray, bins: int = 15, draws: int = 500, seed: int = 0
+) -> float:
+    """The expected calibration error that a perfectly calibrated model with these confidences
+    would show on this many images: the mean ECE over ``draws`` sets of outcomes, each image
+    right with the probability of its top class. ECE is biased upwards on few images (each bin's
+    accuracy is a small sample), so an ECE near this number is as good as the images can show:
+    235 images at 0.91 confidence give about 0.04, 2,400 about 0.012."""
+    probs = np.asarray(probs, np.float64)
+    if len(probs) == 0:
+        return 0.0
+    confidence = probs.max(axis=1)
+    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+    right = np.random.default_rng(seed).random((draws, len(confidence))) < confidence
+    total = np.zeros(draws)
+    for b in np.unique(which):
+        inside = which == b
+        total += np.abs(right[:, inside].sum(axis=1) - confidence[inside].sum())
+    return float(total.mean() / len(confidence))
+
+
 def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> list[dict[str, float]]:
     """The reliability diagram's points: per non-empty bin, its mean confidence, accuracy and
     image count."""

@@ -17,6 +17,7 @@ from tasks.cross_validation import (
 )
 from tasks.evaluation import (
     accuracy_interval,
+    calibration_noise_floor,
     classification_metrics,
     expected_calibration_error,
     format_accuracy,
@@ -111,6 +112,22 @@ def test_a_temperature_fitted_on_an_overconfident_model_undoes_it():
     assert apply_temperature(soft, 2.0) == pytest.approx(scaled, abs=1e-9)
 
 
+def test_the_noise_floor_is_the_ece_of_a_calibrated_model_on_as_many_images():
+    # Confidence 0.5 everywhere: one bin, ECE = |k/n - 1/2| with k ~ Binomial(n, 1/2), whose
+    # mean is about sqrt(2 / pi) / (2 sqrt(n)).
+    half = np.full((400, 2), 0.5)
+    assert calibration_noise_floor(half, draws=4000) == pytest.approx(
+        math.sqrt(2 / math.pi) / (2 * math.sqrt(400)), rel=0.05
+    )
+    assert calibration_noise_floor(np.array([[1.0, 0.0]] * 50)) == 0.0  # sure and right
+    # A model calibrated by construction scores about its floor, and the floor falls with n.
+    labels, probs = _overconfident(4000, 3)
+    calibrated = apply_temperature(probs, 3.0)
+    floor = calibration_noise_floor(calibrated)
+    assert expected_calibration_error(labels, calibrated) < 2.5 * floor
+    assert calibration_noise_floor(calibrated[:250]) > 2 * floor
+
+
 def test_calibration_leaves_the_predicted_class_alone_and_records_it():
     labels, probs = _overconfident(600, 4)
     folds = np.arange(600) % 5
@@ -121,6 +138,7 @@ def test_calibration_leaves_the_predicted_class_alone_and_records_it():
     written = found.metrics()
     assert written["cv"]["folds"] == 5 and written["cv"]["duplicate_groups"] == 2
     assert written["ece"]["bins"] == 15 and written["temperature"] > 1.5
+    assert 0 < written["ece"]["floor"] < written["ece"]["before"]
     calibrated = apply_temperature(probs, found.temperature)
     assert (calibrated.argmax(1) == probs.argmax(1)).all()
 

@@ -185,6 +185,8 @@ def _honest(metrics: JobMetrics) -> str:
         return f"<ul class=cv><li>{line}</li>{declines}</ul>"
     folds = ", ".join(f"{a:.3f}" for a in cv["per_fold"])
     ece = metrics.ece or {}
+    floor = (f"; a perfectly calibrated model would show about {ece['floor']:.3f} on these images"
+             if ece.get("floor") else "")  # fmt: skip
     items = [
         f"cross-validated ({cv['folds']} folds, {cv['duplicate_groups']} duplicate groups kept "
         f"inside one fold): <b>{html.escape(cv_text(cv))}</b>; per fold {folds}"
@@ -196,7 +198,7 @@ def _honest(metrics: JobMetrics) -> str:
         ),
         f"calibration: temperature {metrics.temperature or 1:.3g} inside the saved model; "
         f"expected calibration error {ece.get('before', 0):.3f} before, "
-        f"{ece.get('after', 0):.3f} after (out-of-fold, {ece.get('bins', 15)} bins)",
+        f"{ece.get('after', 0):.3f} after (out-of-fold, {ece.get('bins', 15)} bins{floor})",
     ]
     curve = cv.get("learning_curve") or []
     if curve:
