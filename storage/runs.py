@@ -84,10 +84,10 @@ class JobMetrics:
     method: str
     # On the validation split's original images (None when the dataset has none).
     accuracy: float | None = None
-    n: int | None = None
+    n: int | None = None  # read from ``examples`` in a file written before n
     accuracy_interval: list[float] | None = None  # 95% Wilson: [low, high]
     loss: float | None = None
-    examples: int | None = None  # the same as n, for readers of files before n
+    examples: int | None = None  # the same as n, still written for readers of files before n
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)
     confusion_matrix: list[list[int]] | None = None
     classes: list[str] = field(default_factory=list)
@@ -100,7 +100,7 @@ class JobMetrics:
     steps_per_epoch: int | None = None
     optimizer_steps: int | None = None
     resumed_from_epoch: int = 0
-    epoch_copies: int | None = None
+    epoch_copies: str | None = None  # "all" or "one" (--epoch-copies)
     workers: int = 1
     workers_in_sync: bool | None = None  # with 2 or more workers: every worker's weights alike
     nodes: list[str] = field(default_factory=list)
@@ -122,14 +122,21 @@ class JobMetrics:
     OMITTED_WHEN_EMPTY = ("cv", "ece", "temperature", "members")
 
     @classmethod
+    def names(cls) -> list[str]:
+        """The keys it knows: every field but ``extra``."""
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    @classmethod
     def from_json(cls, value: dict[str, Any]) -> JobMetrics:
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = set(cls.names())
         known = {k: v for k, v in value.items() if k in names}
+        if known.get("n") is None and known.get("examples") is not None:
+            known["n"] = known["examples"]  # a file written before n
         return cls(**{"dataset": "", "method": "", **known},
                    extra={k: v for k, v in value.items() if k not in names})  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out = {name: getattr(self, name) for name in self.names()}
         for name in self.OMITTED_WHEN_EMPTY:
             if out[name] is None:
                 del out[name]
@@ -138,8 +145,9 @@ class JobMetrics:
     def update(self, **values: Any) -> None:
         """Set fields by name (a :func:`classification_metrics` dict, cross-validation's
         entries); an unknown name is kept in ``extra``."""
+        names = set(self.names())
         for name, value in values.items():
-            if name in self.__dataclass_fields__ and name != "extra":
+            if name in names:
                 setattr(self, name, value)
             else:
                 self.extra[name] = value

@@ -54,7 +54,7 @@ def list_runs(runs: str) -> list[dict[str, Any]]:
             "dataset": job.dataset,
             "method": job.method,
             "accuracy": metrics.accuracy,
-            "n": metrics.n if metrics.n is not None else metrics.examples,
+            "n": metrics.n,
             "accuracy_interval": metrics.accuracy_interval,
             "cv": {k: metrics.cv[k] for k in ("folds", "accuracy", "interval", "n")}
             if metrics.cv else None,
