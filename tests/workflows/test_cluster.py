@@ -146,7 +146,7 @@ def test_extract_train_and_serve_on_a_cluster_wf_did_not_start(
     assert extracted.returncode == 0, extracted.stderr[-3000:]
     trained = wf(
         ["train-all", "--store", str(tmp_path / "store"), "--runs", str(tmp_path / "runs"),
-         "--methods", "bottleneck", "--epochs", "2", "--address", address],
+         "--methods", "bottleneck", "--epochs", "2", "--cv", "0", "--address", address],
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=token,
     )  # fmt: skip

@@ -115,7 +115,7 @@ def test_a_store_written_on_three_nodes_equals_a_one_node_store(
         assert rows_of(store) == rows_of(reference)  # the same rows, the same feature bytes
         trained = wf("train-all", "--store", store, "--runs", str(tmp_path / "runs"), "--methods",
                      "bottleneck", "--epochs", "2", "--workers", "2", "--epoch-copies", "one",
-                     "--address", cluster.address)  # fmt: skip
+                     "--cv", "0", "--address", cluster.address)  # fmt: skip
         assert trained.returncode == 0, trained.stderr[-3000:]
         metrics = json.loads(
             (tmp_path / "runs" / "shapes" / "bottleneck" / "metrics.json").read_text()
@@ -243,7 +243,7 @@ def test_images_store_and_runs_on_s3_as_for_local_folders(s3, data, tmp_path, ca
     assert json.loads(again.stdout)[0]["shards_skipped"] == 8  # incremental, on S3 too
     trained = wf("train-all", "--store", store, "--runs", runs, "--methods",
                  "bottleneck,scratch", "--epochs", "2", "--scratch-image-size", "48",
-                 "--num-cpus", "2", env=env)  # fmt: skip
+                 "--cv", "0", "--num-cpus", "2", env=env)  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]
     evaluated = wf("evaluate", f"{runs}/shapes/scratch/model.keras", images, "--json", env=env)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
