@@ -86,7 +86,7 @@ def ray_cluster(settings: ClusterSettings) -> Iterator[None]:
         # of a local cluster inherits, not a runtime environment: a runtime environment's
         # workers cannot be the ones the raylet starts ahead with the cluster, and the first
         # tasks then waited for new processes, one at a time (measured: 2.2-2.7 s against
-        # 0.9 s to the first two tasks on 2 cores; benchmarks/ray_startup.py).
+        # 0.7-1.0 s to the first two tasks on 2 cores; benchmarks/ray_startup.py).
         with _environment(worker_env()):
             ray.init(
                 address="local",

@@ -32,7 +32,9 @@ def env():
     return {name: os.environ.get(name) for name in names}
 
 with ray_cluster(ClusterSettings(num_cpus=1)):
-    print(json.dumps(ray.get(env.remote())))
+    names = ("TF_ENABLE_ONEDNN_OPTS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    driver = {name: os.environ.get(name) for name in names}  # its own, as it was
+    print(json.dumps({"workers": ray.get(env.remote()), "driver": driver}))
 """
 
 
@@ -63,10 +65,13 @@ def test_ray_workers_get_the_worker_env():
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["workers"] == {
         "TF_ENABLE_ONEDNN_OPTS": "1",
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     }
+    # The workers have them from the raylet's environment; the driver's is left as it was.
+    assert seen["driver"] == {name: None for name in names}
 
 
 AUTH_AND_ADDRESS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
