@@ -176,6 +176,11 @@ METHODS = {"keras": run_keras, "ray_data": run_ray_data, "wf": run_wf, "wf_int8"
            "runtime_alone": runtime_alone}  # fmt: skip
 
 
+def _ratio(rate: float, base_rate: float) -> str:
+    """``rate`` against Keras's, or "-" where Keras was not among the methods run."""
+    return "-" if base_rate != base_rate else f"{rate / base_rate:.2f}x"  # NaN: no Keras
+
+
 def print_table(results: dict) -> None:
     baseline = results.get("keras", {})
     base_rate = baseline["images"] / baseline["seconds"] if "seconds" in baseline else float("nan")
@@ -190,13 +195,13 @@ def print_table(results: dict) -> None:
         rate = r["images"] / r["seconds"]
         print(
             f"{method:<16} {r['images']:>7} {r['seconds']:>8.1f} {rate:>7.1f} "
-            f"{rate / base_rate:>8.2f}x {r['peak_rss_mib']:>12.0f} MiB"
+            f"{_ratio(rate, base_rate):>9} {r['peak_rss_mib']:>12.0f} MiB"
         )
         if "extract_seconds" in r:
             rate = r["images"] / r["extract_seconds"]
             print(
                 f"{'  extract only':<16} {r['images']:>7} {r['extract_seconds']:>8.1f} "
-                f"{rate:>7.1f} {rate / base_rate:>8.2f}x"
+                f"{rate:>7.1f} {_ratio(rate, base_rate):>9}"
             )
 
 
