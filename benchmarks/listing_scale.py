@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.planning_memory import memory_mib, reset_peak  # noqa: E402
 from tests.s3 import Proxy, S3Server  # noqa: E402
 
 SPLITS, CLASSES = ("train", "validation"), 20
@@ -59,24 +59,18 @@ def populate(server: S3Server, objects: int) -> None:
         list(pool.map(lambda k: client.put_object(Bucket="bench", Key=k, Body=b"wf"), keys))
 
 
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def list_once(threads: int) -> dict:
     """Called with --one: discover s3://bench/data as `wf extract` plans it."""
     import storage.filesystem
     from workflows.datasets import discover_dataset
 
     storage.filesystem.LIST_THREADS = threads
-    before = rss_mib()
+    reset_peak()  # the imports' own peak is not the listing's
+    before = memory_mib()
     started = time.perf_counter()
     spec = discover_dataset("s3://bench/data", 0.2)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = memory_mib("VmHWM")
     images = sum(len(items) for items in spec.images.values())
     return {"threads": threads, "seconds": seconds, "images": images,
             "peak_mib": peak, "above_start_mib": peak - before}  # fmt: skip

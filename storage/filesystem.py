@@ -20,11 +20,13 @@ import os
 import posixpath
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from storage.errors import StoreError
@@ -130,11 +132,13 @@ class Location:
             return "missing"
         return "folder" if info.type == pafs.FileType.Directory else "file"
 
-    def tree(self, ignored: Callable[[str], bool]) -> tuple[list[TreeFile], set[tuple[str, ...]]]:
-        """Every file under the root (its parts below the root, path, size and mtime) and every
-        folder (its parts), names ``ignored`` skipped with all below them. An object store has
-        no empty folders: only those that hold a file are seen."""
-        files, folders = [], set()
+    def tree(self, ignored: Callable[[str], bool]) -> tuple[pa.Table, set[tuple[str, ...]]]:
+        """Every file under the root as the columns of :data:`LISTING` (its parts below the
+        root, path, size and mtime) and every folder (its parts), names ``ignored`` skipped
+        with all below them. An object store has no empty folders: only those that hold a file
+        are seen. The files are held as Arrow batches, never a Python object each: at ten
+        million images those were 12-34 GB on the driver (docs/scaling.md)."""
+        files, folders = ColumnBuilder(LISTING), set()
         if self.is_local:
             for current, names, _ in os.walk(self.root):
                 names[:] = [n for n in names if not ignored(n)]
@@ -142,16 +146,21 @@ class Location:
                 for name in names:
                     folders.add(tuple(os.path.normpath(os.path.join(base, name)).split(os.sep)))
             for path, stat in walk_local(self.root, ignored):
-                parts = tuple(os.path.relpath(path, self.root).split(os.sep))
-                files.append(TreeFile(parts, path, *stat_signature(stat)))
-            return files, folders
-        for entry in list_files(self.filesystem, self.root, threads=LIST_THREADS):
-            parts = tuple(posixpath.relpath(entry.path, self.root).split("/"))
-            if any(ignored(p) for p in parts):
-                continue
-            files.append(TreeFile(parts, entry.path, *stat_signature(entry)))
-            folders.update(parts[:i] for i in range(1, len(parts)))
-        return files, folders
+                parts = os.path.relpath(path, self.root).split(os.sep)
+                files.append([os_bytes(p) for p in parts], os_bytes(path), *stat_signature(stat))
+            return files.table(), folders
+        for listed in _listings(self.filesystem, self.root, LIST_THREADS):
+            for entry in listed:
+                if entry.type != pafs.FileType.File:
+                    continue
+                parts = tuple(posixpath.relpath(entry.path, self.root).split("/"))
+                if any(ignored(p) for p in parts):
+                    continue
+                files.append([p.encode() for p in parts], entry.path.encode(),
+                             *stat_signature(entry))  # fmt: skip
+                folders.update(parts[:i] for i in range(1, len(parts)))
+        table = files.table()
+        return table.take(pc.sort_indices(table, [("path", "ascending")])), folders
 
     def move(self, source: str, target: str) -> None:
         """Move a file: a rename on a local disk, copy then delete on an object store."""
@@ -180,6 +189,48 @@ class TreeFile:
     path: str  # as the filesystem names it
     size: int
     mtime_ns: int
+
+
+# A listing's columns. Names are bytes: a local name that is not UTF-8 keeps its bytes (Python
+# gives it surrogate-escaped, which an Arrow string cannot hold); see os_bytes and os_name.
+LISTING = pa.schema([("parts", pa.list_(pa.binary())), ("path", pa.binary()),
+                     ("size", pa.int64()), ("mtime_ns", pa.int64())])  # fmt: skip
+
+
+def os_bytes(name: str) -> bytes:
+    """A name as Python's ``os`` gives it (surrogate-escaped where not UTF-8) as its bytes."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def os_name(data: bytes) -> str:
+    """The inverse of :func:`os_bytes`."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+class ColumnBuilder:
+    """Rows appended one at a time, kept as Arrow record batches of ``batch_rows``: a Python
+    object per row only for the batch being filled."""
+
+    def __init__(self, schema: pa.Schema, batch_rows: int = 16_384) -> None:
+        self.schema, self._batch_rows = schema, batch_rows
+        self._rows: list[tuple[Any, ...]] = []
+        self._batches: list[pa.RecordBatch] = []
+
+    def append(self, *row: Any) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= self._batch_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            columns = zip(*self._rows, strict=True)
+            arrays = [pa.array(c, f.type) for c, f in zip(columns, self.schema, strict=True)]
+            self._batches.append(pa.record_batch(arrays, schema=self.schema))
+            self._rows = []
+
+    def table(self) -> pa.Table:
+        self._flush()
+        return pa.Table.from_batches(self._batches, self.schema)
 
 
 def _with_delayed_open(uri: str) -> str:
@@ -229,10 +280,10 @@ def list_files(
     listing of 10 million keys is 10,000 round trips in a row. Here the folder's sub-folders
     (down two levels, to a dataset's split and class prefixes) are listed ``threads`` at once.
     A local disk is listed in one call either way."""
-    if threads > 1 and recursive and not is_local(filesystem):
-        infos = _list_by_prefix(filesystem, folder, threads)
+    if recursive:
+        infos = [i for listed in _listings(filesystem, folder, threads) for i in listed]
     else:
-        selector = pafs.FileSelector(folder, recursive=recursive, allow_not_found=True)
+        selector = pafs.FileSelector(folder, recursive=False, allow_not_found=True)
         infos = retrying(filesystem, lambda: filesystem.get_file_info(selector))
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
@@ -240,27 +291,40 @@ def list_files(
 LIST_THREADS = 16  # listings of one object store in flight at once (the driver's, while planning)
 
 
-def _list_by_prefix(filesystem: pafs.FileSystem, folder: str, threads: int) -> list[pafs.FileInfo]:
-    from concurrent.futures import ThreadPoolExecutor
+def _listings(
+    filesystem: pafs.FileSystem, folder: str, threads: int
+) -> Iterator[list[pafs.FileInfo]]:
+    """Everything under ``folder`` (files and folders, unsorted), one listing at a time: one
+    recursive listing, or on an object store with ``threads`` > 1 one per prefix."""
 
     def entries(prefix: str, recursive: bool) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(prefix, recursive=recursive, allow_not_found=True)
         return retrying(filesystem, lambda: filesystem.get_file_info(selector))
 
-    found: list[pafs.FileInfo] = []
+    if threads <= 1 or is_local(filesystem):
+        yield entries(folder, True)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
     prefixes = [folder]
     with ThreadPoolExecutor(threads) as pool:
         for _ in range(2):  # the folder's own level, then one more when it has few folders
             level = [
                 i for listed in pool.map(lambda p: entries(p, False), prefixes) for i in listed
             ]
-            found.extend(i for i in level if i.type == pafs.FileType.File)
+            yield [i for i in level if i.type == pafs.FileType.File]
             prefixes = [i.path for i in level if i.type == pafs.FileType.Directory]
             if len(prefixes) >= threads:
                 break
-        for listed in pool.map(lambda p: entries(p, True), prefixes):
-            found.extend(listed)
-    return found
+        # At most ``threads`` listings in flight or waiting to be read: what the caller has not
+        # yet turned into columns is a Python object per file.
+        pending: deque = deque()
+        for prefix in prefixes:
+            if len(pending) == threads:
+                yield pending.popleft().result()
+            pending.append(pool.submit(entries, prefix, True))
+        while pending:
+            yield pending.popleft().result()
 
 
 def list_folders(filesystem: pafs.FileSystem, folder: str) -> list[str]:

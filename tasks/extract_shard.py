@@ -14,7 +14,7 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from storage.feature_store import (
     tap_column,
     write_part,
 )
-from storage.filesystem import retrying
+from storage.filesystem import ColumnBuilder, os_bytes, os_name, retrying
 from storage.hashing import content_id
 from storage.layout import StoreLayout
 from storage.manifest import Reject, TapRecord
@@ -68,7 +68,7 @@ class _Timed:
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One image as planned by the driver: where it is, its size then, and what it is.
+    """One image as planned by the driver: where it is, its size and time then, and what it is.
 
     ``relative_path`` is relative to the dataset and escaped (:mod:`storage.names`); ``path``
     is what the dataset's filesystem opens.
@@ -79,6 +79,69 @@ class ImageItem:
     size: int
     label: str
     label_index: int
+    mtime_ns: int = 0
+
+
+IMAGES = pa.schema([
+    ("path", pa.binary()),  # storage.filesystem.os_bytes of ImageItem.path
+    ("relative_path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
+    ("label_index", pa.int32()),
+])  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False)
+class Images:
+    """Planned images as Arrow columns (:data:`IMAGES`), not a Python object each: the driver
+    plans every image of a dataset at once, and at ten million images objects were 12-34 GB
+    (docs/scaling.md). Iterating gives :class:`ImageItem`, made a batch at a time.
+    ``labels`` names the classes by index; index -1 is an unlabelled image (label ``""``)."""
+
+    table: pa.Table
+    labels: tuple[str, ...]
+
+    @classmethod
+    def of(cls, items: Iterable[ImageItem], labels: tuple[str, ...]) -> Images:
+        rows = ColumnBuilder(IMAGES)
+        for i in items:
+            rows.append(os_bytes(i.path), i.relative_path, i.size, i.mtime_ns, i.label_index)
+        return cls(rows.table(), labels)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __iter__(self) -> Iterator[ImageItem]:
+        labels = self.labels
+        for batch in self.table.to_batches(max_chunksize=4096):
+            columns = [batch.column(name).to_pylist() for name in IMAGES.names]
+            for path, relative, size, mtime, index in zip(*columns, strict=True):
+                label = labels[index] if index >= 0 else ""
+                yield ImageItem(os_name(path), relative, size, label, index, mtime)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Images)
+            and self.labels == other.labels
+            and self.table.equals(other.table)
+        )
+
+    def take(self, indices: Any) -> Images:
+        return Images(self.table.take(indices), self.labels)
+
+    def relative_paths(self) -> Iterator[str]:
+        for chunk in self.table.column("relative_path").chunks:
+            yield from chunk.to_pylist()
+
+    def relabel(self, labels: tuple[str, ...]) -> Images:
+        """Only the images of classes in ``labels``, indexed by their place there."""
+        mapping = np.array([labels.index(c) if c in labels else -2 for c in self.labels] or [0])
+        old = self.table.column("label_index").to_numpy()
+        new = np.where(old >= 0, mapping[np.clip(old, 0, None)], old)
+        keep = new != -2
+        table = self.table.set_column(
+            IMAGES.get_field_index("label_index"), "label_index",
+            pa.array(new.astype(np.int32)),
+        ).filter(pa.array(keep))  # fmt: skip
+        return Images(table, labels)
 
 
 @dataclass(frozen=True)
@@ -87,7 +150,7 @@ class ShardJob:
     split: str
     shard: int
     num_shards: int
-    items: tuple[ImageItem, ...]
+    items: Images
     source: pafs.FileSystem  # where the images are
     layout: StoreLayout  # where the part goes
     output_path: str

@@ -19,17 +19,23 @@ plan (as ``make`` does), and the shard tasks read the bytes where they are.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import posixpath
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from storage.errors import DatasetError
-from storage.filesystem import Location, TreeFile
-from storage.hashing import fingerprint, stable_unit_interval
+from storage.filesystem import LISTING, Location, TreeFile, os_bytes, os_name
+from storage.hashing import stable_unit_interval
 from storage.names import escape_name
-from tasks.extract_shard import ImageItem
+from tasks.extract_shard import IMAGES, Images
 from tasks.images import is_ignored_file
 
 SPLITS = ("train", "validation", "test")
@@ -42,30 +48,49 @@ _SPLIT_SALT = "wf-validation-split"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Tree:
-    """Everything under a folder, listed once: files and folders, hidden names left out."""
+    """Everything under a folder, listed once: files (as the columns of
+    :data:`storage.filesystem.LISTING`) and folders, hidden names left out."""
 
     location: Location
-    files: tuple[TreeFile, ...]
+    listing: pa.Table
     folders: frozenset[tuple[str, ...]]
+
+    @property
+    def files(self) -> list[TreeFile]:
+        """The files as objects, for folders a person names (not a dataset being planned)."""
+        columns = [self.listing.column(n).to_pylist() for n in LISTING.names]
+        return [
+            TreeFile(tuple(os_name(p) for p in parts), os_name(path), size, mtime)
+            for parts, path, size, mtime in zip(*columns, strict=True)
+        ]
 
     def sub(self, name: str) -> Tree:
         location = self.location
         inside = Location(location.filesystem, location.path(name), f"{location.uri}/{name}")
-        files = tuple(
-            TreeFile(e.parts[1:], e.path, e.size, e.mtime_ns)
-            for e in self.files
-            if e.parts[0] == name and len(e.parts) > 1
-        )
+        parts = self.listing.column("parts")
+        keep = pc.and_(pc.equal(pc.list_element(parts, 0), pa.scalar(os_bytes(name))),
+                       pc.greater(pc.list_value_length(parts), 1))  # fmt: skip
+        listing = self.listing.filter(keep)
+        below = pc.list_slice(listing.column("parts"), 1).cast(LISTING.field("parts").type)
         folders = frozenset(f[1:] for f in self.folders if f[0] == name and len(f) > 1)
-        return Tree(inside, files, folders)
+        return Tree(inside, listing.set_column(0, "parts", below), folders)
 
     def children(self) -> list[str]:
         return sorted({f[0] for f in self.folders})
 
-    def loose_files(self) -> list[TreeFile]:
-        return [e for e in self.files if len(e.parts) == 1]
+    def depths(self) -> np.ndarray:
+        """Each file's number of parts below the folder."""
+        return pc.list_value_length(self.listing.column("parts")).to_numpy()
+
+    def first_parts(self) -> pa.ChunkedArray:
+        """Each file's first part below the folder (its own name for a loose file)."""
+        return pc.list_element(self.listing.column("parts"), 0)
+
+    def loose_files(self) -> int:
+        """How many files lie directly in the folder."""
+        return int((self.depths() == 1).sum())
 
 
 def list_tree(where: str) -> Tree:
@@ -74,7 +99,7 @@ def list_tree(where: str) -> Tree:
     if location.kind() != "folder":  # file_info retries a store that stops answering
         raise DatasetError(f"{where} is not a folder")
     files, folders = location.tree(is_ignored_file)
-    return Tree(location, tuple(files), frozenset(folders))
+    return Tree(location, files, frozenset(folders))
 
 
 @dataclass(frozen=True)
@@ -83,17 +108,33 @@ class DatasetSpec:
     root: str  # the path or URI the images are read from
     source: pafs.FileSystem
     classes: tuple[str, ...]
-    images: dict[str, tuple[ImageItem, ...]]
+    images: dict[str, Images]  # by split; each image's size and time stand for its content
     split_folders: bool
     warnings: tuple[str, ...]
-    signatures: dict[str, tuple[int, int]]  # relative path -> (size, mtime)
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(
-            [list(self.classes), {split: [[i.relative_path, *self.signatures[i.relative_path]]
-                                          for i in items] for split, items in self.images.items()}]
-        )  # fmt: skip
+        """:func:`storage.hashing.fingerprint` of ``[classes, {split: [[path, size, mtime],
+        ...]}]``, streamed a row at a time rather than built as one Python list."""
+        digest = hashlib.sha256()
+        digest.update(f"[{_json(list(self.classes))},{{".encode())
+        for n, split in enumerate(sorted(self.images)):
+            digest.update(f"{',' if n else ''}{_json(split)}:[".encode())
+            separator = ""
+            for batch in self.images[split].table.to_batches(max_chunksize=4096):
+                columns = [
+                    batch.column(c).to_pylist() for c in ("relative_path", "size", "mtime_ns")
+                ]
+                for row in zip(*columns, strict=True):
+                    digest.update(f"{separator}{_json(list(row))}".encode())
+                    separator = ","
+            digest.update(b"]")
+        digest.update(b"}]")
+        return digest.hexdigest()
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def _split_folders(tree: Tree) -> dict[str, str]:
@@ -114,9 +155,13 @@ def _split_folders(tree: Tree) -> dict[str, str]:
 def is_dataset(tree: Tree) -> bool:
     """A dataset has split folders, or at least one class folder that directly holds files."""
     splits = _split_folders(tree)
-    return bool(set(splits) - {UNLABELLED}) or any(
-        len(e.parts) == 2 and e.parts[0] != splits.get(UNLABELLED) for e in tree.files
-    )
+    if set(splits) - {UNLABELLED}:
+        return True
+    in_class = tree.depths() == 2
+    if UNLABELLED in splits:
+        pool = pc.equal(tree.first_parts(), pa.scalar(os_bytes(splits[UNLABELLED])))
+        in_class &= ~pool.to_numpy(zero_copy_only=False)
+    return bool(in_class.any())
 
 
 def expand_dataset_paths(paths: list[str]) -> list[tuple[str, Tree]]:
@@ -138,15 +183,15 @@ def expand_dataset_paths(paths: list[str]) -> list[tuple[str, Tree]]:
     return found
 
 
-def _by_class(tree: Tree, where: str, warnings: list[str]) -> dict[str, list[TreeFile]]:
+def _by_class(tree: Tree, where: str, warnings: list[str]) -> tuple[list[str], Tree]:
+    """The class folders of ``tree``, and a tree of the files in them (the class first)."""
     loose = tree.loose_files()
     if loose:
-        warnings.append(f"{where}: ignored {len(loose)} files outside class folders")
-    classes: dict[str, list[TreeFile]] = {name: [] for name in tree.children()}
-    for entry in tree.files:
-        if len(entry.parts) > 1:
-            classes[entry.parts[0]].append(entry)
-    return classes
+        warnings.append(f"{where}: ignored {loose} files outside class folders")
+    if not loose:
+        return tree.children(), tree
+    in_class = tree.listing.filter(pa.array(tree.depths() > 1))
+    return tree.children(), Tree(tree.location, in_class, tree.folders)
 
 
 def discover_dataset(
@@ -164,7 +209,8 @@ def discover_dataset(
     pool = split_dirs.pop(UNLABELLED, None)
     if pool is not None:
         tree = _without(tree, pool)
-    per_split: dict[str, dict[str, list[tuple[str, TreeFile]]]] = {}
+    # split -> (its class folders, the files in them with the class first, their path prefix)
+    per_split: dict[str, tuple[list[str], pa.Table, str]] = {}
     if split_dirs:
         if "train" not in split_dirs:
             raise DatasetError(f"{name}: has {', '.join(split_dirs)} folders but no train/ folder")
@@ -176,68 +222,101 @@ def discover_dataset(
                 "test or unlabelled)"
             )
         if tree.loose_files():
-            warnings.append(
-                f"{name}: ignored {len(tree.loose_files())} files outside split folders"
-            )
+            warnings.append(f"{name}: ignored {tree.loose_files()} files outside split folders")
         for split, folder in split_dirs.items():
-            classes = _by_class(tree.sub(folder), f"{name}/{split}", warnings)
-            per_split[split] = {c: [(f"{folder}/{c}", e) for e in es] for c, es in classes.items()}
+            folders, files = _by_class(tree.sub(folder), f"{name}/{split}", warnings)
+            per_split[split] = (folders, files.listing, f"{folder}/")
     else:
-        per_split = {"train": {}, "validation": {}}
-        for label, entries in _by_class(tree, name, warnings).items():
-            for split in per_split.values():
-                split.setdefault(label, [])
-            for entry in entries:
-                held_out = (
-                    stable_unit_interval(_relative(entry.parts), _SPLIT_SALT) < validation_fraction
-                )
-                per_split["validation" if held_out else "train"][label].append((label, entry))
+        folders, files = _by_class(tree, name, warnings)
+        relative = _relative_paths("", files.listing.column("parts"))
+        held_out = _each(relative, lambda r: stable_unit_interval(r, _SPLIT_SALT),
+                         np.float64) < validation_fraction  # fmt: skip
+        per_split = {
+            "train": (folders, files.listing.filter(pa.array(~held_out)), ""),
+            "validation": (folders, files.listing.filter(pa.array(held_out)), ""),
+        }
 
-    classes = tuple(sorted(set().union(*(set(c) for c in per_split.values()))))
+    classes = tuple(sorted(set().union(*(set(f) for f, _, _ in per_split.values()))))
     if len(classes) < 2:
         found = f"only {escape_name(classes[0])!r}" if classes else "none"
         raise DatasetError(f"{name}: a classifier needs at least two class folders, found {found}")
-    for label in classes:
-        if not per_split["train"].get(label):
+    known = pa.array([os_bytes(c) for c in classes], pa.binary())
+    indices = {split: pc.index_in(pc.list_element(files.column("parts"), 0), value_set=known)
+               .to_numpy(zero_copy_only=False).astype(np.int32)
+               for split, (_, files, _) in per_split.items()}  # fmt: skip
+    counts = {s: np.bincount(i, minlength=len(classes)) for s, i in indices.items()}
+    for index, label in enumerate(classes):
+        if not counts["train"][index]:
             raise DatasetError(f"{name}: class {escape_name(label)!r} has no training images")
         for split in per_split:
-            if split != "train" and not per_split[split].get(label):
+            if split != "train" and not counts[split][index]:
                 warnings.append(f"{name}: class {escape_name(label)!r} has no {split} images")
-    images, signatures = {}, {}
+    labels = tuple(escape_name(c) for c in classes)
+    images = {}
     for split in (s for s in SPLITS if s in per_split):
-        items = []
-        for index, label in enumerate(classes):
-            for prefix, entry in per_split[split].get(label, []):
-                relative = _relative((*prefix.split("/"), *entry.parts[1:]))
-                signatures[relative] = (entry.size, entry.mtime_ns)
-                items.append(ImageItem(entry.path, relative, entry.size, escape_name(label), index))
-        images[split] = tuple(items)
+        _, files, prefix = per_split[split]
+        images[split] = _images(files, prefix, indices[split], labels)
+        if np.any(np.diff(indices[split]) < 0):  # by class, listing order within (a copy)
+            images[split] = images[split].take(np.argsort(indices[split], kind="stable"))
     if pool is not None:
-        images[UNLABELLED] = _unlabelled(listed, pool, signatures)
+        images[UNLABELLED] = _unlabelled(listed, pool, labels)
     return DatasetSpec(
-        name, location.uri, location.filesystem, tuple(escape_name(c) for c in classes), images,
-        bool(split_dirs), tuple(warnings), signatures,
+        name, location.uri, location.filesystem, labels, images, bool(split_dirs),
+        tuple(warnings),
     )  # fmt: skip
+
+
+def _images(
+    files: pa.Table, prefix: str, label_index: np.ndarray, labels: tuple[str, ...]
+) -> Images:
+    table = pa.table({
+        "path": files.column("path"),
+        "relative_path": _relative_paths(prefix, files.column("parts")),
+        "size": files.column("size"), "mtime_ns": files.column("mtime_ns"),
+        "label_index": pa.array(label_index, pa.int32()),
+    }, schema=IMAGES)  # fmt: skip
+    return Images(table, labels)
 
 
 def _without(tree: Tree, name: str) -> Tree:
     """``tree`` without its top-level folder ``name``."""
-    return Tree(tree.location, tuple(e for e in tree.files if e.parts[0] != name),
+    other = pc.not_equal(tree.first_parts(), pa.scalar(os_bytes(name)))
+    return Tree(tree.location, tree.listing.filter(other),
                 frozenset(f for f in tree.folders if f[0] != name))  # fmt: skip
 
 
-def _unlabelled(
-    tree: Tree, folder: str, signatures: dict[str, tuple[int, int]]
-) -> tuple[ImageItem, ...]:
+def _unlabelled(tree: Tree, folder: str, labels: tuple[str, ...]) -> Images:
     """The images under ``folder`` (any depth), with no class, in path order."""
-    items = []
-    for entry in tree.sub(folder).files:
-        relative = _relative((folder, *entry.parts))
-        signatures[relative] = (entry.size, entry.mtime_ns)
-        items.append(ImageItem(entry.path, relative, entry.size, NO_LABEL, NO_LABEL_INDEX))
-    return tuple(sorted(items, key=lambda i: i.relative_path))
+    files = tree.sub(folder).listing
+    unlabelled = np.full(files.num_rows, NO_LABEL_INDEX, np.int32)
+    images = _images(files, f"{folder}/", unlabelled, labels)
+    return images.take(pc.sort_indices(images.table, [("relative_path", "ascending")]))
 
 
-def _relative(parts: tuple[str, ...]) -> str:
-    """A path relative to the dataset, escaped: valid UTF-8 whatever the file's name."""
-    return escape_name("/".join(parts))
+def _relative_paths(prefix: str, parts: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``prefix`` and the parts joined by ``/``, escaped (:func:`storage.names.escape_name`):
+    as they are where the names are UTF-8 without a backslash, else a name at a time."""
+    chunks = []
+    for chunk in parts.chunks:
+        joined = pc.binary_join_element_wise(os_bytes(prefix), pc.binary_join(chunk, b"/"), b"")
+        try:
+            text = joined.cast(pa.string())
+            plain = not pc.any(pc.match_substring(text, "\\")).as_py()
+        except pa.ArrowInvalid:  # not UTF-8
+            plain = False
+        if not plain:
+            text = pa.array([escape_name(os_name(b)) for b in joined.to_pylist()], pa.string())
+        chunks.append(text)
+    return pa.chunked_array(chunks, pa.string())
+
+
+def _each(column: pa.ChunkedArray, function: Callable[[str], float], dtype: type) -> np.ndarray:
+    """``function`` of each value of ``column``, a chunk of Python objects at a time."""
+    out = np.empty(len(column), dtype)
+    at = 0
+    for chunk in column.chunks:
+        for start in range(0, len(chunk), 65_536):
+            values = chunk.slice(start, 65_536).to_pylist()
+            out[at : at + len(values)] = [function(v) for v in values]
+            at += len(values)
+    return out

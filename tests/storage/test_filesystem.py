@@ -102,5 +102,8 @@ def test_listing_an_object_store_by_prefix_in_parallel_finds_what_one_listing_fi
     assert len(serial) == len(keys)
     assert list_files(fs, "listing/nothing/here", threads=4) == []
     files, folders = Location(fs, "listing/root", "s3://listing/root").tree(lambda name: False)
-    assert sorted(f.parts for f in files) == sorted(tuple(k.split("/")) for k in keys)
+    parts = [tuple(p.decode() for p in f) for f in files.column("parts").to_pylist()]
+    assert sorted(parts) == sorted(tuple(k.split("/")) for k in keys)
+    paths = files.column("path").to_pylist()
+    assert paths == sorted(paths) and files.column("size").to_pylist() == [2] * len(keys)
     assert ("train", "b", "deep") in folders and ("wide", "p19") in folders

@@ -1,6 +1,8 @@
 import pytest
 
 from storage.errors import DatasetError, SettingsError
+from storage.hashing import fingerprint
+from tasks.extract_shard import IMAGES, Images
 from tests.conftest import make_dataset
 from workflows.datasets import discover_dataset, expand_dataset_paths
 from workflows.extract.config import load_config
@@ -92,7 +94,36 @@ def test_any_file_name_is_planned_escaped_and_symlinks_are_listed(tmp_path):
     assert {"a/caf\\xe9.jpg", "b/dangling.jpg", "b/deep/er/x.jpg"} <= paths
     item = next(i for i in spec.images["train"] if i.relative_path == "a/caf\\xe9.jpg")
     assert os.fsencode(item.path).endswith(b"caf\xe9.jpg") and item.size == len(data)
-    assert spec.fingerprint  # hashable whatever the names
+    assert spec.fingerprint == _canonical_fingerprint(spec)  # hashable whatever the names
+
+
+def _canonical_fingerprint(spec) -> str:
+    """The dataset fingerprint as wf computed it before the plan was columnar (one Python list):
+    the streamed one must match it, or every store would be extracted again."""
+    return fingerprint([list(spec.classes), {split: [[i.relative_path, i.size, i.mtime_ns]
+                                                     for i in items]
+                                             for split, items in spec.images.items()}])  # fmt: skip
+
+
+def test_the_plan_is_columns_and_its_fingerprint_is_the_canonical_one(tmp_path):
+    make_dataset(tmp_path / "ds" / "train", ("cats", "dogs", "émus"), 5)
+    make_dataset(tmp_path / "ds" / "validation", ("cats", "dogs", "émus"), 2, seed=1)
+    make_dataset(tmp_path / "ds" / "unlabelled", ("u",), 3, seed=2)
+    (tmp_path / "ds" / "train" / "dogs" / "back\\slash.jpg").write_bytes(b"x")
+    spec = discover_dataset(str(tmp_path / "ds"), 0.2)
+    train = spec.images["train"]
+    assert isinstance(train, Images) and train.table.schema == IMAGES and len(train) == 16
+    assert [i.label_index for i in train] == sorted(i.label_index for i in train)  # by class
+    assert "train/dogs/back\\\\slash.jpg" in set(train.relative_paths())  # escaped
+    assert {i.label for i in train} == {"cats", "dogs", "émus"}
+    assert all(i.mtime_ns > 0 and i.size > 0 for i in train)
+    assert spec.fingerprint == _canonical_fingerprint(spec)
+    assert Images.of(train, train.labels) == train  # objects and columns say the same
+    # Dropping a class re-indexes the others; the unlabelled keep -1.
+    kept = train.relabel(("cats", "émus"))
+    assert {(i.label, i.label_index) for i in kept} == {("cats", 0), ("émus", 1)}
+    assert len(kept) == 10
+    assert {i.label_index for i in spec.images["unlabelled"].relabel(("cats",))} == {-1}
 
 
 def test_unlabelled_images_are_their_own_split_and_unused_folders_are_named(tmp_path):

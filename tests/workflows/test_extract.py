@@ -16,7 +16,7 @@ from storage.errors import StoreBusyError
 from storage.feature_store import FeatureStore
 from storage.layout import StoreLayout
 from storage.verify import VerifyReport, verify_store
-from tasks.extract_shard import STAGES, ImageItem
+from tasks.extract_shard import STAGES, ImageItem, Images
 from tests.conftest import make_dataset
 from tests.corpus import fuzzed_images, write_bad_input_corpus
 from workflows.extract.plan import plan_shards
@@ -26,8 +26,8 @@ from workflows.extract.settings import DatasetSource, ExtractSettings
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _items(count: int) -> tuple[ImageItem, ...]:
-    return tuple(ImageItem(f"/x/{i}", f"c/{i}.jpg", 1, "c", 0) for i in range(count))
+def _items(count: int) -> Images:
+    return Images.of((ImageItem(f"/x/{i}", f"c/{i}.jpg", 1, "c", 0) for i in range(count)), ("c",))
 
 
 def test_adding_images_never_moves_existing_ones():
@@ -35,7 +35,10 @@ def test_adding_images_never_moves_existing_ones():
     after = plan_shards(_items(150), 8)
     for old, new in zip(before, after, strict=True):
         assert set(old) <= set(new)
-    assert sum(len(s) for s in after) == 150 and all(before)
+        assert list(old.relative_paths()) == sorted(
+            old.relative_paths(), key=lambda p: int(p[2:-4])
+        )
+    assert sum(len(s) for s in after) == 150 and all(len(s) for s in before)
 
 
 def _settings(tmp_path, cache_dir, folder="shapes", **overrides) -> ExtractSettings:

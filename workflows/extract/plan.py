@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from storage.filesystem import (
     list_files,
 )
@@ -30,7 +32,7 @@ from storage.manifest import (
     write_manifest,
 )
 from tasks.backbones.runtime import PreparedBackbone
-from tasks.extract_shard import ImageItem, ShardJob
+from tasks.extract_shard import Images, ShardJob
 from workflows import __version__
 from workflows.datasets import DatasetSpec
 from workflows.extract.settings import NOT_FEATURE_SETTINGS, ExtractSettings
@@ -48,13 +50,18 @@ class DatasetPlan:
     reset: bool
 
 
-def plan_shards(items: tuple[ImageItem, ...], num_shards: int) -> list[tuple[ImageItem, ...]]:
+def plan_shards(items: Images, num_shards: int) -> list[Images]:
     """Split ``items`` into ``num_shards`` by a stable hash of each relative path: adding
-    images never moves an existing one to another shard."""
-    shards: list[list[ImageItem]] = [[] for _ in range(num_shards)]
-    for item in items:
-        shards[stable_bucket(item.relative_path, num_shards, _SHARD_SALT)].append(item)
-    return [tuple(shard) for shard in shards]
+    images never moves an existing one to another shard. Each keeps the order of ``items``."""
+    buckets = np.fromiter(
+        (stable_bucket(path, num_shards, _SHARD_SALT) for path in items.relative_paths()),
+        np.int64, count=len(items),
+    )  # fmt: skip
+    order = np.argsort(buckets, kind="stable")
+    bounds = np.cumsum(np.bincount(buckets, minlength=num_shards))
+    return [
+        items.take(order[start:end]) for start, end in zip([0, *bounds[:-1]], bounds, strict=True)
+    ]
 
 
 def feature_fingerprint(settings: ExtractSettings, prepared: PreparedBackbone) -> str:
@@ -122,8 +129,7 @@ def plan_dataset(
     for split, items in spec.images.items():
         for index, shard_items in enumerate(plan_shards(items, settings.shards)):
             key = shard_key(split, index)
-            images = [[i.relative_path, *spec.signatures[i.relative_path], i.label]
-                      for i in shard_items]  # fmt: skip
+            images = [[i.relative_path, i.size, i.mtime_ns, i.label] for i in shard_items]
             fingerprints[key] = fingerprint(
                 [features, list(spec.classes), settings.max_pixels, images]
             )

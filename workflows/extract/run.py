@@ -110,11 +110,8 @@ def without_classes(spec: DatasetSpec, dropped: set[str]) -> DatasetSpec:
     classes = tuple(c for c in spec.classes if c not in dropped)
     if len(classes) < 2:
         raise DatasetError(f"{spec.name}: fewer than two classes are left with usable images")
-    index = {c: i for i, c in enumerate(classes)}
     images = {
-        split: tuple(replace(i, label_index=index[i.label]) for i in items if i.label in index)
-        if split != UNLABELLED
-        else items
+        split: items.relabel(classes) if split != UNLABELLED else items
         for split, items in spec.images.items()
     }
     warning = (

@@ -1,0 +1,169 @@
+"""The driver's memory while it plans an extraction: listing a dataset and splitting it into shards.
+
+`wf extract` lists every image of a dataset on the driver and plans its shards before the first
+task runs; at ten million images what the plan holds per image decides whether the head node
+copes (docs/scaling.md). This measures, each in a fresh process, a dataset of N empty ``.jpg``
+files laid out as SPLIT/CLASS/IMAGE (2 splits x 20 classes; only names, sizes and times are
+read) on a local folder and, with ``--s3``, on the S3 test server (moto on 127.0.0.1):
+
+- ``discover_dataset`` then ``plan_shards`` of every split (``--shards``), as `wf extract`'s
+  planning does, with the plan kept alive to the end;
+- the process's peak resident memory above what it held before listing (the peak reset once
+  the imports are done), and what it still holds with the plan alive, per image;
+- each way ``--repeats`` times, alternated (moto's first listing of a bucket is slower).
+
+``--baseline CHECKOUT`` runs the same in another checkout of wf (for example a ``git worktree``
+of the revision before the columnar plan), in the same sitting and on the same files: the
+"before" column.
+
+Usage: python benchmarks/planning_memory.py [--images 200000] [--shards 64] [--s3]
+       [--baseline /tmp/wf-before]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SPLITS, CLASSES = ("train", "validation"), 20
+
+
+def keys(images: int) -> list[str]:
+    return [
+        f"{SPLITS[i % 2]}/class{(i // 2) % CLASSES:02d}/image{i:07d}.jpg" for i in range(images)
+    ]
+
+
+def populate_local(folder: Path, images: int) -> None:
+    marker = folder / f".wf-bench-{images}"
+    if marker.exists():
+        return
+    for key in keys(images):
+        path = folder / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    marker.touch()
+
+
+def memory_mib(field: str = "VmRSS") -> float:
+    """This process's resident memory (``VmRSS``) or its peak (``VmHWM``), from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit("no /proc/self/status: this benchmark needs Linux")
+
+
+def reset_peak() -> None:
+    """Start the peak (``VmHWM``) again from the current resident memory (Linux 4.0 and
+    later): the imports' own peak must not count as the plan's."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def plan_once(where: str, shards: int) -> dict:
+    """Called with --one, in the checkout under test: list and plan ``where``."""
+    import pyarrow as pa
+
+    pa.array([b"x"]).to_pylist()  # pyarrow imports pandas here: not the plan's memory
+
+    import workflows
+    from workflows.datasets import discover_dataset
+    from workflows.extract.plan import plan_shards
+
+    reset_peak()
+    before = memory_mib()
+    started = time.perf_counter()
+    spec = discover_dataset(where, 0.2)
+    listed = time.perf_counter() - started
+    plan = {split: plan_shards(items, shards) for split, items in spec.images.items()}
+    seconds = time.perf_counter() - started
+    images = sum(len(items) for items in spec.images.values())
+    planned = sum(len(shard) for shards_of in plan.values() for shard in shards_of)
+    assert planned == images, (planned, images)
+    peak, held = memory_mib("VmHWM"), memory_mib()
+    return {"code": str(Path(workflows.__file__).parents[1]), "images": images,
+            "list_s": listed, "plan_s": seconds,
+            "peak_above_mib": peak - before, "held_above_mib": held - before}  # fmt: skip
+
+
+def in_fresh_process(checkout: Path, env: dict, *args: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, str(HERE / "planning_memory.py"), "--one", *args],
+        env={**os.environ, **env, "PYTHONPATH": str(checkout)}, cwd=checkout,
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=200_000)
+    parser.add_argument("--shards", type=int, default=64)
+    parser.add_argument("--work", default="/tmp/wf-planning", help="where the local files go")
+    parser.add_argument("--s3", action="store_true", help="also on the S3 test server")
+    parser.add_argument("--baseline", type=Path, help="another checkout of wf: the before")
+    parser.add_argument("--repeats", type=int, default=2, help="each way, alternated")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(plan_once(args.one[0], int(args.one[1]))))
+        return
+
+    sys.path.insert(0, str(HERE.parent))
+    from benchmarks.machine import banner
+
+    print(banner())
+    checkouts = {"this checkout": HERE.parent}
+    if args.baseline:
+        checkouts = {f"baseline ({args.baseline})": args.baseline.resolve(), **checkouts}
+    folder = Path(args.work) / f"data-{args.images}"
+    started = time.perf_counter()
+    populate_local(folder, args.images)
+    print(f"{args.images} local files ready in {time.perf_counter() - started:.0f} s")
+    where = {"local folder": (str(folder), {}), "local, train/ only": (str(folder / "train"), {})}
+    server = None
+    if args.s3:
+        from benchmarks.listing_scale import populate
+        from tests.s3 import S3Server
+
+        server = S3Server()
+        started = time.perf_counter()
+        populate(server, args.images)
+        print(f"{args.images} objects written in {time.perf_counter() - started:.0f} s")
+        where["S3 (moto)"] = ("s3://bench/data", server.env())
+        # Half the objects (train/ alone, read as a dataset without split folders): with the
+        # whole, what each image adds beyond the fixed cost of an S3 client and its threads.
+        where["S3 (moto), train/ only"] = ("s3://bench/data/train", server.env())
+    rows = []
+    try:
+        for label, (root, env) in where.items():
+            for name, checkout in [*checkouts.items()] * args.repeats:
+                done = in_fresh_process(checkout, env, root, str(args.shards))
+                assert Path(done["code"]) == checkout, (done["code"], checkout)  # the code it ran
+                rows.append((label, name, done))
+    finally:
+        if server:
+            server.close()
+    print(f"\nListing and planning {args.images} images into {args.shards} shards a split")
+    print(
+        "| where | code | list s | list+plan s | peak above start | per image | held | per image |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for label, name, r in rows:
+        n = r["images"]
+        print(
+            f"| {label} | {name} | {r['list_s']:.1f} | {r['plan_s']:.1f} | "
+            f"{r['peak_above_mib']:.0f} MiB | {r['peak_above_mib'] * 2**20 / n:.0f} B | "
+            f"{r['held_above_mib']:.0f} MiB | {r['held_above_mib'] * 2**20 / n:.0f} B |"
+        )
+
+
+if __name__ == "__main__":
+    main()
