@@ -129,14 +129,15 @@ def onnx_runner(data: bytes):
     return lambda x: runner.run(["bottleneck"], {"image": x})[0]
 
 
-def profile(data: bytes, resolver: str, pixels: np.ndarray, work: Path, seconds_of: float):
-    """The hottest symbols of ``perf record`` over a loop of this model alone: [(share, name)]."""
+def profile(data: bytes, resolver: str, pixels: np.ndarray, work: Path, runs: float):
+    """The hottest symbols of ``perf record`` over ``runs`` runs (at least 20) of this model
+    alone: [(share, name)]."""
     model, images, script = work / "profiled.tflite", work / "images.npy", work / "loop.py"
     model.write_bytes(data)
     np.save(images, pixels.astype(np.float32))
     script.write_text(PROFILE_LOOP)
     out = work / "perf.data"
-    count = str(max(20, int(seconds_of)))
+    count = str(max(20, int(runs)))
     recorded = subprocess.run(["perf", "record", "-q", "-o", str(out), sys.executable,
                                str(script), str(model), resolver, str(images), count],
                               capture_output=True, text=True)  # fmt: skip
@@ -230,7 +231,9 @@ def main() -> None:
         return
     print("\nhottest kernels (perf record of each LiteRT way alone; share of its samples):")
     for name, (data, resolver) in litert.items():
-        rows = profile(data, resolver, test, work, 3000 / statistics.median(times[name]))
+        rows = profile(
+            data, resolver, test, work, runs=3000 / statistics.median(times[name])
+        )  # ~3 s
         if rows is None:
             print(f"- {name}: perf could not record (perf_event_paranoid?)")
             continue

@@ -25,7 +25,7 @@ ONE = """
 import json, os, sys, time
 import ray
 from workflows.settings import worker_env
-from workflows.cluster import _environment
+from workflows.cluster import environment
 from contextlib import nullcontext
 way = sys.argv[1]
 options = dict(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -33,7 +33,7 @@ options = dict(address="local", num_cpus=2, include_dashboard=False, log_to_driv
 if way == "runtime_env":
     options["runtime_env"] = {"env_vars": worker_env()}
 started = time.perf_counter()
-with (_environment(worker_env()) if way == "raylet_env" else nullcontext()):
+with (environment(worker_env()) if way == "raylet_env" else nullcontext()):
     ray.init(**options)
 initialised = time.perf_counter()
 

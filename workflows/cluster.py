@@ -36,7 +36,7 @@ def _start_reaper() -> subprocess.Popen | None:
 
 
 @contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
+def environment(values: dict[str, str]) -> Iterator[None]:
     """This process's environment with ``values`` set, as it was again afterwards."""
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
@@ -87,7 +87,7 @@ def ray_cluster(settings: ClusterSettings) -> Iterator[None]:
         # workers cannot be the ones the raylet starts ahead with the cluster, and the first
         # tasks then waited for new processes, one at a time (measured: 2.2-2.7 s against
         # 0.7-1.0 s to the first two tasks on 2 cores; benchmarks/ray_startup.py).
-        with _environment(worker_env()):
+        with environment(worker_env()):
             ray.init(
                 address="local",
                 num_cpus=settings.num_cpus,

@@ -20,6 +20,7 @@ from storage.feature_store import FeatureStore, tap_column
 from tests.conftest import make_dataset
 from tests.multinode import MultiNode
 from tests.s3 import S3Server
+from workflows.cluster import environment
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,9 +56,7 @@ def wait_for(condition, process: subprocess.Popen | None = None, seconds: float 
 
 def rows_of(store: str, env: dict | None = None) -> dict[tuple[str, int, str], bytes]:
     """``{(image_id, copy, split): the bytes of every tap}`` of a store (whatever its node)."""
-    saved = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    try:
+    with environment(env or {}):
         feature_store = FeatureStore.open(store, "shapes", "efficientnet_lite0")
         out = {}
         for split in ("train", "validation"):
@@ -68,9 +67,6 @@ def rows_of(store: str, env: dict | None = None) -> dict[tuple[str, int, str], b
                 assert key not in out, f"{key} twice"
                 out[key] = b"".join(np.asarray(row[t], np.float16).tobytes() for t in taps)
         return out
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.update({key: value})
 
 
 def extract_args(data: Path | str, store: str, cache_dir: str) -> list[str]:
