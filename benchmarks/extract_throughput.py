@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -178,7 +179,7 @@ METHODS = {"keras": run_keras, "ray_data": run_ray_data, "wf": run_wf, "wf_int8"
 
 def _ratio(rate: float, base_rate: float) -> str:
     """``rate`` against Keras's, or "-" where Keras was not among the methods run."""
-    return "-" if base_rate != base_rate else f"{rate / base_rate:.2f}x"  # NaN: no Keras
+    return "-" if math.isnan(base_rate) else f"{rate / base_rate:.2f}x"
 
 
 def print_table(results: dict) -> None:
