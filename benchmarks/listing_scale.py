@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -34,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.planning_memory import memory_mib, reset_peak  # noqa: E402
+from benchmarks.planning_memory import in_fresh_process, memory_mib, reset_peak  # noqa: E402
 from tests.s3 import Proxy, S3Server  # noqa: E402
 
 SPLITS, CLASSES = ("train", "validation"), 20
@@ -101,14 +99,6 @@ def commit_many(commits: int, threads: int) -> dict:
     return {"threads": threads, "seconds": seconds, "per_second": commits / seconds}
 
 
-def in_fresh_process(env: dict, *args: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--one", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, check=False)  # fmt: skip
-    if done.returncode != 0:
-        raise SystemExit(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objects", type=int, default=100_000)
@@ -145,9 +135,13 @@ def main() -> None:
         rows = []
         for label, env in endpoints.items():
             for threads in (1, LIST_THREADS):
-                rows.append((label, "list", in_fresh_process(env, "list", str(threads))))
+                rows.append(
+                    (label, "list", in_fresh_process(Path(__file__), ["list", str(threads)], env))
+                )
             for threads in (1, COMMIT_THREADS):
-                done = in_fresh_process(env, "commit", str(threads), str(args.commits))
+                done = in_fresh_process(
+                    Path(__file__), ["commit", str(threads), str(args.commits)], env
+                )
                 rows.append((label, "commit", done))
         slow.stop()
     finally:

@@ -91,12 +91,15 @@ def plan_once(where: str, shards: int) -> dict:
             "peak_above_mib": peak - before, "held_above_mib": held - before}  # fmt: skip
 
 
-def in_fresh_process(checkout: Path, env: dict, *args: str) -> dict:
-    done = subprocess.run(
-        [sys.executable, str(HERE / "planning_memory.py"), "--one", *args],
-        env={**os.environ, **env, "PYTHONPATH": str(checkout)}, cwd=checkout,
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+def in_fresh_process(
+    script: Path, args: list[str], env: dict, checkout: Path | None = None
+) -> dict:
+    """The last line of ``script --one ARGS``, run in a new Python process, as JSON; with
+    ``checkout``, that checkout's code is the one imported (``benchmarks/listing_scale.py``
+    uses this too)."""
+    env = {**os.environ, **env, **({"PYTHONPATH": str(checkout)} if checkout else {})}
+    done = subprocess.run([sys.executable, str(script), "--one", *args], env=env, cwd=checkout,
+                          capture_output=True, text=True, check=False)  # fmt: skip
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -145,7 +148,7 @@ def main() -> None:
     try:
         for label, (root, env) in where.items():
             for name, checkout in [*checkouts.items()] * args.repeats:
-                done = in_fresh_process(checkout, env, root, str(args.shards))
+                done = in_fresh_process(Path(__file__), [root, str(args.shards)], env, checkout)
                 assert Path(done["code"]) == checkout, (done["code"], checkout)  # the code it ran
                 rows.append((label, name, done))
     finally:

@@ -233,6 +233,19 @@ class ColumnBuilder:
         return pa.Table.from_batches(self._batches, self.schema)
 
 
+def column_values(column: pa.ChunkedArray, batch_rows: int = 16_384) -> Iterator[Any]:
+    """The values of ``column`` as Python objects, ``batch_rows`` of them made at a time."""
+    for chunk in column.chunks:
+        for start in range(0, len(chunk), batch_rows):
+            yield from chunk.slice(start, batch_rows).to_pylist()
+
+
+def column_rows(table: pa.Table, names: list[str], batch_rows: int = 4096) -> Iterator[tuple]:
+    """The rows of ``table``'s columns ``names`` as tuples, ``batch_rows`` made at a time."""
+    for batch in table.to_batches(max_chunksize=batch_rows):
+        yield from zip(*(batch.column(n).to_pylist() for n in names), strict=True)
+
+
 def _with_delayed_open(uri: str) -> str:
     """An ``s3://`` URI with ``allow_delayed_open=true`` (unless it says otherwise): a small
     object is then one PUT when its stream closes, not a multipart upload begun at open (three

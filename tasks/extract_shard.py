@@ -30,7 +30,14 @@ from storage.feature_store import (
     tap_column,
     write_part,
 )
-from storage.filesystem import ColumnBuilder, os_bytes, os_name, retrying
+from storage.filesystem import (
+    ColumnBuilder,
+    column_rows,
+    column_values,
+    os_bytes,
+    os_name,
+    retrying,
+)
 from storage.hashing import content_id
 from storage.layout import StoreLayout
 from storage.manifest import Reject, TapRecord
@@ -111,11 +118,9 @@ class Images:
 
     def __iter__(self) -> Iterator[ImageItem]:
         labels = self.labels
-        for batch in self.table.to_batches(max_chunksize=4096):
-            columns = [batch.column(name).to_pylist() for name in IMAGES.names]
-            for path, relative, size, mtime, index in zip(*columns, strict=True):
-                label = labels[index] if index >= 0 else ""
-                yield ImageItem(os_name(path), relative, size, label, index, mtime)
+        for path, relative, size, mtime, index in column_rows(self.table, IMAGES.names):
+            label = labels[index] if index >= 0 else ""
+            yield ImageItem(os_name(path), relative, size, label, index, mtime)
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -128,19 +133,19 @@ class Images:
         return Images(self.table.take(indices), self.labels)
 
     def relative_paths(self) -> Iterator[str]:
-        for chunk in self.table.column("relative_path").chunks:
-            yield from chunk.to_pylist()
+        return column_values(self.table.column("relative_path"))
 
     def relabel(self, labels: tuple[str, ...]) -> Images:
-        """Only the images of classes in ``labels``, indexed by their place there."""
-        mapping = np.array([labels.index(c) if c in labels else -2 for c in self.labels] or [0])
-        old = self.table.column("label_index").to_numpy()
-        new = np.where(old >= 0, mapping[np.clip(old, 0, None)], old)
-        keep = new != -2
+        """Only the images of classes in ``labels``, indexed by their place there (an
+        unlabelled image stays -1)."""
+        gone = -2
+        mapping = np.array([labels.index(c) if c in labels else gone for c in self.labels], int)
+        index = self.table.column("label_index").to_numpy().astype(np.int32)
+        labelled = index >= 0
+        index[labelled] = mapping[index[labelled]]
         table = self.table.set_column(
-            IMAGES.get_field_index("label_index"), "label_index",
-            pa.array(new.astype(np.int32)),
-        ).filter(pa.array(keep))  # fmt: skip
+            IMAGES.get_field_index("label_index"), "label_index", pa.array(index)
+        ).filter(pa.array(index != gone))  # fmt: skip
         return Images(table, labels)
 
 

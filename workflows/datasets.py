@@ -23,7 +23,6 @@ import hashlib
 import json
 import posixpath
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,15 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from storage.errors import DatasetError
-from storage.filesystem import LISTING, Location, TreeFile, os_bytes, os_name
+from storage.filesystem import (
+    LISTING,
+    Location,
+    TreeFile,
+    column_rows,
+    column_values,
+    os_bytes,
+    os_name,
+)
 from storage.hashing import stable_unit_interval
 from storage.names import escape_name
 from tasks.extract_shard import IMAGES, Images
@@ -60,19 +67,16 @@ class Tree:
     @property
     def files(self) -> list[TreeFile]:
         """The files as objects, for folders a person names (not a dataset being planned)."""
-        columns = [self.listing.column(n).to_pylist() for n in LISTING.names]
         return [
             TreeFile(tuple(os_name(p) for p in parts), os_name(path), size, mtime)
-            for parts, path, size, mtime in zip(*columns, strict=True)
+            for parts, path, size, mtime in column_rows(self.listing, LISTING.names)
         ]
 
     def sub(self, name: str) -> Tree:
         location = self.location
         inside = Location(location.filesystem, location.path(name), f"{location.uri}/{name}")
-        parts = self.listing.column("parts")
-        keep = pc.and_(pc.equal(pc.list_element(parts, 0), pa.scalar(os_bytes(name))),
-                       pc.greater(pc.list_value_length(parts), 1))  # fmt: skip
-        listing = self.listing.filter(keep)
+        listing = self.listing.filter(self.under(name).to_numpy(zero_copy_only=False)
+                                      & (self.depths() > 1))  # fmt: skip
         below = pc.list_slice(listing.column("parts"), 1).cast(LISTING.field("parts").type)
         folders = frozenset(f[1:] for f in self.folders if f[0] == name and len(f) > 1)
         return Tree(inside, listing.set_column(0, "parts", below), folders)
@@ -87,6 +91,10 @@ class Tree:
     def first_parts(self) -> pa.ChunkedArray:
         """Each file's first part below the folder (its own name for a loose file)."""
         return pc.list_element(self.listing.column("parts"), 0)
+
+    def under(self, name: str) -> pa.ChunkedArray:
+        """Whether each file's first part below the folder is ``name``."""
+        return pc.equal(self.first_parts(), pa.scalar(os_bytes(name)))
 
     def loose_files(self) -> int:
         """How many files lie directly in the folder."""
@@ -120,14 +128,9 @@ class DatasetSpec:
         digest.update(f"[{_json(list(self.classes))},{{".encode())
         for n, split in enumerate(sorted(self.images)):
             digest.update(f"{',' if n else ''}{_json(split)}:[".encode())
-            separator = ""
-            for batch in self.images[split].table.to_batches(max_chunksize=4096):
-                columns = [
-                    batch.column(c).to_pylist() for c in ("relative_path", "size", "mtime_ns")
-                ]
-                for row in zip(*columns, strict=True):
-                    digest.update(f"{separator}{_json(list(row))}".encode())
-                    separator = ","
+            rows = column_rows(self.images[split].table, ["relative_path", "size", "mtime_ns"])
+            for k, row in enumerate(rows):
+                digest.update(f"{',' if k else ''}{_json(list(row))}".encode())
             digest.update(b"]")
         digest.update(b"}]")
         return digest.hexdigest()
@@ -159,8 +162,7 @@ def is_dataset(tree: Tree) -> bool:
         return True
     in_class = tree.depths() == 2
     if UNLABELLED in splits:
-        pool = pc.equal(tree.first_parts(), pa.scalar(os_bytes(splits[UNLABELLED])))
-        in_class &= ~pool.to_numpy(zero_copy_only=False)
+        in_class &= ~tree.under(splits[UNLABELLED]).to_numpy(zero_copy_only=False)
     return bool(in_class.any())
 
 
@@ -186,10 +188,9 @@ def expand_dataset_paths(paths: list[str]) -> list[tuple[str, Tree]]:
 def _by_class(tree: Tree, where: str, warnings: list[str]) -> tuple[list[str], Tree]:
     """The class folders of ``tree``, and a tree of the files in them (the class first)."""
     loose = tree.loose_files()
-    if loose:
-        warnings.append(f"{where}: ignored {loose} files outside class folders")
     if not loose:
         return tree.children(), tree
+    warnings.append(f"{where}: ignored {loose} files outside class folders")
     in_class = tree.listing.filter(pa.array(tree.depths() > 1))
     return tree.children(), Tree(tree.location, in_class, tree.folders)
 
@@ -209,8 +210,8 @@ def discover_dataset(
     pool = split_dirs.pop(UNLABELLED, None)
     if pool is not None:
         tree = _without(tree, pool)
-    # split -> (its class folders, the files in them with the class first, their path prefix)
-    per_split: dict[str, tuple[list[str], pa.Table, str]] = {}
+    # split -> (its class folders, the files in them with the class first, their relative paths)
+    per_split: dict[str, tuple[list[str], Tree, pa.ChunkedArray]] = {}
     if split_dirs:
         if "train" not in split_dirs:
             raise DatasetError(f"{name}: has {', '.join(split_dirs)} folders but no train/ folder")
@@ -225,23 +226,26 @@ def discover_dataset(
             warnings.append(f"{name}: ignored {tree.loose_files()} files outside split folders")
         for split, folder in split_dirs.items():
             folders, files = _by_class(tree.sub(folder), f"{name}/{split}", warnings)
-            per_split[split] = (folders, files.listing, f"{folder}/")
+            per_split[split] = (folders, files, _relative_paths(f"{folder}/", files))
     else:
         folders, files = _by_class(tree, name, warnings)
-        relative = _relative_paths("", files.listing.column("parts"))
-        held_out = _each(relative, lambda r: stable_unit_interval(r, _SPLIT_SALT),
-                         np.float64) < validation_fraction  # fmt: skip
+        relative = _relative_paths("", files)
+        held_out = np.fromiter(
+            (stable_unit_interval(r, _SPLIT_SALT) < validation_fraction
+             for r in column_values(relative)), bool, count=len(relative),
+        )  # fmt: skip
         per_split = {
-            "train": (folders, files.listing.filter(pa.array(~held_out)), ""),
-            "validation": (folders, files.listing.filter(pa.array(held_out)), ""),
-        }
+            split: (folders, Tree(files.location, files.listing.filter(mask), files.folders),
+                    relative.filter(mask))
+            for split, mask in (("train", ~held_out), ("validation", held_out))
+        }  # fmt: skip
 
     classes = tuple(sorted(set().union(*(set(f) for f, _, _ in per_split.values()))))
     if len(classes) < 2:
         found = f"only {escape_name(classes[0])!r}" if classes else "none"
         raise DatasetError(f"{name}: a classifier needs at least two class folders, found {found}")
     known = pa.array([os_bytes(c) for c in classes], pa.binary())
-    indices = {split: pc.index_in(pc.list_element(files.column("parts"), 0), value_set=known)
+    indices = {split: pc.index_in(files.first_parts(), value_set=known)
                .to_numpy(zero_copy_only=False).astype(np.int32)
                for split, (_, files, _) in per_split.items()}  # fmt: skip
     counts = {s: np.bincount(i, minlength=len(classes)) for s, i in indices.items()}
@@ -254,8 +258,8 @@ def discover_dataset(
     labels = tuple(escape_name(c) for c in classes)
     images = {}
     for split in (s for s in SPLITS if s in per_split):
-        _, files, prefix = per_split[split]
-        images[split] = _images(files, prefix, indices[split], labels)
+        _, files, relative = per_split[split]
+        images[split] = _images(files.listing, relative, indices[split], labels)
         if np.any(np.diff(indices[split]) < 0):  # by class, listing order within (a copy)
             images[split] = images[split].take(np.argsort(indices[split], kind="stable"))
     if pool is not None:
@@ -267,11 +271,10 @@ def discover_dataset(
 
 
 def _images(
-    files: pa.Table, prefix: str, label_index: np.ndarray, labels: tuple[str, ...]
+    files: pa.Table, relative: pa.ChunkedArray, label_index: np.ndarray, labels: tuple[str, ...]
 ) -> Images:
     table = pa.table({
-        "path": files.column("path"),
-        "relative_path": _relative_paths(prefix, files.column("parts")),
+        "path": files.column("path"), "relative_path": relative,
         "size": files.column("size"), "mtime_ns": files.column("mtime_ns"),
         "label_index": pa.array(label_index, pa.int32()),
     }, schema=IMAGES)  # fmt: skip
@@ -280,24 +283,24 @@ def _images(
 
 def _without(tree: Tree, name: str) -> Tree:
     """``tree`` without its top-level folder ``name``."""
-    other = pc.not_equal(tree.first_parts(), pa.scalar(os_bytes(name)))
-    return Tree(tree.location, tree.listing.filter(other),
+    return Tree(tree.location, tree.listing.filter(pc.invert(tree.under(name))),
                 frozenset(f for f in tree.folders if f[0] != name))  # fmt: skip
 
 
 def _unlabelled(tree: Tree, folder: str, labels: tuple[str, ...]) -> Images:
     """The images under ``folder`` (any depth), with no class, in path order."""
-    files = tree.sub(folder).listing
-    unlabelled = np.full(files.num_rows, NO_LABEL_INDEX, np.int32)
-    images = _images(files, f"{folder}/", unlabelled, labels)
+    files = tree.sub(folder)
+    unlabelled = np.full(files.listing.num_rows, NO_LABEL_INDEX, np.int32)
+    images = _images(files.listing, _relative_paths(f"{folder}/", files), unlabelled, labels)
     return images.take(pc.sort_indices(images.table, [("relative_path", "ascending")]))
 
 
-def _relative_paths(prefix: str, parts: pa.ChunkedArray) -> pa.ChunkedArray:
-    """``prefix`` and the parts joined by ``/``, escaped (:func:`storage.names.escape_name`):
-    as they are where the names are UTF-8 without a backslash, else a name at a time."""
+def _relative_paths(prefix: str, files: Tree) -> pa.ChunkedArray:
+    """``prefix`` and each file's parts joined by ``/``, escaped
+    (:func:`storage.names.escape_name`): as they are where the names are UTF-8 without a
+    backslash, else a name at a time."""
     chunks = []
-    for chunk in parts.chunks:
+    for chunk in files.listing.column("parts").chunks:
         joined = pc.binary_join_element_wise(os_bytes(prefix), pc.binary_join(chunk, b"/"), b"")
         try:
             text = joined.cast(pa.string())
@@ -308,15 +311,3 @@ def _relative_paths(prefix: str, parts: pa.ChunkedArray) -> pa.ChunkedArray:
             text = pa.array([escape_name(os_name(b)) for b in joined.to_pylist()], pa.string())
         chunks.append(text)
     return pa.chunked_array(chunks, pa.string())
-
-
-def _each(column: pa.ChunkedArray, function: Callable[[str], float], dtype: type) -> np.ndarray:
-    """``function`` of each value of ``column``, a chunk of Python objects at a time."""
-    out = np.empty(len(column), dtype)
-    at = 0
-    for chunk in column.chunks:
-        for start in range(0, len(chunk), 65_536):
-            values = chunk.slice(start, 65_536).to_pylist()
-            out[at : at + len(values)] = [function(v) for v in values]
-            at += len(values)
-    return out
