@@ -1,13 +1,16 @@
-"""A local Ray cluster's start-up as wf starts one: the workers' environment variables given as
-a runtime environment (wf before 2026-12-03) or through the raylet's own environment (now).
+"""A local Ray cluster's start-up and shut-down as wf has started one: the workers' environment
+variables given as a runtime environment (wf before 2026-12-03), through the raylet's own
+environment with every process Ray starts with a head node (2026-12-03), and as wf starts one
+now, through `workflows.cluster.ray_cluster` (no API server, no autoscaler monitor: 2026-12-04).
 
 Each way starts a fresh local cluster in its own process, `--repeats` times, the ways
 alternated: seconds of `ray.init`, then until two one-CPU tasks have both answered (what the
-first two shards of `wf extract` wait for), and the worker processes that ran them (a runtime
-environment's tasks could not use the workers the raylet starts with the cluster). Every way
-gets the same settings wf gives its cluster (no dashboard, loopback, the same system config).
+first two shards of `wf extract` wait for), then of `ray.shutdown`, and the worker processes
+that ran the tasks (a runtime environment's tasks could not use the workers the raylet starts
+with the cluster). Every way gets the settings wf gives its cluster (no dashboard, loopback,
+the same system config).
 
-Usage: python benchmarks/ray_startup.py [--repeats 3]
+Usage: python benchmarks/ray_startup.py [--repeats 3] [--ways runtime_env,raylet_env,wf]
 """
 
 from __future__ import annotations
@@ -26,15 +29,22 @@ import json, os, sys, time
 import ray
 from workflows.settings import worker_env
 from workflows.cluster import environment
-from contextlib import nullcontext
+from workflows.cluster import ray_cluster
+from workflows.settings import ClusterSettings
+from contextlib import ExitStack, nullcontext
 way = sys.argv[1]
 options = dict(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                logging_level=40, _system_config={"worker_maximum_startup_concurrency": 4})
 if way == "runtime_env":
     options["runtime_env"] = {"env_vars": worker_env()}
+stack = ExitStack()
 started = time.perf_counter()
-with (environment(worker_env()) if way == "raylet_env" else nullcontext()):
-    ray.init(**options)
+if way == "wf":
+    stack.enter_context(ray_cluster(ClusterSettings(num_cpus=2)))
+else:
+    with (environment(worker_env()) if way == "raylet_env" else nullcontext()):
+        ray.init(**options)
+    stack.callback(ray.shutdown)
 initialised = time.perf_counter()
 
 @ray.remote(num_cpus=1)
@@ -43,8 +53,10 @@ def shard():
 
 answers = ray.get([shard.remote(), shard.remote()])
 done = time.perf_counter()
-ray.shutdown()
+stack.close()
+closed = time.perf_counter()
 print(json.dumps({"init": initialised - started, "tasks": done - initialised,
+                  "shutdown": closed - done,
                   "workers": len({pid for pid, _ in answers}),
                   "env": sorted({value for _, value in answers})}))
 """
@@ -53,29 +65,36 @@ print(json.dumps({"init": initialised - started, "tasks": done - initialised,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ways", default="runtime_env,raylet_env,wf")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # what the workers see comes from wf alone
-    results: dict[str, list[dict]] = {"runtime_env": [], "raylet_env": []}
+    results: dict[str, list[dict]] = {way: [] for way in args.ways.split(",")}
     for _ in range(args.repeats):
         for way in results:
             done = subprocess.run([sys.executable, "-c", ONE, way], capture_output=True,
                                   text=True, env=env, check=True)  # fmt: skip
             results[way].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(way, {k: round(v, 2) for k, v in results[way][-1].items() if k != "env"},
+                  file=sys.stderr)  # fmt: skip
     from machine import banner
 
     print(banner())
     print(f"\nmedian of {args.repeats} fresh local clusters, the ways alternated\n")
-    print("| workers' variables | ray.init (s) | to two tasks answered (s) | sum (s) | "
+    print("| way | ray.init (s) | to two tasks answered (s) | ray.shutdown (s) | sum (s) | "
           "worker processes | TF_ENABLE_ONEDNN_OPTS in workers |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for way, runs in results.items():
         init = statistics.median(r["init"] for r in runs)
         tasks = statistics.median(r["tasks"] for r in runs)
-        total = statistics.median(r["init"] + r["tasks"] for r in runs)
+        shutdown = statistics.median(r["shutdown"] for r in runs)
+        total = statistics.median(r["init"] + r["tasks"] + r["shutdown"] for r in runs)
         workers = "/".join(str(r["workers"]) for r in runs)
         values = ",".join(sorted({v for r in runs for v in r["env"] if v}))
-        print(f"| {way} | {init:.2f} | {tasks:.2f} | {total:.2f} | {workers} | {values} |")
+        print(
+            f"| {way} | {init:.2f} | {tasks:.2f} | {shutdown:.2f} | {total:.2f} | {workers} "
+            f"| {values} |"
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -50,15 +51,84 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
+class _LeanHead:
+    """A head node started inside :meth:`starting` leaves out one process Ray starts with it
+    and starts another only once ``ray.init`` has returned; a one-machine cluster that lives
+    for one command needs neither at start-up:
+
+    - the autoscaler's monitor: there is nothing to scale, and on ``ray.shutdown`` it outlives
+      SIGTERM for the whole second Ray grants before SIGKILL;
+    - the API server: without the dashboard it serves little (Ray Train's controllers still
+      ask it about actors, and wait many seconds when it is missing), and ``ray.init`` polls
+      until it is up while its imports compete with the raylet's for the same two cores. It
+      is started on a thread after ``ray.init``; the thread lives until :meth:`release`, since
+      Ray has the processes it starts killed when the thread that started them ends.
+
+    Measured on 2 cores (``benchmarks/ray_startup.py``): ``ray.init`` 3.9 -> 2.1 s and
+    ``ray.shutdown`` 1.35 -> 0.40 s (plus what is left of the API server's start). Ray has no
+    option for either (``ray start`` has ``--no-monitor``; ``ray.init`` nothing), so the two
+    methods of its ``Node`` are replaced inside :meth:`starting` only; ray is pinned below
+    2.61, and the test of the local cluster checks the processes and that Ray's code is as it
+    was afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.started, self.released = threading.Event(), threading.Event()
+        self.thread: threading.Thread | None = None
+
+    @contextmanager
+    def starting(self) -> Iterator[None]:
+        from ray._private.node import Node
+
+        saved = {name: Node.__dict__[name] for name in ("start_api_server", "start_monitor")}
+        deferred: list[Node] = []
+        Node.start_api_server = lambda node, **_: deferred.append(node)
+        Node.start_monitor = lambda node: None
+        try:
+            yield
+        finally:
+            for name, method in saved.items():
+                setattr(Node, name, method)
+        if not deferred:
+            self.started.set()
+            return
+        (node,) = deferred
+        self.thread = threading.Thread(
+            target=self._api_server, args=(saved["start_api_server"], node),
+            name="wf-ray-api-server", daemon=True,
+        )  # fmt: skip
+        self.thread.start()
+
+    def _api_server(self, start, node) -> None:
+        include = node._ray_params.include_dashboard
+        try:
+            start(node, include_dashboard=include, raise_on_failure=bool(include))
+        finally:
+            self.started.set()
+            self.released.wait()
+
+    def release(self) -> None:
+        self.released.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
 @contextmanager
 def ray_cluster(settings: ClusterSettings) -> Iterator[None]:
     """Run the body with Ray initialised; shut down only a cluster this call started."""
     if ray.is_initialized():
         yield
         return
-    stack = ExitStack()
+    with ExitStack() as stack:
+        _start(settings, stack)
+        yield
+
+
+def _start(settings: ClusterSettings, stack: ExitStack) -> None:
+    """Initialise Ray for ``settings``; ``stack`` shuts down what this started."""
     level = logging.INFO if settings.verbose else logging.ERROR
     if settings.address:
+        stack.callback(ray.shutdown)
         try:
             ray.init(
                 address=settings.address,
@@ -81,13 +151,18 @@ def ray_cluster(settings: ClusterSettings) -> Iterator[None]:
 
         loopback_only = ray_constants.ENABLE_RAY_CLUSTER
         ray_constants.ENABLE_RAY_CLUSTER = False
+        # The stack's callbacks run last to first: the API server's start is over, Ray shut
+        # down, its thread released, the constant restored.
         stack.callback(setattr, ray_constants, "ENABLE_RAY_CLUSTER", loopback_only)
+        head = _LeanHead()
+        stack.callback(head.release)
+        stack.callback(ray.shutdown)
         # The workers' variables go through the raylet's own environment, which every worker
         # of a local cluster inherits, not a runtime environment: a runtime environment's
         # workers cannot be the ones the raylet starts ahead with the cluster, and the first
         # tasks then waited for new processes, one at a time (measured: 2.2-2.7 s against
         # 0.7-1.0 s to the first two tasks on 2 cores; benchmarks/ray_startup.py).
-        with environment(worker_env()):
+        with environment(worker_env()), head.starting():
             ray.init(
                 address="local",
                 num_cpus=settings.num_cpus,
@@ -105,11 +180,7 @@ def ray_cluster(settings: ClusterSettings) -> Iterator[None]:
                     )
                 },
             )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        stack.close()
+        stack.callback(head.started.wait)
 
 
 def on_this_node() -> NodeAffinitySchedulingStrategy:

@@ -22,9 +22,30 @@ from tests.conftest import make_dataset
 from workflows.settings import RAY_TRAIN_ENV, TENSORFLOW_ENV, tensorflow_env, worker_env
 
 PRINT_WORKER_ENV = """
-import json, os, ray
+import json, os, ray, time
+from pathlib import Path
+from ray._private.node import Node
 from workflows.cluster import ray_cluster
 from workflows.settings import ClusterSettings
+
+def head_processes():
+    \"\"\"Which of Ray's head-node programs this driver's descendants run.\"\"\"
+    pids, found = [os.getpid()], set()
+    while pids:
+        pid = pids.pop()
+        for task in Path(f"/proc/{pid}/task").glob("*/children"):
+            pids += [int(child) for child in task.read_text().split()]
+        try:
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\\0")
+        except OSError:
+            continue
+        for program in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py",
+                        "_private/log_monitor.py", "raylet/raylet", "gcs/gcs_server"):
+            if any(word.endswith(program) for word in words):
+                found.add(program.rsplit("/", 1)[1])
+    return sorted(found)
+
+methods = (Node.start_api_server, Node.start_monitor)
 
 @ray.remote(num_cpus=0)
 def env():
@@ -34,7 +55,14 @@ def env():
 with ray_cluster(ClusterSettings(num_cpus=1)):
     names = ("TF_ENABLE_ONEDNN_OPTS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     driver = {name: os.environ.get(name) for name in names}  # its own, as it was
-    print(json.dumps({"workers": ray.get(env.remote()), "driver": driver}))
+    workers = ray.get(env.remote())
+    deadline = time.time() + 60  # the API server is started after ray.init
+    while "dashboard.py" not in head_processes() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)  # and it stays up (it is not killed with a thread that started it)
+    seen = {"workers": workers, "driver": driver, "processes": head_processes()}
+seen["restored"] = methods == (Node.start_api_server, Node.start_monitor)
+print(json.dumps(seen))
 """
 
 
@@ -72,6 +100,10 @@ def test_ray_workers_get_the_worker_env():
     }
     # The workers have them from the raylet's environment; the driver's is left as it was.
     assert seen["driver"] == {name: None for name in names}
+    # The head node runs without the autoscaler's monitor (1 s of shut-down); its API server is
+    # started once ray.init has returned (1.3 s of start-up), and Ray's own code is as it was.
+    assert seen["processes"] == ["dashboard.py", "gcs_server", "log_monitor.py", "raylet"]
+    assert seen["restored"]
 
 
 AUTH_AND_ADDRESS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
