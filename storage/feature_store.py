@@ -29,6 +29,28 @@ _ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 COMPRESSION = "zstd"
 
 
+def _encodings(schema: pa.Schema) -> dict[str, list[str]]:
+    """ParquetWriter options: dictionaries for the row fields only, and the float columns (the
+    taps) split by byte before zstd. A dictionary of float features never pays: Parquet builds
+    one, finds it too large and falls back, which was half of a part's writing time; split
+    bytes compress better (measured on a cats_vs_dogs part of Lite0's two taps: 0.105 s and
+    5.56 MB written with the defaults, 0.047 s and 4.75 MB so)."""
+    lists = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+    floats = {
+        f.name
+        for f in schema
+        if pa.types.is_floating(f.type)
+        or (any(is_list(f.type) for is_list in lists) and pa.types.is_floating(f.type.value_type))
+    }
+    return {
+        "use_dictionary": [f.name for f in schema if f.name not in floats],
+        "use_byte_stream_split": [
+            name if pa.types.is_floating(schema.field(name).type) else f"{name}.list.element"
+            for name in sorted(floats)
+        ],
+    }
+
+
 def tap_column(name: str) -> str:
     """The column that holds tap ``name``."""
     return f"tap_{name}"
@@ -122,7 +144,8 @@ def write_part(
     def write(stream: pa.NativeFile) -> None:
         sink = _Hashing(stream)
         rows = 0
-        with pq.ParquetWriter(sink, schema, compression=COMPRESSION) as writer:
+        options = _encodings(schema)
+        with pq.ParquetWriter(sink, schema, compression=COMPRESSION, **options) as writer:
             for batch in batches:
                 writer.write_batch(batch)
                 rows += batch.num_rows
@@ -185,7 +208,9 @@ class FeatureStore:
             elif sizes[path] != record.size_bytes:
                 problems.append(f"part {shown(path)} has {sizes[path]} bytes, the manifest "
                                 f"says {record.size_bytes}")  # fmt: skip
-            elif (rows := part_rows(fs, path)) != record.rows:
+            elif isinstance(rows := _footer_rows(fs, path), str):
+                problems.append(f"part {shown(path)}: its Parquet footer cannot be read ({rows})")
+            elif rows != record.rows:
                 problems.append(
                     f"part {shown(path)} has {rows} rows, the manifest says {record.rows}"
                 )
@@ -249,6 +274,16 @@ def read_parts(
         filesystem,
         lambda: pq.read_table(list(files), columns=names, filesystem=filesystem, filters=filters),
     )
+
+
+def _footer_rows(filesystem: pafs.FileSystem, path: str) -> int | str:
+    """:func:`part_rows`, or why the footer cannot be read (a damaged file, not an error)."""
+    try:
+        return part_rows(filesystem, path)
+    except StoreError:
+        raise
+    except (OSError, pa.ArrowException) as error:
+        return str(error).strip().splitlines()[0][:200]
 
 
 def part_rows(filesystem: pafs.FileSystem, path: str) -> int:

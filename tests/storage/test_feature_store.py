@@ -117,6 +117,17 @@ def test_part_roundtrip_through_commits_and_compaction(tmp_path):
         3,
     ]
     assert json.loads(file_schema.metadata[b"wf.classes"]) == ["a", "b"]
+    # Taps (float16 and float32) are written split by byte, without a dictionary; the row
+    # fields keep theirs.
+    columns = pq.ParquetFile(path).metadata.row_group(0)
+    encodings = {
+        columns.column(i).path_in_schema: set(columns.column(i).encodings)
+        for i in range(columns.num_columns)
+    }
+    for name in ("bottleneck", "last_block_input"):
+        tap = encodings[f"{tap_column(name)}.list.element"]
+        assert "BYTE_STREAM_SPLIT" in tap and not tap & {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}
+    assert encodings["path"] & {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}
     # The hash computed while streaming is the file's.
     import hashlib
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from storage.layout import StoreLayout
 from storage.runs import RunsLayout, named_weights_from_bytes, named_weights_to_bytes
@@ -16,14 +17,27 @@ def test_a_changed_byte_in_a_part_is_found_and_named(tmp_path):
     verify_store(layout, report)
     assert report.checked == 2 and report.problems == []
     path = layout.absolute(manifest.shards["train/00001"].file)
-    data = bytearray(Path(path).read_bytes())
-    data[len(data) // 2] ^= 0xFF  # same size, same footer: only the SHA-256 can tell
+    original = Path(path).read_bytes()
+    # A byte in the middle of the largest column's values: same size, same footer, so only
+    # the SHA-256 can tell.
+    chunks = pq.ParquetFile(path).metadata.row_group(0)
+    largest = max((chunks.column(i) for i in range(chunks.num_columns)),
+                  key=lambda c: c.total_compressed_size)  # fmt: skip
+    data = bytearray(original)
+    data[largest.data_page_offset + largest.total_compressed_size // 2] ^= 0xFF
     Path(path).write_bytes(bytes(data))
     report = VerifyReport()
     verify_store(StoreLayout.at(str(tmp_path / "store")), report)
     assert (
         len(report.problems) == 1 and path in report.problems[0] and "SHA-256" in report.problems[0]
     )
+    # A byte of the footer: one line that says so, not a traceback.
+    data = bytearray(original)
+    data[-20] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+    report = VerifyReport()
+    verify_store(StoreLayout.at(str(tmp_path / "store")), report)
+    assert len(report.problems) == 1 and "Parquet footer cannot be read" in report.problems[0]
 
 
 def test_runs_artifacts_are_checked_against_their_index(tmp_path):
