@@ -119,7 +119,9 @@ def run_wf(images: str, work: str, runtime: str = "litert") -> dict:
                os.path.join(work, "store"), "--shards", "8", "--augment", "0", "--runtime",
                runtime, "--cache-dir", cache, "--num-cpus", "2", "--json"]  # fmt: skip
     started_at = time.time()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    # In this checkout's folder: `python -m` puts the working folder first on sys.path, so a
+    # benchmark of another checkout (`git worktree`) run from here would time this one's wf.
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=HERE.parent)
     seconds = time.time() - started_at
     if done.returncode != 0:
         raise SystemExit(done.stderr[-2000:])

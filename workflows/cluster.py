@@ -58,13 +58,15 @@ class _LeanHead:
 
     - the autoscaler's monitor: there is nothing to scale, and on ``ray.shutdown`` it outlives
       SIGTERM for the whole second Ray grants before SIGKILL;
-    - the API server: without the dashboard it serves little (Ray Train's controllers still
-      ask it about actors, and wait many seconds when it is missing), and ``ray.init`` polls
-      until it is up while its imports compete with the raylet's for the same two cores. It
-      is started on a thread after ``ray.init``; the thread lives until :meth:`release`, since
-      Ray has the processes it starts killed when the thread that started them ends.
+    - the API server: without the dashboard it serves little, and ``ray.init`` polls until it
+      is up while its imports compete with the raylet's for the same two cores. Ray Train's
+      controllers still ask it about actors (a multi-worker train-all was 16 s slower without
+      it), so with ``api_server`` it is started on a thread after ``ray.init``; the thread
+      lives until :meth:`release`, since Ray has the processes it starts killed when the
+      thread that started them ends. Without ``api_server`` (extraction, the audit) it is not
+      started at all: started late it still took a core from the first shards.
 
-    Measured on 2 cores (``benchmarks/ray_startup.py``): ``ray.init`` 3.9 -> 2.1 s and
+    Measured on 2 cores (``benchmarks/ray_startup.py``): ``ray.init`` 2.6 -> 1.9 s and
     ``ray.shutdown`` 1.35 -> 0.40 s (plus what is left of the API server's start). Ray has no
     option for either (``ray start`` has ``--no-monitor``; ``ray.init`` nothing), so the two
     methods of its ``Node`` are replaced inside :meth:`starting` only; ray is pinned below
@@ -72,7 +74,8 @@ class _LeanHead:
     was afterwards.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, api_server: bool) -> None:
+        self.api_server = api_server
         self.started, self.released = threading.Event(), threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -89,7 +92,7 @@ class _LeanHead:
         finally:
             for name, method in saved.items():
                 setattr(Node, name, method)
-        if not deferred:
+        if not deferred or not self.api_server:
             self.started.set()
             return
         (node,) = deferred
@@ -114,17 +117,20 @@ class _LeanHead:
 
 
 @contextmanager
-def ray_cluster(settings: ClusterSettings) -> Iterator[None]:
-    """Run the body with Ray initialised; shut down only a cluster this call started."""
+def ray_cluster(settings: ClusterSettings, api_server: bool = True) -> Iterator[None]:
+    """Run the body with Ray initialised; shut down only a cluster this call started.
+
+    ``api_server=False`` starts a local cluster without Ray's API server at all, for a command
+    that runs no Ray Train job (whose controllers ask it about actors) nor Ray Serve."""
     if ray.is_initialized():
         yield
         return
     with ExitStack() as stack:
-        _start(settings, stack)
+        _start(settings, stack, api_server)
         yield
 
 
-def _start(settings: ClusterSettings, stack: ExitStack) -> None:
+def _start(settings: ClusterSettings, stack: ExitStack, api_server: bool) -> None:
     """Initialise Ray for ``settings``; ``stack`` shuts down what this started."""
     level = logging.INFO if settings.verbose else logging.ERROR
     if settings.address:
@@ -154,7 +160,7 @@ def _start(settings: ClusterSettings, stack: ExitStack) -> None:
         # The stack's callbacks run last to first: the API server's start is over, Ray shut
         # down, its thread released, the constant restored.
         stack.callback(setattr, ray_constants, "ENABLE_RAY_CLUSTER", loopback_only)
-        head = _LeanHead()
+        head = _LeanHead(api_server)
         stack.callback(head.release)
         stack.callback(ray.shutdown)
         # The workers' variables go through the raylet's own environment, which every worker

@@ -277,6 +277,15 @@ def test_the_local_cluster_is_gone_within_seconds_of_a_killed_wf(tmp_path, cache
         time.sleep(0.2)
     time.sleep(2)
     seen.update(_descendants(process.pid))
+    # An extraction's cluster runs neither Ray's API server nor its autoscaler monitor.
+    programs = set()
+    for pid in seen:
+        with contextlib.suppress(OSError):
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            programs |= {word.rsplit("/", 2)[-2] + "/" + word.rsplit("/", 1)[-1]
+                         for word in words if word.endswith(".py") and "/" in word}  # fmt: skip
+    assert "_private/log_monitor.py" in programs, programs  # the listing saw Ray's processes
+    assert not programs & {"dashboard/dashboard.py", "_private/monitor.py"}, programs
     # Everything the local cluster listens on is bound to the loopback address: Ray's gRPC
     # servers, its agents, the workers (no wildcard, no outward address, no dashboard).
     addresses = _listening_addresses(set(seen))

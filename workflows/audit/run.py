@@ -274,7 +274,7 @@ def run_audit(settings: AuditSettings) -> dict[str, dict]:
 
     import cleanlab.filter  # noqa: F401  (its import, seconds, is not any dataset's audit)
 
-    with ray_cluster(settings.cluster):
+    with ray_cluster(settings.cluster, api_server=False):  # no Ray Train job, no Serve
         try:
             for dataset in chosen:
                 store = FeatureStore.open(layout, dataset, settings.backbone)

@@ -198,7 +198,10 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
     if not any(plan.jobs for plan in plans.values()):
         return outcome
     planned = {n: sum(len(j.items) for j in p.jobs) for n, p in plans.items()}
-    with ray_cluster(settings.cluster), ThreadPoolExecutor(COMMIT_THREADS) as committer:
+    with (
+        ray_cluster(settings.cluster, api_server=False),
+        ThreadPoolExecutor(COMMIT_THREADS) as committer,
+    ):
         outcome.started = time.perf_counter()  # rates count extraction, not Ray's start-up
         outcome.started_at = time.time()
         refs = {p.key: ray.put(p) for p in prepared.values()}  # once each, to every node
