@@ -139,13 +139,8 @@ class Location:
         are seen. The files are held as Arrow batches, never a Python object each: at ten
         million images those were 12-34 GB on the driver (docs/scaling.md)."""
         files, folders = ColumnBuilder(LISTING), set()
-        if self.is_local:
-            for current, names, _ in os.walk(self.root):
-                names[:] = [n for n in names if not ignored(n)]
-                base = os.path.relpath(current, self.root)
-                for name in names:
-                    folders.add(tuple(os.path.normpath(os.path.join(base, name)).split(os.sep)))
-            for path, stat in walk_local(self.root, ignored):
+        if self.is_local:  # one walk gives the folders and the files
+            for path, stat in walk_local(self.root, ignored, folders):
                 parts = os.path.relpath(path, self.root).split(os.sep)
                 files.append([os_bytes(p) for p in parts], os_bytes(path), *stat_signature(stat))
             return files.table(), folders
@@ -445,11 +440,18 @@ def remove_temporaries(filesystem: pafs.FileSystem, folder: str) -> int:
     return len(stale)
 
 
-def walk_local(root: str, ignored: Callable[[str], bool]) -> Iterator[tuple[str, os.stat_result]]:
-    """``(path, stat)`` of every file under ``root``, sorted, skipping ``ignored`` names.
-    Names that are not UTF-8 come back surrogate-escaped (Python's ``os`` convention)."""
+def walk_local(
+    root: str, ignored: Callable[[str], bool], seen: set[tuple[str, ...]] | None = None
+) -> Iterator[tuple[str, os.stat_result]]:
+    """``(path, stat)`` of every file under ``root``, sorted, skipping ``ignored`` names, and
+    into ``seen`` (when given) every folder walked, as its parts below ``root``. Names that
+    are not UTF-8 come back surrogate-escaped (Python's ``os`` convention)."""
     for current, folders, names in os.walk(root):
         folders[:] = sorted(f for f in folders if not ignored(f))
+        if seen is not None:
+            base = os.path.relpath(current, root)
+            for folder in folders:
+                seen.add(tuple(os.path.normpath(os.path.join(base, folder)).split(os.sep)))
         for name in sorted(names):
             if ignored(name):
                 continue

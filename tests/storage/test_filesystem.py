@@ -107,3 +107,16 @@ def test_listing_an_object_store_by_prefix_in_parallel_finds_what_one_listing_fi
     paths = files.column("path").to_pylist()
     assert paths == sorted(paths) and files.column("size").to_pylist() == [2] * len(keys)
     assert ("train", "b", "deep") in folders and ("wide", "p19") in folders
+
+
+def test_a_local_tree_lists_files_and_folders_in_one_walk_skipping_ignored_names(tmp_path):
+    for name in ("train/a/1.jpg", "train/b/deep/2.jpg", "train/.hidden/3.jpg", "4.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"wf")
+    (tmp_path / "validation" / "empty").mkdir(parents=True)  # no file: still a folder
+    location = Location(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
+    files, folders = location.tree(lambda name: name.startswith("."))
+    parts = [tuple(p.decode() for p in f) for f in files.column("parts").to_pylist()]
+    assert parts == [("4.jpg",), ("train", "a", "1.jpg"), ("train", "b", "deep", "2.jpg")]
+    assert folders == {("train",), ("train", "a"), ("train", "b"), ("train", "b", "deep"),
+                       ("validation",), ("validation", "empty")}  # fmt: skip
