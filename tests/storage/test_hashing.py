@@ -6,6 +6,7 @@ from storage.hashing import (
     content_id,
     fingerprint,
     fingerprint_fields,
+    fingerprint_with_rows,
     stable_bucket,
     stable_unit_interval,
 )
@@ -53,3 +54,19 @@ def test_fingerprint_fields_takes_every_field_but_those_excluded():
     assert fingerprint_fields(_Settings(size=9), exclude=["speed"]) != base
     with pytest.raises(ValueError, match="unknown fields"):
         fingerprint_fields(_Settings(), exclude=["sped"])
+
+
+@pytest.mark.parametrize(
+    ("head", "rows"),
+    [
+        (
+            ["f" * 64, ["cats", "dogs"], None],
+            [["cats/1.jpg", 10, 123, "cats"], ["dogs/\udcff.jpg", 0, 1, "dogs"]],
+        ),
+        (["f", [], 1_000_000], []),
+        ([], [{"b": 1, "a": [1.5, None]}]),
+    ],
+)
+def test_fingerprint_with_rows_is_the_fingerprint_of_the_whole_list(head, rows):
+    # A shard's input fingerprint is streamed: it must equal the value stores recorded before.
+    assert fingerprint_with_rows(head, iter(rows)) == fingerprint([*head, rows])

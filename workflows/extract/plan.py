@@ -19,7 +19,7 @@ import numpy as np
 from storage.filesystem import (
     list_files,
 )
-from storage.hashing import fingerprint, fingerprint_fields, stable_bucket
+from storage.hashing import fingerprint, fingerprint_fields, fingerprint_with_rows, stable_bucket
 from storage.layout import StoreLayout, new_attempt
 from storage.manifest import (
     FORMAT_VERSION,
@@ -42,7 +42,11 @@ _SHARD_SALT = "wf-shard"
 
 @dataclass
 class DatasetPlan:
-    spec: DatasetSpec
+    """What a dataset's run computes. It keeps the spec's warnings, not its image lists: the
+    shards cut from them are all the run needs, and at millions of images each copy of the
+    plan is gigabytes on the driver."""
+
+    warnings: tuple[str, ...]
     manifest: Manifest
     jobs: list[ShardJob]
     fingerprints: dict[str, str]
@@ -129,9 +133,9 @@ def plan_dataset(
     for split, items in spec.images.items():
         for index, shard_items in enumerate(plan_shards(items, settings.shards)):
             key = shard_key(split, index)
-            images = [[i.relative_path, i.size, i.mtime_ns, i.label] for i in shard_items]
-            fingerprints[key] = fingerprint(
-                [features, list(spec.classes), settings.max_pixels, images]
+            fingerprints[key] = fingerprint_with_rows(
+                [features, list(spec.classes), settings.max_pixels],
+                ([i.relative_path, i.size, i.mtime_ns, i.label] for i in shard_items),
             )
             record = kept.get(key)
             if (
@@ -158,4 +162,4 @@ def plan_dataset(
     )
     write_manifest(layout, manifest)  # from here on, only this run's commits count
     remove_unreferenced(layout, manifest)
-    return DatasetPlan(spec, manifest, jobs, fingerprints, skipped, reset)
+    return DatasetPlan(spec.warnings, manifest, jobs, fingerprints, skipped, reset)

@@ -154,6 +154,8 @@ def run_extract(
 
 
 def _extract(settings, specs, prepare, layout, on_progress, on_message) -> list[DatasetReport]:
+    """Plan and run ``specs``; the list is emptied once they are planned, so that their image
+    lists are not held beside the shards for the whole run."""
     with ExitStack() as stack:
         leases = {
             spec.name: stack.enter_context(Lease(
@@ -165,6 +167,7 @@ def _extract(settings, specs, prepare, layout, on_progress, on_message) -> list[
         }  # fmt: skip
         prepared = {spec.name: prepare(spec) for spec in specs}
         plans = {s.name: plan_dataset(s, settings, prepared[s.name], layout) for s in specs}
+        specs.clear()  # their image lists: the plans' shards hold what the run needs
         outcome = _run_shards(settings, layout, plans, leases, prepared, on_progress)
         reports = []
         for name, plan in plans.items():
@@ -327,7 +330,7 @@ def _finish(layout: StoreLayout, plan: DatasetPlan, outcome: _Outcome, name: str
         manifest_path=layout.location.display(layout.manifest_path(name, manifest.backbone)),
         rejects_path=layout.location.display(rejects_path),
         nodes=tuple(sorted(n for n in {r.node for r in records} if n)),
-        warnings=plan.spec.warnings, failures=tuple(outcome.failures[name]), empty_classes=empty,
+        warnings=plan.warnings, failures=tuple(outcome.failures[name]), empty_classes=empty,
         commits=outcome.done[name], commit_seconds=round(outcome.commit_seconds.get(name, 0.0), 4),
         commit_bytes=outcome.commit_bytes.get(name, 0),
         stages={k: round(v, 4) for k, v in outcome.stages.get(name, {}).items()},
