@@ -1,7 +1,9 @@
 """A local Ray cluster's start-up and shut-down as wf has started one: the workers' environment
 variables given as a runtime environment (wf before 2026-12-03), through the raylet's own
 environment with every process Ray starts with a head node (2026-12-03), and as wf starts one
-now, through `workflows.cluster.ray_cluster` (no API server, no autoscaler monitor: 2026-12-04).
+now, through `workflows.cluster.ray_cluster` (2026-12-04: no autoscaler monitor, and the API
+server started after `ray.init` (`wf`) or, as for `wf extract` and `wf audit`, not at all
+(`wf_extract`)).
 
 Each way starts a fresh local cluster in its own process, `--repeats` times, the ways
 alternated: seconds of `ray.init`, then until two one-CPU tasks have both answered (what the
@@ -10,7 +12,7 @@ that ran the tasks (a runtime environment's tasks could not use the workers the 
 with the cluster). Every way gets the settings wf gives its cluster (no dashboard, loopback,
 the same system config).
 
-Usage: python benchmarks/ray_startup.py [--repeats 3] [--ways runtime_env,raylet_env,wf]
+Usage: python benchmarks/ray_startup.py [--repeats 3] [--ways runtime_env,raylet_env,wf,wf_extract]
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ if way == "runtime_env":
     options["runtime_env"] = {"env_vars": worker_env()}
 stack = ExitStack()
 started = time.perf_counter()
-if way == "wf":
-    stack.enter_context(ray_cluster(ClusterSettings(num_cpus=2)))
+if way in ("wf", "wf_extract"):
+    stack.enter_context(ray_cluster(ClusterSettings(num_cpus=2), api_server=way == "wf"))
 else:
     with (environment(worker_env()) if way == "raylet_env" else nullcontext()):
         ray.init(**options)
@@ -65,7 +67,7 @@ print(json.dumps({"init": initialised - started, "tasks": done - initialised,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--ways", default="runtime_env,raylet_env,wf")
+    parser.add_argument("--ways", default="runtime_env,raylet_env,wf,wf_extract")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # what the workers see comes from wf alone
