@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from storage.errors import StoreError
-from storage.filesystem import file_sha256, list_files, retrying, write_stream
+from storage.filesystem import file_sha256, first_line, list_files, retrying, write_stream
 from storage.layout import StoreLayout
 from storage.manifest import Manifest, TapRecord, read_manifest
 
@@ -277,17 +277,11 @@ def read_parts(
 
 
 def _footer_rows(filesystem: pafs.FileSystem, path: str) -> int | str:
-    """:func:`part_rows`, or why the footer cannot be read (a damaged file, not an error)."""
+    """A part's row count, from its footer, or why the footer cannot be read (a damaged file:
+    a problem to report, not an error)."""
     try:
-        return part_rows(filesystem, path)
-    except StoreError:
-        raise
+        return retrying(
+            filesystem, lambda: pq.ParquetFile(path, filesystem=filesystem).metadata.num_rows
+        )
     except (OSError, pa.ArrowException) as error:
-        return str(error).strip().splitlines()[0][:200]
-
-
-def part_rows(filesystem: pafs.FileSystem, path: str) -> int:
-    """A part's row count, from its footer."""
-    return retrying(
-        filesystem, lambda: pq.ParquetFile(path, filesystem=filesystem).metadata.num_rows
-    )
+        return first_line(error)

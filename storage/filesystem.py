@@ -99,7 +99,7 @@ class Location:
         try:
             filesystem, root = pafs.FileSystem.from_uri(_with_delayed_open(where))
         except (pa.ArrowInvalid, OSError, ValueError) as error:
-            raise StoreError(f"cannot open {where}: {_first_line(error)}") from None
+            raise StoreError(f"cannot open {where}: {first_line(error)}") from None
         return cls(filesystem, root.rstrip("/"), where.rstrip("/"))
 
     @property
@@ -175,7 +175,7 @@ class Location:
             write_bytes(self.filesystem, probe, b"")
             delete_file(self.filesystem, probe)
         except (OSError, pa.ArrowException) as error:
-            raise StoreError(f"cannot write to {self.uri}: {_first_line(error)}") from None
+            raise StoreError(f"cannot write to {self.uri}: {first_line(error)}") from None
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,8 @@ def file_location(where: str) -> tuple[Location, str]:
     return location, location.path(posixpath.basename(where))
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (at most 300 characters), or its type's name."""
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__
 

@@ -35,23 +35,24 @@ def stable_bucket(key: str, buckets: int, salt: str = "") -> int:
     return int(stable_unit_interval(key, salt) * buckets)
 
 
-def _canonical(value: Any) -> str:
+def canonical_json(value: Any) -> str:
+    """The JSON that fingerprints hash: sorted keys, no whitespace, tuples as lists."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=_jsonable)
 
 
 def fingerprint(value: Any) -> str:
     """SHA-256 of the canonical JSON of ``value`` (sorted keys, no whitespace)."""
-    return hashlib.sha256(_canonical(value).encode()).hexdigest()
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
 def fingerprint_with_rows(head: list, rows: Iterable[Any], chunk: int = 4096) -> str:
     """``fingerprint([*head, list(rows)])``, the rows hashed ``chunk`` at a time: the same
     value without a Python list of every row (a shard of a large dataset has millions)."""
     digest = hashlib.sha256()
-    digest.update(f"{_canonical(head)[:-1]}{',' if head else ''}[".encode())  # "[a,b,["
+    digest.update(f"{canonical_json(head)[:-1]}{',' if head else ''}[".encode())  # "[a,b,["
     rows, first = iter(rows), True
     while batch := list(itertools.islice(rows, chunk)):
-        digest.update(f"{'' if first else ','}{_canonical(batch)[1:-1]}".encode())
+        digest.update(f"{'' if first else ','}{canonical_json(batch)[1:-1]}".encode())
         first = False
     digest.update(b"]]")
     return digest.hexdigest()

@@ -20,7 +20,6 @@ plan (as ``make`` does), and the shard tasks read the bytes where they are.
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 import re
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from storage.filesystem import (
     os_bytes,
     os_name,
 )
-from storage.hashing import stable_unit_interval
+from storage.hashing import canonical_json, stable_unit_interval
 from storage.names import escape_name
 from tasks.extract_shard import IMAGES, Images
 from tasks.images import is_ignored_file
@@ -125,19 +124,15 @@ class DatasetSpec:
         """:func:`storage.hashing.fingerprint` of ``[classes, {split: [[path, size, mtime],
         ...]}]``, streamed a row at a time rather than built as one Python list."""
         digest = hashlib.sha256()
-        digest.update(f"[{_json(list(self.classes))},{{".encode())
+        digest.update(f"[{canonical_json(list(self.classes))},{{".encode())
         for n, split in enumerate(sorted(self.images)):
-            digest.update(f"{',' if n else ''}{_json(split)}:[".encode())
+            digest.update(f"{',' if n else ''}{canonical_json(split)}:[".encode())
             rows = column_rows(self.images[split].table, ["relative_path", "size", "mtime_ns"])
             for k, row in enumerate(rows):
-                digest.update(f"{',' if k else ''}{_json(list(row))}".encode())
+                digest.update(f"{',' if k else ''}{canonical_json(list(row))}".encode())
             digest.update(b"]")
         digest.update(b"}]")
         return digest.hexdigest()
-
-
-def _json(value: object) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def _split_folders(tree: Tree) -> dict[str, str]:

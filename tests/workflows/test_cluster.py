@@ -23,27 +23,16 @@ from workflows.settings import RAY_TRAIN_ENV, TENSORFLOW_ENV, tensorflow_env, wo
 
 PRINT_WORKER_ENV = """
 import json, os, ray, time
-from pathlib import Path
 from ray._private.node import Node
+from tests.workflows.test_cluster import ray_programs
 from workflows.cluster import ray_cluster
+from workflows.reaper import _processes, descendants
 from workflows.settings import ClusterSettings
 
 def head_processes():
     \"\"\"Which of Ray's head-node programs this driver's descendants run.\"\"\"
-    pids, found = [os.getpid()], set()
-    while pids:
-        pid = pids.pop()
-        for task in Path(f"/proc/{pid}/task").glob("*/children"):
-            pids += [int(child) for child in task.read_text().split()]
-        try:
-            words = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\\0")
-        except OSError:
-            continue
-        for program in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py",
-                        "_private/log_monitor.py", "raylet/raylet", "gcs/gcs_server"):
-            if any(word.endswith(program) for word in words):
-                found.add(program.rsplit("/", 1)[1])
-    return sorted(found)
+    pids = descendants(os.getpid(), _processes())
+    return sorted(program.rsplit("/", 1)[1] for program in ray_programs(pids))
 
 methods = (Node.start_api_server, Node.start_monitor)
 
@@ -225,6 +214,20 @@ def test_extract_train_and_serve_on_a_cluster_wf_did_not_start(
             os.killpg(server.pid, signal.SIGKILL)
 
 
+RAY_HEAD_PROGRAMS = ("dashboard/dashboard.py", "autoscaler/_private/monitor.py",
+                     "_private/log_monitor.py", "raylet/raylet", "gcs/gcs_server")  # fmt: skip
+
+
+def ray_programs(pids) -> set[str]:
+    """Which of :data:`RAY_HEAD_PROGRAMS` the processes ``pids`` run (their command lines)."""
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            found |= {p for p in RAY_HEAD_PROGRAMS if any(w.endswith(f"/{p}") for w in words)}
+    return found
+
+
 def _descendants(pid: int) -> dict[int, str]:
     from workflows.reaper import _processes, descendants
 
@@ -278,14 +281,9 @@ def test_the_local_cluster_is_gone_within_seconds_of_a_killed_wf(tmp_path, cache
     time.sleep(2)
     seen.update(_descendants(process.pid))
     # An extraction's cluster runs neither Ray's API server nor its autoscaler monitor.
-    programs = set()
-    for pid in seen:
-        with contextlib.suppress(OSError):
-            words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-            programs |= {word.rsplit("/", 2)[-2] + "/" + word.rsplit("/", 1)[-1]
-                         for word in words if word.endswith(".py") and "/" in word}  # fmt: skip
+    programs = ray_programs(seen)
     assert "_private/log_monitor.py" in programs, programs  # the listing saw Ray's processes
-    assert not programs & {"dashboard/dashboard.py", "_private/monitor.py"}, programs
+    assert not programs & {"dashboard/dashboard.py", "autoscaler/_private/monitor.py"}, programs
     # Everything the local cluster listens on is bound to the loopback address: Ray's gRPC
     # servers, its agents, the workers (no wildcard, no outward address, no dashboard).
     addresses = _listening_addresses(set(seen))
