@@ -139,23 +139,28 @@ class Location:
         are seen. The files are held as Arrow batches, never a Python object each: at ten
         million images those were 12-34 GB on the driver (docs/scaling.md)."""
         files, folders = ColumnBuilder(LISTING), set()
-        if self.is_local:  # one walk gives the folders and the files
+        if self.is_local:  # one walk gives the folders and the files, each path root/parts
             for path, stat in walk_local(self.root, ignored, folders):
                 parts = os.path.relpath(path, self.root).split(os.sep)
-                files.append([os_bytes(p) for p in parts], os_bytes(path), *stat_signature(stat))
+                files.append([os_bytes(p) for p in parts], None, *stat_signature(stat))
             return files.table(), folders
         for listed in _listings(self.filesystem, self.root, LIST_THREADS):
             for entry in listed:
                 if entry.type != pafs.FileType.File:
                     continue
-                parts = tuple(posixpath.relpath(entry.path, self.root).split("/"))
+                relative = posixpath.relpath(entry.path, self.root)
+                parts = tuple(relative.split("/"))
                 if any(ignored(p) for p in parts):
                     continue
-                files.append([p.encode() for p in parts], entry.path.encode(),
+                # A key that relpath normalises ("a//b", "a/./b") keeps its own path.
+                usual = entry.path == f"{self.root}/{relative}"
+                files.append([p.encode() for p in parts], None if usual else entry.path.encode(),
                              *stat_signature(entry))  # fmt: skip
                 folders.update(parts[:i] for i in range(1, len(parts)))
         table = files.table()
-        return table.take(pc.sort_indices(table, [("path", "ascending")])), folders
+        # The keys' order, as they were listed: the parts joined (the root is the same for all).
+        keys = pc.binary_join(table.column("parts"), b"/")
+        return table.take(pc.array_sort_indices(keys)), folders
 
     def move(self, source: str, target: str) -> None:
         """Move a file: a rename on a local disk, copy then delete on an object store."""
@@ -188,6 +193,8 @@ class TreeFile:
 
 # A listing's columns. Names are bytes: a local name that is not UTF-8 keeps its bytes (Python
 # gives it surrogate-escaped, which an Arrow string cannot hold); see os_bytes and os_name.
+# ``path`` is null where the file's path is the root and its parts joined by "/" (every local
+# file, nearly every object): the root is not repeated for every file.
 LISTING = pa.schema([("parts", pa.list_(pa.binary())), ("path", pa.binary()),
                      ("size", pa.int64()), ("mtime_ns", pa.int64())])  # fmt: skip
 

@@ -11,6 +11,7 @@ go through it in batches.
 from __future__ import annotations
 
 import os
+import posixpath
 import resource
 import socket
 import time
@@ -41,6 +42,7 @@ from storage.filesystem import (
 from storage.hashing import content_id
 from storage.layout import StoreLayout
 from storage.manifest import Reject, TapRecord
+from storage.names import unescape_name
 from tasks.augment import AugmentPolicy, augment_image, copy_seed
 from tasks.backbones.runtime import PreparedBackbone, extractor_for
 from tasks.images import ImageRejected, decode_image, read_image_bytes
@@ -90,7 +92,9 @@ class ImageItem:
 
 
 IMAGES = pa.schema([
-    ("path", pa.binary()),  # storage.filesystem.os_bytes of ImageItem.path
+    # storage.filesystem.os_bytes of ImageItem.path where it is not the root and the relative
+    # path (an object key the relative path normalises: "a//b", "a/./b"), else null: 4 bytes.
+    ("path", pa.binary()),
     ("relative_path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
     ("label_index", pa.int32()),
 ])  # fmt: skip
@@ -101,36 +105,43 @@ class Images:
     """Planned images as Arrow columns (:data:`IMAGES`), not a Python object each: the driver
     plans every image of a dataset at once, and at ten million images objects were 12-34 GB
     (docs/scaling.md). Iterating gives :class:`ImageItem`, made a batch at a time.
-    ``labels`` names the classes by index; index -1 is an unlabelled image (label ``""``)."""
+    ``labels`` names the classes by index; index -1 is an unlabelled image (label ``""``).
+    ``root`` is the dataset's folder as its filesystem names it: an image's path is the root and
+    its relative path (unescaped), so no column repeats the root for every image (it was half
+    the plan's bytes, held twice while the shards are cut); ``path`` holds only the rare path
+    that is not."""
 
     table: pa.Table
     labels: tuple[str, ...]
+    root: str
 
     @classmethod
-    def of(cls, items: Iterable[ImageItem], labels: tuple[str, ...]) -> Images:
+    def of(cls, items: Iterable[ImageItem], labels: tuple[str, ...], root: str) -> Images:
         rows = ColumnBuilder(IMAGES)
         for i in items:
-            rows.append(os_bytes(i.path), i.relative_path, i.size, i.mtime_ns, i.label_index)
-        return cls(rows.table(), labels)
+            path = None if i.path == image_path(root, i.relative_path) else os_bytes(i.path)
+            rows.append(path, i.relative_path, i.size, i.mtime_ns, i.label_index)
+        return cls(rows.table(), labels, root)
 
     def __len__(self) -> int:
         return self.table.num_rows
 
     def __iter__(self) -> Iterator[ImageItem]:
-        labels = self.labels
+        labels, root = self.labels, self.root
         for path, relative, size, mtime, index in column_rows(self.table, IMAGES.names):
             label = labels[index] if index >= 0 else ""
-            yield ImageItem(os_name(path), relative, size, label, index, mtime)
+            path = image_path(root, relative) if path is None else os_name(path)
+            yield ImageItem(path, relative, size, label, index, mtime)
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, Images)
-            and self.labels == other.labels
+            and (self.labels, self.root) == (other.labels, other.root)
             and self.table.equals(other.table)
         )
 
     def take(self, indices: Any) -> Images:
-        return Images(self.table.take(indices), self.labels)
+        return Images(self.table.take(indices), self.labels, self.root)
 
     def relative_paths(self) -> Iterator[str]:
         return column_values(self.table.column("relative_path"))
@@ -146,7 +157,12 @@ class Images:
         table = self.table.set_column(
             IMAGES.get_field_index("label_index"), "label_index", pa.array(index)
         ).filter(pa.array(index != gone))  # fmt: skip
-        return Images(table, labels)
+        return Images(table, labels, self.root)
+
+
+def image_path(root: str, relative_path: str) -> str:
+    """Where an image of the dataset at ``root`` is, from its escaped relative path."""
+    return posixpath.join(root, unescape_name(relative_path))
 
 
 @dataclass(frozen=True)

@@ -164,16 +164,20 @@ class S3Server:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
-    def create_bucket(self, name: str) -> None:
+    def client(self):
+        """boto3's client of the server: it writes any key, as other tools do (pyarrow
+        normalises keys such as ``a/./b`` on the way)."""
         import boto3
 
         env = self.env()
-        client = boto3.client(
+        return boto3.client(
             "s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
             aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         )  # fmt: skip
-        client.create_bucket(Bucket=name)
+
+    def create_bucket(self, name: str) -> None:
+        self.client().create_bucket(Bucket=name)
 
     def filesystem(self):
         """The server as the tests' own client sees it (credentials given, not from the env)."""

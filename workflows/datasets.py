@@ -35,7 +35,6 @@ from storage.filesystem import (
     Location,
     TreeFile,
     column_rows,
-    column_values,
     os_bytes,
     os_name,
 )
@@ -66,10 +65,12 @@ class Tree:
     @property
     def files(self) -> list[TreeFile]:
         """The files as objects, for folders a person names (not a dataset being planned)."""
-        return [
-            TreeFile(tuple(os_name(p) for p in parts), os_name(path), size, mtime)
-            for parts, path, size, mtime in column_rows(self.listing, LISTING.names)
-        ]
+        files = []
+        for parts, path, size, mtime in column_rows(self.listing, LISTING.names):
+            names = tuple(os_name(p) for p in parts)
+            where = self.location.path(*names) if path is None else os_name(path)
+            files.append(TreeFile(names, where, size, mtime))
+        return files
 
     def sub(self, name: str) -> Tree:
         location = self.location
@@ -180,14 +181,14 @@ def expand_dataset_paths(paths: list[str]) -> list[tuple[str, Tree]]:
     return found
 
 
-def _by_class(tree: Tree, where: str, warnings: list[str]) -> tuple[list[str], Tree]:
-    """The class folders of ``tree``, and a tree of the files in them (the class first)."""
+def _by_class(tree: Tree, where: str, warnings: list[str]) -> Tree:
+    """A tree of the files in the class folders of ``tree`` (the class first)."""
     loose = tree.loose_files()
     if not loose:
-        return tree.children(), tree
+        return tree
     warnings.append(f"{where}: ignored {loose} files outside class folders")
     in_class = tree.listing.filter(pa.array(tree.depths() > 1))
-    return tree.children(), Tree(tree.location, in_class, tree.folders)
+    return Tree(tree.location, in_class, tree.folders)
 
 
 def discover_dataset(
@@ -205,8 +206,8 @@ def discover_dataset(
     pool = split_dirs.pop(UNLABELLED, None)
     if pool is not None:
         tree = _without(tree, pool)
-    # split -> (its class folders, the files in them with the class first, their relative paths)
-    per_split: dict[str, tuple[list[str], Tree, pa.ChunkedArray]] = {}
+    # Classes come from the folders alone; each split's images are then made from its files and
+    # its listing let go before the next split's (the listing's copies were the plan's peak).
     if split_dirs:
         if "train" not in split_dirs:
             raise DatasetError(f"{name}: has {', '.join(split_dirs)} folders but no train/ folder")
@@ -219,44 +220,52 @@ def discover_dataset(
             )
         if tree.loose_files():
             warnings.append(f"{name}: ignored {tree.loose_files()} files outside split folders")
-        for split, folder in split_dirs.items():
-            folders, files = _by_class(tree.sub(folder), f"{name}/{split}", warnings)
-            per_split[split] = (folders, files, _relative_paths(f"{folder}/", files))
+        found = {f[1] for f in tree.folders if f[0] in split_dirs.values() and len(f) > 1}
     else:
-        folders, files = _by_class(tree, name, warnings)
-        relative = _relative_paths("", files)
+        found = set(tree.children())
+    classes = tuple(sorted(found))
+    if len(classes) < 2:
+        found_text = f"only {escape_name(classes[0])!r}" if classes else "none"
+        raise DatasetError(
+            f"{name}: a classifier needs at least two class folders, found {found_text}"
+        )
+    labels = tuple(escape_name(c) for c in classes)
+    known = pa.array([os_bytes(c) for c in classes], pa.binary())
+
+    def planned(files: Tree, prefix: str) -> Images:
+        index = (pc.index_in(files.first_parts(), value_set=known)
+                 .to_numpy(zero_copy_only=False).astype(np.int32))  # fmt: skip
+        return _images(files, _relative_paths(prefix, files), index, labels, location.root)
+
+    images: dict[str, Images] = {}
+    if split_dirs:
+        for split, folder in split_dirs.items():
+            images[split] = planned(_by_class(tree.sub(folder), f"{name}/{split}", warnings),
+                                    f"{folder}/")  # fmt: skip
+    else:
+        whole = planned(_by_class(tree, name, warnings), "")
         held_out = np.fromiter(
             (stable_unit_interval(r, _SPLIT_SALT) < validation_fraction
-             for r in column_values(relative)), bool, count=len(relative),
+             for r in whole.relative_paths()), bool, count=len(whole),
         )  # fmt: skip
-        per_split = {
-            split: (folders, Tree(files.location, files.listing.filter(mask), files.folders),
-                    relative.filter(mask))
-            for split, mask in (("train", ~held_out), ("validation", held_out))
-        }  # fmt: skip
-
-    classes = tuple(sorted(set().union(*(set(f) for f, _, _ in per_split.values()))))
-    if len(classes) < 2:
-        found = f"only {escape_name(classes[0])!r}" if classes else "none"
-        raise DatasetError(f"{name}: a classifier needs at least two class folders, found {found}")
-    known = pa.array([os_bytes(c) for c in classes], pa.binary())
-    indices = {split: pc.index_in(files.first_parts(), value_set=known)
-               .to_numpy(zero_copy_only=False).astype(np.int32)
-               for split, (_, files, _) in per_split.items()}  # fmt: skip
-    counts = {s: np.bincount(i, minlength=len(classes)) for s, i in indices.items()}
-    for index, label in enumerate(classes):
+        images = {"train": whole.take(np.flatnonzero(~held_out)),
+                  "validation": whole.take(np.flatnonzero(held_out))}  # fmt: skip
+        del whole
+    for split, items in images.items():
+        index = items.table.column("label_index").to_numpy()
+        if np.any(np.diff(index) < 0):  # by class, listing order within (a copy)
+            images[split] = items.take(np.argsort(index, kind="stable"))
+    counts = {
+        s: np.bincount(i.table.column("label_index").to_numpy(), minlength=len(classes))
+        for s, i in images.items()
+    }
+    for index, label in enumerate(labels):
         if not counts["train"][index]:
-            raise DatasetError(f"{name}: class {escape_name(label)!r} has no training images")
-        for split in per_split:
+            raise DatasetError(f"{name}: class {label!r} has no training images")
+        for split in images:
             if split != "train" and not counts[split][index]:
-                warnings.append(f"{name}: class {escape_name(label)!r} has no {split} images")
-    labels = tuple(escape_name(c) for c in classes)
-    images = {}
-    for split in (s for s in SPLITS if s in per_split):
-        _, files, relative = per_split[split]
-        images[split] = _images(files.listing, relative, indices[split], labels)
-        if np.any(np.diff(indices[split]) < 0):  # by class, listing order within (a copy)
-            images[split] = images[split].take(np.argsort(indices[split], kind="stable"))
+                warnings.append(f"{name}: class {label!r} has no {split} images")
+    images = {split: images[split] for split in SPLITS if split in images}
     if pool is not None:
         images[UNLABELLED] = _unlabelled(listed, pool, labels)
     return DatasetSpec(
@@ -266,14 +275,17 @@ def discover_dataset(
 
 
 def _images(
-    files: pa.Table, relative: pa.ChunkedArray, label_index: np.ndarray, labels: tuple[str, ...]
-) -> Images:
+    files: Tree, relative: pa.ChunkedArray, label_index: np.ndarray, labels: tuple[str, ...],
+    root: str,
+) -> Images:  # fmt: skip
+    """The planned images of ``files``, their paths ``relative`` to the dataset at ``root``."""
+    listing = files.listing
     table = pa.table({
-        "path": files.column("path"), "relative_path": relative,
-        "size": files.column("size"), "mtime_ns": files.column("mtime_ns"),
-        "label_index": pa.array(label_index, pa.int32()),
+        "path": listing.column("path"),  # null where it is the root and the relative path
+        "relative_path": relative, "size": listing.column("size"),
+        "mtime_ns": listing.column("mtime_ns"), "label_index": pa.array(label_index, pa.int32()),
     }, schema=IMAGES)  # fmt: skip
-    return Images(table, labels)
+    return Images(table, labels, root)
 
 
 def _without(tree: Tree, name: str) -> Tree:
@@ -286,7 +298,8 @@ def _unlabelled(tree: Tree, folder: str, labels: tuple[str, ...]) -> Images:
     """The images under ``folder`` (any depth), with no class, in path order."""
     files = tree.sub(folder)
     unlabelled = np.full(files.listing.num_rows, NO_LABEL_INDEX, np.int32)
-    images = _images(files.listing, _relative_paths(f"{folder}/", files), unlabelled, labels)
+    relative = _relative_paths(f"{folder}/", files)
+    images = _images(files, relative, unlabelled, labels, tree.location.root)
     return images.take(pc.sort_indices(images.table, [("relative_path", "ascending")]))
 
 

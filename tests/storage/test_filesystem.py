@@ -16,6 +16,7 @@ from storage.filesystem import (
     write_bytes,
     write_stream,
 )
+from workflows.datasets import Tree
 
 
 def test_a_failed_write_leaves_neither_the_file_nor_its_temporary(tmp_path):
@@ -104,9 +105,23 @@ def test_listing_an_object_store_by_prefix_in_parallel_finds_what_one_listing_fi
     files, folders = Location(fs, "listing/root", "s3://listing/root").tree(lambda name: False)
     parts = [tuple(p.decode() for p in f) for f in files.column("parts").to_pylist()]
     assert sorted(parts) == sorted(tuple(k.split("/")) for k in keys)
-    paths = files.column("path").to_pylist()
-    assert paths == sorted(paths) and files.column("size").to_pylist() == [2] * len(keys)
+    joined = [b"/".join(p) for p in files.column("parts").to_pylist()]
+    assert joined == sorted(joined) and files.column("size").to_pylist() == [2] * len(keys)
+    # Each path is the root and the parts: none is held.
+    assert files.column("path").null_count == len(keys)
     assert ("train", "b", "deep") in folders and ("wide", "p19") in folders
+
+
+def test_an_object_key_its_parts_do_not_spell_keeps_its_own_path(s3):
+    fs = s3.filesystem()
+    for key in ("odd/./1.jpg", "plain/2.jpg"):
+        s3.client().put_object(Bucket="listing", Key=f"odd/{key}", Body=b"wf")
+    listed = {i.path for i in list_files(fs, "listing/odd")}
+    location = Location(fs, "listing/odd", "s3://listing/odd")
+    files, folders = location.tree(lambda name: False)
+    assert files.column("path").null_count == 1  # plain/2.jpg
+    tree = Tree(location, files, frozenset(folders))
+    assert {f.path for f in tree.files} == listed and len(listed) == 2  # each where it is
 
 
 def test_a_local_tree_lists_files_and_folders_in_one_walk_skipping_ignored_names(tmp_path):

@@ -1,10 +1,12 @@
+import os
+
 import pytest
 
 from storage.errors import DatasetError, SettingsError
 from storage.hashing import fingerprint
 from tasks.extract_shard import IMAGES, Images
 from tests.conftest import make_dataset
-from workflows.datasets import discover_dataset, expand_dataset_paths
+from workflows.datasets import discover_dataset, expand_dataset_paths, list_tree
 from workflows.extract.config import load_config
 from workflows.extract.settings import ExtractSettings
 
@@ -110,19 +112,30 @@ def test_the_plan_is_columns_and_its_fingerprint_is_the_canonical_one(tmp_path):
     make_dataset(tmp_path / "ds" / "validation", ("cats", "dogs", "émus"), 2, seed=1)
     make_dataset(tmp_path / "ds" / "unlabelled", ("u",), 3, seed=2)
     (tmp_path / "ds" / "train" / "dogs" / "back\\slash.jpg").write_bytes(b"x")
+    (tmp_path / "ds" / "train" / "cats").joinpath(os.fsdecode(b"caf\xe9.jpg")).write_bytes(b"y")
     spec = discover_dataset(str(tmp_path / "ds"), 0.2)
     train = spec.images["train"]
-    assert isinstance(train, Images) and train.table.schema == IMAGES and len(train) == 16
+    assert isinstance(train, Images) and train.table.schema == IMAGES and len(train) == 17
+    # No column holds the root: each path is the root and the relative path, the listing's own.
+    listed = {e.path for e in list_tree(str(tmp_path / "ds")).files}
+    planned = [i.path for images in spec.images.values() for i in images]
+    assert len(planned) == len(set(planned)) == len(listed) and set(planned) == listed
+    assert os.fsdecode(str(tmp_path / "ds/train/cats").encode() + b"/caf\xe9.jpg") in planned
     assert [i.label_index for i in train] == sorted(i.label_index for i in train)  # by class
     assert "train/dogs/back\\\\slash.jpg" in set(train.relative_paths())  # escaped
     assert {i.label for i in train} == {"cats", "dogs", "émus"}
     assert all(i.mtime_ns > 0 and i.size > 0 for i in train)
     assert spec.fingerprint == _canonical_fingerprint(spec)
-    assert Images.of(train, train.labels) == train  # objects and columns say the same
+    assert Images.of(train, train.labels, train.root) == train  # objects and columns agree
+    assert train.table.column("path").null_count == len(train)  # no path is held: all derived
+    # A path that is not the root and the relative path (an object key "a//b") is held as is.
+    elsewhere = Images.of(train, train.labels, str(tmp_path / "elsewhere"))
+    assert [i.path for i in elsewhere] == [i.path for i in train]
+    assert elsewhere.table.column("path").null_count == 0
     # Dropping a class re-indexes the others; the unlabelled keep -1.
     kept = train.relabel(("cats", "émus"))
     assert {(i.label, i.label_index) for i in kept} == {("cats", 0), ("émus", 1)}
-    assert len(kept) == 10
+    assert len(kept) == 11
     assert {i.label_index for i in spec.images["unlabelled"].relabel(("cats",))} == {-1}
 
 

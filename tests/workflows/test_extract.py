@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _items(count: int) -> Images:
-    return Images.of((ImageItem(f"/x/{i}", f"c/{i}.jpg", 1, "c", 0) for i in range(count)), ("c",))
+    items = (ImageItem(f"/x/c/{i}.jpg", f"c/{i}.jpg", 1, "c", 0) for i in range(count))
+    return Images.of(items, ("c",), "/x")
 
 
 def test_adding_images_never_moves_existing_ones():
