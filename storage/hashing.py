@@ -50,12 +50,18 @@ def fingerprint_with_rows(head: list, rows: Iterable[Any], chunk: int = 4096) ->
     value without a Python list of every row (a shard of a large dataset has millions)."""
     digest = hashlib.sha256()
     digest.update(f"{canonical_json(head)[:-1]}{',' if head else ''}[".encode())  # "[a,b,["
+    update_with_rows(digest, rows, chunk)
+    digest.update(b"]]")
+    return digest.hexdigest()
+
+
+def update_with_rows(digest: Any, rows: Iterable[Any], chunk: int = 4096) -> None:
+    """Feed ``digest`` the canonical JSON of ``rows`` as the items of a list, without its
+    brackets (``a,b,c``), ``chunk`` rows at a time: one ``json.dumps`` a chunk, not one a row."""
     rows, first = iter(rows), True
     while batch := list(itertools.islice(rows, chunk)):
         digest.update(f"{'' if first else ','}{canonical_json(batch)[1:-1]}".encode())
         first = False
-    digest.update(b"]]")
-    return digest.hexdigest()
 
 
 def fingerprint_fields(settings: Any, exclude: Iterable[str]) -> str:

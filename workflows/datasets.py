@@ -38,7 +38,7 @@ from storage.filesystem import (
     os_bytes,
     os_name,
 )
-from storage.hashing import canonical_json, stable_unit_interval
+from storage.hashing import canonical_json, stable_unit_interval, update_with_rows
 from storage.names import escape_name
 from tasks.extract_shard import IMAGES, Images
 from tasks.images import is_ignored_file
@@ -123,14 +123,13 @@ class DatasetSpec:
     @property
     def fingerprint(self) -> str:
         """:func:`storage.hashing.fingerprint` of ``[classes, {split: [[path, size, mtime],
-        ...]}]``, streamed a row at a time rather than built as one Python list."""
+        ...]}]``, streamed a few thousand rows at a time rather than built as one Python list."""
         digest = hashlib.sha256()
         digest.update(f"[{canonical_json(list(self.classes))},{{".encode())
         for n, split in enumerate(sorted(self.images)):
             digest.update(f"{',' if n else ''}{canonical_json(split)}:[".encode())
             rows = column_rows(self.images[split].table, ["relative_path", "size", "mtime_ns"])
-            for k, row in enumerate(rows):
-                digest.update(f"{',' if k else ''}{canonical_json(list(row))}".encode())
+            update_with_rows(digest, rows)
             digest.update(b"]")
         digest.update(b"}]")
         return digest.hexdigest()
