@@ -146,6 +146,13 @@ class Images:
     def relative_paths(self) -> Iterator[str]:
         return column_values(self.table.column("relative_path"))
 
+    def signature_rows(self) -> Iterator[list]:
+        """Each image's ``[relative_path, size, mtime_ns, label]`` (what a shard's input
+        fingerprint hashes), from the columns: no :class:`ImageItem` is made."""
+        labels, names = self.labels, ["relative_path", "size", "mtime_ns", "label_index"]
+        for relative, size, mtime, index in column_rows(self.table, names):
+            yield [relative, size, mtime, labels[index] if index >= 0 else ""]
+
     def relabel(self, labels: tuple[str, ...]) -> Images:
         """Only the images of classes in ``labels``, indexed by their place there (an
         unlabelled image stays -1)."""

@@ -127,6 +127,9 @@ def test_the_plan_is_columns_and_its_fingerprint_is_the_canonical_one(tmp_path):
     assert all(i.mtime_ns > 0 and i.size > 0 for i in train)
     assert spec.fingerprint == _canonical_fingerprint(spec)
     assert Images.of(train, train.labels, train.root) == train  # objects and columns agree
+    for images in spec.images.values():  # what a shard's fingerprint hashes, from the columns
+        rows = [[i.relative_path, i.size, i.mtime_ns, i.label] for i in images]
+        assert list(images.signature_rows()) == rows
     assert train.table.column("path").null_count == len(train)  # no path is held: all derived
     # A path that is not the root and the relative path (an object key "a//b") is held as is.
     elsewhere = Images.of(train, train.labels, str(tmp_path / "elsewhere"))

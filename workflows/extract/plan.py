@@ -134,8 +134,7 @@ def plan_dataset(
         for index, shard_items in enumerate(plan_shards(items, settings.shards)):
             key = shard_key(split, index)
             fingerprints[key] = fingerprint_with_rows(
-                [features, list(spec.classes), settings.max_pixels],
-                ([i.relative_path, i.size, i.mtime_ns, i.label] for i in shard_items),
+                [features, list(spec.classes), settings.max_pixels], shard_items.signature_rows()
             )
             record = kept.get(key)
             if (
