@@ -209,6 +209,33 @@ def os_name(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+class _NoPandas:
+    """An import finder under which ``import pandas`` fails (see :func:`skip_pandas_probe`)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name.partition(".")[0] == "pandas":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+def skip_pandas_probe() -> None:
+    """Spare this process pandas' import. The first time pyarrow turns Python values into an
+    array it imports pandas (0.2-0.3 s here), only to ask whether the values are pandas objects;
+    wf never hands it any. That first question is asked here with pandas out of reach, so
+    pyarrow notes "no pandas" and goes on; when something does need pandas later
+    (``Table.to_pandas``), pyarrow imports it then (it tries again whenever pandas is required).
+    Nothing to do in a process that has pandas already."""
+    import sys
+
+    if "pandas" in sys.modules:
+        return
+    finder = _NoPandas()
+    sys.meta_path.insert(0, finder)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(finder)
+
+
 class ColumnBuilder:
     """Rows appended one at a time, kept as Arrow record batches of ``batch_rows``: a Python
     object per row only for the batch being filled."""

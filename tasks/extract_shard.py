@@ -38,6 +38,7 @@ from storage.filesystem import (
     os_bytes,
     os_name,
     retrying,
+    skip_pandas_probe,
 )
 from storage.hashing import content_id
 from storage.layout import StoreLayout
@@ -288,6 +289,7 @@ def extract_shard(
 ) -> ShardResult:
     """Extract ``job`` and write its part file; bad images become rejects, never failures."""
     started, started_at = time.perf_counter(), time.time()
+    skip_pandas_probe()  # a worker's first shard would import pandas for nothing
     taps = {tap: TapRecord(shape, job.dtype) for tap, shape in prepared.taps.items()}
     schema = feature_schema(taps, job.classes)
     rejects: list[Reject] = []

@@ -1,6 +1,9 @@
 """Atomic writes, temporary files of killed runs, retries, and locations that cannot be used."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -135,3 +138,22 @@ def test_a_local_tree_lists_files_and_folders_in_one_walk_skipping_ignored_names
     assert parts == [("4.jpg",), ("train", "a", "1.jpg"), ("train", "b", "deep", "2.jpg")]
     assert folders == {("train",), ("train", "a"), ("train", "b"), ("train", "b", "deep"),
                        ("validation",), ("validation", "empty")}  # fmt: skip
+
+
+def test_pyarrow_is_spared_the_pandas_import_and_pandas_still_works_when_asked_for():
+    script = """
+import sys
+from storage.filesystem import ColumnBuilder, LISTING, skip_pandas_probe
+skip_pandas_probe()
+import pyarrow as pa
+rows = ColumnBuilder(LISTING)
+rows.append([b"a", b"b.jpg"], None, 1, 2)
+table = rows.table()
+assert table.column("size").to_pylist() == [1] and pa.scalar(3).as_py() == 3
+print("pandas" in sys.modules)
+print(type(table.select(["size"]).to_pandas()).__name__, "pandas" in sys.modules)
+"""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, cwd=root)  # fmt: skip
+    assert done.stdout.split() == ["False", "DataFrame", "True"]
