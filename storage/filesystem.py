@@ -74,9 +74,9 @@ def retrying(filesystem: pafs.FileSystem, call: Callable[[], T], policy: RetryPo
             if not _transient(error):
                 raise
             if attempt == policy.attempts - 1:
-                first = str(error).strip().splitlines()[0][:300]
                 raise StoreError(
-                    f"the object store did not answer after {policy.attempts} tries: {first}"
+                    f"the object store did not answer after {policy.attempts} tries: "
+                    f"{first_line(error)}"
                 ) from error
             time.sleep(delay)
             delay = min(delay * 2, policy.max_delay_s)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from storage.errors import SettingsError
-from storage.filesystem import file_info, file_location, read_bytes
+from storage.filesystem import file_info, file_location, first_line, read_bytes
 from storage.hashing import fingerprint, sha256_stream
 from tasks.backbones.base import Backbone, ResolvedWeights
 
@@ -263,8 +263,7 @@ def _check_model(model: Any, uri: str) -> None:
     try:
         onnx.checker.check_model(model)
     except Exception as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        raise SettingsError(f"{uri} is not a valid ONNX model: {first}") from None
+        raise SettingsError(f"{uri} is not a valid ONNX model: {first_line(error)}") from None
 
 
 def _all_nodes(graph: Any) -> list[Any]:
@@ -371,8 +370,9 @@ def _feature_graph(model: Any, sidecar: Sidecar, uri: str) -> tuple[bytes, int, 
         probe = runner.run([FEATURES_OUTPUT], {IMAGE_INPUT: np.zeros((1, height, width, 3),
                                                                    np.float32)})[0]  # fmt: skip
     except Exception as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        raise SettingsError(f"{uri}: wf's graph around the model does not run: {first}") from None
+        raise SettingsError(
+            f"{uri}: wf's graph around the model does not run: {first_line(error)}"
+        ) from None
     if probe.ndim != 2:
         raise SettingsError(f"{uri}: the pooled output has shape {list(probe.shape)}, not "
                             "[batch, features]")  # fmt: skip
@@ -407,8 +407,7 @@ def _probe(model: Any, sidecar: Sidecar, name: str, output: str) -> np.ndarray:
         runner = session(model.SerializeToString(), threads=1)
         return runner.run([output], {name: np.zeros(shape, np.float32)})[0]
     except Exception as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        raise SettingsError(f"onnxruntime cannot run the model: {first}") from None
+        raise SettingsError(f"onnxruntime cannot run the model: {first_line(error)}") from None
 
 
 def _mean(source: str, target: str, axes: list[int], opset: int, name: str) -> tuple[list, list]:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from storage.feature_store import FeatureStore
-from storage.filesystem import file_info, read_bytes, write_bytes
+from storage.filesystem import file_info, first_line, read_bytes, write_bytes
 from storage.hashing import fingerprint, stable_unit_interval
 from storage.layout import StoreLayout
 from storage.runs import split_job_key
@@ -122,9 +122,8 @@ def _keep_out_of_fold(store_root: str, context: JobContext, folds: int, found: O
     try:
         write_bytes(filesystem, path, found.to_bytes(stores))
     except OSError as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        warnings.warn(f"out-of-fold probabilities not cached beside the store: {message}",
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(f"out-of-fold probabilities not cached beside the store: "
+                      f"{first_line(error)}", stacklevel=2)  # fmt: skip
 
 
 def folds_for(images: int, smallest_class: int, asked: int | None) -> int:
