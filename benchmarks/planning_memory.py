@@ -7,7 +7,8 @@ files laid out as SPLIT/CLASS/IMAGE (2 splits x 20 classes; only names, sizes an
 read) on a local folder and, with ``--s3``, on the S3 test server (moto on 127.0.0.1):
 
 - ``discover_dataset`` then ``plan_shards`` of every split (``--shards``), as `wf extract`'s
-  planning does, with the plan kept alive to the end;
+  planning does, with the plan kept alive to the end and the spec let go (and, in a checkout
+  that has ``release_freed_memory``, Arrow's freed pages given back), as `wf extract` does;
 - the process's peak resident memory above what it held before listing (the peak reset once
   the imports are done), and what it still holds with the plan alive, per image;
 - each way ``--repeats`` times, alternated (moto's first listing of a bucket is slower).
@@ -73,16 +74,20 @@ def plan_once(where: str, shards: int) -> dict:
 
     import workflows
     from workflows.datasets import discover_dataset
-    from workflows.extract.plan import plan_shards
+    from workflows.extract import plan as planning
 
     reset_peak()
     before = memory_mib()
     started = time.perf_counter()
     spec = discover_dataset(where, 0.2)
     listed = time.perf_counter() - started
-    plan = {split: plan_shards(items, shards) for split, items in spec.images.items()}
+    plan = {split: planning.plan_shards(items, shards) for split, items in spec.images.items()}
     seconds = time.perf_counter() - started
     images = sum(len(items) for items in spec.images.values())
+    # As `wf extract` does once its shards are cut: the spec's image lists go, and a checkout
+    # that has it gives Arrow's freed pages back (an older one keeps them, as it did).
+    del spec
+    getattr(planning, "release_freed_memory", lambda: None)()
     planned = sum(len(shard) for shards_of in plan.values() for shard in shards_of)
     assert planned == images, (planned, images)
     peak, held = memory_mib("VmHWM"), memory_mib()

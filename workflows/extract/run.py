@@ -34,7 +34,7 @@ from tasks.extract_shard import ProgressCounter, ShardJob, ShardResult, extract_
 from workflows.cluster import on_this_node, ray_cluster
 from workflows.datasets import UNLABELLED, DatasetSpec, discover_dataset, expand_dataset_paths
 from workflows.extract.calibration import backbone_preparer
-from workflows.extract.plan import DatasetPlan, plan_dataset
+from workflows.extract.plan import DatasetPlan, plan_dataset, release_freed_memory
 from workflows.extract.settings import ExtractSettings
 
 
@@ -170,6 +170,7 @@ def _extract(settings, specs, prepare, layout, on_progress, on_message) -> list[
         prepared = {spec.name: prepare(spec) for spec in specs}
         plans = {s.name: plan_dataset(s, settings, prepared[s.name], layout) for s in specs}
         specs.clear()  # their image lists: the plans' shards hold what the run needs
+        release_freed_memory()
         outcome = _run_shards(settings, layout, plans, leases, prepared, on_progress)
         reports = []
         for name, plan in plans.items():
