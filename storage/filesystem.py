@@ -134,7 +134,8 @@ class Location:
 
     def tree(self, ignored: Callable[[str], bool]) -> tuple[pa.Table, set[tuple[str, ...]]]:
         """Every file under the root as the columns of :data:`LISTING` (its parts below the
-        root, path, size and mtime) and every folder (its parts), names ``ignored`` skipped
+        root, its path where the parts do not spell it, size and mtime) and every folder (its
+        parts), names ``ignored`` skipped
         with all below them. An object store has no empty folders: only those that hold a file
         are seen. The files are held as Arrow batches, never a Python object each: at ten
         million images those were 12-34 GB on the driver (docs/scaling.md)."""
@@ -158,8 +159,14 @@ class Location:
                              *stat_signature(entry))  # fmt: skip
                 folders.update(parts[:i] for i in range(1, len(parts)))
         table = files.table()
-        # The keys' order, as they were listed: the parts joined (the root is the same for all).
-        keys = pc.binary_join(table.column("parts"), b"/")
+        # Sorted by key below the root (the same for all): the parts joined, or a held path's
+        # own key where the parts do not spell it ("a/./z" sorts before "a/b", as before).
+        keys, held = pc.binary_join(table.column("parts"), b"/"), table.column("path")
+        if held.null_count < len(held):  # rare: the work only then
+            prefix = f"{self.root}/".encode()
+            # (an explicit stop: pyarrow 26's binary_slice fails without one)
+            own = pc.binary_slice(pc.fill_null(held, prefix), len(prefix), 1 << 30)
+            keys = pc.if_else(pc.is_valid(held), own, keys)
         return table.take(pc.array_sort_indices(keys)), folders
 
     def move(self, source: str, target: str) -> None:
@@ -209,6 +216,9 @@ def os_name(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+_PANDAS_PROBED = False
+
+
 class _NoPandas:
     """An import finder under which ``import pandas`` fails (see :func:`skip_pandas_probe`)."""
 
@@ -218,16 +228,21 @@ class _NoPandas:
 
 
 def skip_pandas_probe() -> None:
-    """Spare this process pandas' import. The first time pyarrow turns Python values into an
-    array it imports pandas (0.2-0.3 s here), only to ask whether the values are pandas objects;
-    wf never hands it any. That first question is asked here with pandas out of reach, so
-    pyarrow notes "no pandas" and goes on; when something does need pandas later
-    (``Table.to_pandas``), pyarrow imports it then (it tries again whenever pandas is required).
-    Nothing to do in a process that has pandas already."""
+    """Spare this process pandas' import, for a process that never hands pyarrow a pandas
+    object (``wf extract``'s own). The first time pyarrow turns Python values into an array it
+    imports pandas (0.2-0.3 s here), only to ask whether the values are pandas objects. That
+    first question is asked here with pandas out of reach, so pyarrow notes "no pandas" and
+    goes on. From then on pyarrow's checks for pandas values (``pa.array`` of a Series, a
+    timestamp's ``as_py``) answer no until something calls a conversion that requires pandas
+    (``Table.to_pandas``, ``Table.from_pandas``), which imports it and puts them right: so a
+    Ray worker, which may serve other work of the same job (the demo's training), never calls
+    this. Nothing to do in a process that has pandas already, or has asked before."""
     import sys
 
-    if "pandas" in sys.modules:
+    global _PANDAS_PROBED
+    if "pandas" in sys.modules or _PANDAS_PROBED:
         return
+    _PANDAS_PROBED = True
     finder = _NoPandas()
     sys.meta_path.insert(0, finder)
     try:

@@ -38,7 +38,6 @@ from storage.filesystem import (
     os_bytes,
     os_name,
     retrying,
-    skip_pandas_probe,
 )
 from storage.hashing import content_id
 from storage.layout import StoreLayout
@@ -94,7 +93,8 @@ class ImageItem:
 
 IMAGES = pa.schema([
     # storage.filesystem.os_bytes of ImageItem.path where it is not the root and the relative
-    # path (an object key the relative path normalises: "a//b", "a/./b"), else null: 4 bytes.
+    # path (an object key the relative path normalises: "a//b", "a/./b"), else null (a null
+    # costs its 4-byte offset and no bytes).
     ("path", pa.binary()),
     ("relative_path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
     ("label_index", pa.int32()),
@@ -289,7 +289,6 @@ def extract_shard(
 ) -> ShardResult:
     """Extract ``job`` and write its part file; bad images become rejects, never failures."""
     started, started_at = time.perf_counter(), time.time()
-    skip_pandas_probe()  # a worker's first shard would import pandas for nothing
     taps = {tap: TapRecord(shape, job.dtype) for tap, shape in prepared.taps.items()}
     schema = feature_schema(taps, job.classes)
     rejects: list[Reject] = []

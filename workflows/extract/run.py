@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field, replace
 import ray
 
 from storage.errors import DatasetError, RunFailed
-from storage.filesystem import skip_pandas_probe
 from storage.layout import StoreLayout
 from storage.lease import Lease
 from storage.logs import write_run_log
@@ -132,7 +131,6 @@ def run_extract(
     other shards go on. A class left with no usable training image is reported (or, with
     ``drop_empty_classes``, dropped and its dataset extracted again without it).
     """
-    skip_pandas_probe()  # the listing's first Arrow array would import pandas for nothing
     backbone = get_backbone(settings.backbone)
     specs = discover_all(settings)
     layout = StoreLayout.at(settings.store)
