@@ -9,7 +9,6 @@ valid UTF-8 and hold no backslash, nearly all of them, are unchanged.
 
 from __future__ import annotations
 
-import os
 import re
 
 _ESCAPED = re.compile(r"\\(\\|x[0-9a-f]{2})")
@@ -42,4 +41,4 @@ def unescape_name(text: str) -> str:
         raw += b"\\" if token == "\\" else bytes([int(token[1:], 16)])
         position = match.end()
     raw += text[position:].encode()
-    return os.fsdecode(bytes(raw))
+    return bytes(raw).decode("utf-8", "surrogateescape")  # as storage.filesystem.os_name
