@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from storage.errors import SettingsError, StoreError
-from storage.filesystem import Location, file_info, file_location, read_bytes
+from storage.filesystem import Location, file_info, file_location, first_line, read_bytes
 from storage.hashing import sha256_stream
 from storage.runs import Artifact, JobMetrics
 from tasks.abstention import (
@@ -155,8 +155,7 @@ def _onnx_model(data: bytes, model_path: str) -> Any:
     except SettingsError:
         raise
     except Exception as error:  # onnxruntime's own errors: all mean "cannot load"
-        first = str(error).strip().splitlines()[0][:240] if str(error).strip() else ""
-        raise StoreError(f"cannot load model {model_path}: {first}") from None
+        raise StoreError(f"cannot load model {model_path}: {first_line(error)}") from None
 
 
 def _keras_model(data: bytes, model_path: str) -> Any:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from storage.filesystem import read_bytes
+from storage.filesystem import first_line, read_bytes
 
 # Names that operating systems and tools drop into folders; never images, never rejects.
 IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini", "icon\r"})
@@ -56,7 +56,7 @@ def read_image_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
     try:
         return read_bytes(filesystem, path)
     except OSError as error:
-        reason = error.strerror or str(error).strip().splitlines()[0][:200]
+        reason = error.strerror or first_line(error)
         raise ImageRejected("unreadable", f"{type(error).__name__}: {reason}") from error
 
 
