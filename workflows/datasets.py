@@ -250,14 +250,12 @@ def discover_dataset(
         images = {"train": whole.take(np.flatnonzero(~held_out)),
                   "validation": whole.take(np.flatnonzero(held_out))}  # fmt: skip
         del whole
+    counts = {}
     for split, items in images.items():
         index = items.table.column("label_index").to_numpy()
+        counts[split] = np.bincount(index, minlength=len(classes))
         if np.any(np.diff(index) < 0):  # by class, listing order within (a copy)
             images[split] = items.take(np.argsort(index, kind="stable"))
-    counts = {
-        s: np.bincount(i.table.column("label_index").to_numpy(), minlength=len(classes))
-        for s, i in images.items()
-    }
     for index, label in enumerate(labels):
         if not counts["train"][index]:
             raise DatasetError(f"{name}: class {label!r} has no training images")
