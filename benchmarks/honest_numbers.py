@@ -1,18 +1,22 @@
 """Honest numbers, checked against a test set that cross-validation never sees.
 
-For each real dataset of ``../shared/datasets`` (cats_vs_dogs, flowers): half of its
-validation folder, drawn with a fixed seed, becomes a test split; train + the other half of
-validation are what `wf train-all --cv 5` cross-validates (the test split is never read by it).
-Then, for each of ``--seeds`` seeds (folds, initial weights and shuffling change; the data do
-not), the bottleneck job is trained with cross-validation, and its saved model (calibrated,
-with its abstention thresholds) is run on the test split through `wf predict`'s code:
+For each real dataset of ``../shared/datasets`` (cats_vs_dogs, flowers) and each of ``--seeds``
+seeds: half of the validation folder, drawn with that seed, becomes a test split; train + the
+other half of validation are what `wf train-all --cv 5` cross-validates (the test split is never
+read by it). Each seed draws its own test half (so coverage counts independent test sets, not
+one set scored five times) and changes the folds, initial weights and shuffling. Each method
+of ``--methods`` is trained with cross-validation, and its saved model (calibrated, with its
+abstention thresholds) is run on the test split through `wf predict`'s code:
 
 - coverage: how often the test accuracy falls inside the CV interval (Wilson, 95%, for the
-  method's accuracy), and inside the prediction interval for a test set of the test's size
-  (the CV estimate's and the test's binomial noise together);
+  method's accuracy: ``cv.interval``), and inside wf's prediction interval for another split of
+  the validation's size (``cv.prediction_interval``: the CV estimate's and the new set's
+  binomial noise together), which is the test's size here;
 - ECE (15 bins) on the test split, of the saved (calibrated) model and of the same model with
   the temperature taken out, beside the ECE a perfectly calibrated model would show on as many
   images (``calibration_noise_floor``) and the lowest any one temperature reaches on the test;
+  and the same over every seed's test images pooled (five times the images, a fifth of the
+  variance of ECE's own noise);
 - abstention: the share of in-distribution test images declined, the share of out-of-
   distribution images declined (the other dataset's test photos, and generated noise, flat
   colours and text), and the AUROC of the out-of-distribution score (distance to the nearest
@@ -22,14 +26,14 @@ Settings: what wf gives itself (oneDNN on, one thread per worker), EfficientNet-
 blog's bottleneck recipe (50 epochs, batch 16), and ``--augment 0``: the blog's method 2
 computes its bottleneck features once, without augmentation.
 
-Usage: python benchmarks/honest_numbers.py [--seeds 5] [--work /tmp/wf-honest]
+Usage: python benchmarks/honest_numbers.py [--seeds 5] [--methods bottleneck,prototype]
+       [--work /tmp/wf-honest]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -101,6 +105,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/wf-honest")
     parser.add_argument("--shared", default=str(HERE.parent.parent / "shared" / "datasets"))
     parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--methods", default="bottleneck,prototype")
     args = parser.parse_args()
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -124,18 +129,21 @@ def main() -> None:
     print(banner())
     work = Path(args.work)
     names = args.datasets.split(",")
-    for name in names:
-        split_folders(Path(args.shared) / name, work / "data" / name)
+    methods = tuple(args.methods.split(","))
     strange = sorted(write_out_of_distribution(work / "generated", per_kind=40, size=160).iterdir())
-    started = time.perf_counter()
-    sources = tuple(DatasetSource(str(work / "data" / n)) for n in names)
-    run_extract(ExtractSettings(datasets=sources, store=str(work / "store"), augment=0))
-    print(f"extracted in {time.perf_counter() - started:.0f} s (kept stores are reused)")
-    tests = {n: sorted((work / "data" / n / "test").rglob("*.jpg")) for n in names}
-    rows = []
+    rows: list[dict] = []
+    pooled: dict[tuple[str, str], dict[str, list]] = {}
     for seed in range(args.seeds):
+        data = work / f"data-{seed}"  # this seed's own test half
+        for name in names:
+            split_folders(Path(args.shared) / name, data / name, seed)
+        started = time.perf_counter()
+        sources = tuple(DatasetSource(str(data / n)) for n in names)
+        run_extract(ExtractSettings(datasets=sources, store=str(work / "store"), augment=0))
+        print(f"seed {seed}: extracted in {time.perf_counter() - started:.0f} s", flush=True)
+        tests = {n: sorted((data / n / "test").rglob("*.jpg")) for n in names}
         settings = TrainSettings(
-            store=str(work / "store"), runs=str(work / f"runs-{seed}"), methods=("bottleneck",),
+            store=str(work / "store"), runs=str(work / f"runs-{seed}"), methods=methods,
             recipes=default_recipes(), options=TrainOptions(seed=seed), cv=5, force=True,
             cluster=ClusterSettings(),
         )  # fmt: skip
@@ -154,17 +162,24 @@ def main() -> None:
             right = probs.argmax(1) == labels
             accuracy = float(right.mean())
             cv = result.cv
-            n_cv, n_test = cv["n"], len(labels)
-            half = 1.96 * math.sqrt(cv["accuracy"] * (1 - cv["accuracy"]) * (1 / n_cv + 1 / n_test))
             metrics = json.loads(Path(result.model_path).with_name("metrics.json").read_text())
             raw = apply_temperature(probs, 1 / metrics["temperature"])  # the temperature undone
+            low, high = cv["prediction_interval"]
+            mine = pooled.setdefault((name, result.method), {"labels": [], "probs": [],
+                                                               "abstained": []})  # fmt: skip
+            mine["labels"].append(labels)
+            mine["probs"].append(probs)
+            mine["abstained"].append(abstained)
             rows.append({
-                "dataset": name, "seed": seed, "cv": cv["accuracy"],
-                "cv_interval": cv["interval"], "test": round(accuracy, 4), "n_test": n_test,
+                "dataset": name, "method": result.method, "seed": seed, "cv": cv["accuracy"],
+                "cv_interval": cv["interval"], "prediction_interval": cv["prediction_interval"],
+                "prediction_n": cv["prediction_n"], "prediction_from": cv["prediction_from"],
+                "splits": cv.get("splits"), "test": round(accuracy, 4),
+                "n_test": len(labels),
                 "test_interval": [round(v, 4) for v in accuracy_interval(int(right.sum()),
-                                                                           n_test)],
+                                                                           len(labels))],
                 "in_cv_interval": cv["interval"][0] <= accuracy <= cv["interval"][1],
-                "in_prediction_interval": abs(accuracy - cv["accuracy"]) <= half,
+                "in_prediction_interval": low <= accuracy <= high,
                 "temperature": metrics["temperature"],
                 "ece_test_uncalibrated": round(expected_calibration_error(labels, raw), 4),
                 "ece_test": round(expected_calibration_error(labels, probs), 4),
@@ -188,15 +203,18 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     print()
     print(
-        "| dataset | seed | cv accuracy (95%) | test accuracy | in CV interval | in prediction "
-        "interval | ECE test (raw -> calibrated) | ECE floor / best T | abstained: in-dist / "
-        "other photos / generated | OOD AUROC |"
+        "| dataset | method | seed | cv accuracy (95%) | prediction interval (from) | test "
+        "accuracy | in CV interval | in prediction interval | ECE test (raw -> calibrated) | "
+        "ECE floor / best T | abstained: in-dist / other photos / generated | OOD AUROC |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['dataset']} | {r['seed']} | {r['cv']:.3f} ({r['cv_interval'][0]:.3f}-"
-            f"{r['cv_interval'][1]:.3f}) | {r['test']:.3f} (n={r['n_test']}) | "
+            f"| {r['dataset']} | {r['method']} | {r['seed']} | {r['cv']:.3f} "
+            f"({r['cv_interval'][0]:.3f}-{r['cv_interval'][1]:.3f}) | "
+            f"{r['prediction_interval'][0]:.3f}-{r['prediction_interval'][1]:.3f} "
+            f"({r['prediction_from']}) | "
+            f"{r['test']:.3f} (n={r['n_test']}) | "
             f"{'yes' if r['in_cv_interval'] else 'no'} | "
             f"{'yes' if r['in_prediction_interval'] else 'no'} | "
             f"{r['ece_test_uncalibrated']:.3f} -> {r['ece_test']:.3f} | "
@@ -208,19 +226,29 @@ def main() -> None:
     print(
         f"coverage of the CV interval: {np.mean([r['in_cv_interval'] for r in rows]):.2f}; "
         f"of the prediction interval: {np.mean([r['in_prediction_interval'] for r in rows]):.2f}"
-        f" ({len(rows)} dataset x seed runs)"
+        f" ({len(rows)} dataset x method x seed runs, each seed its own test half)"
     )
-    for name in names:
-        mine = [r for r in rows if r["dataset"] == name]
+    print()
+    print("| dataset | method | coverage: CV / prediction interval | ECE test, mean of runs "
+          "(floor) | ECE test, seeds pooled (floor, n) | abstained in-dist: mean / pooled / "
+          "highest run | out of distribution | AUROC |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for (name, method), mine in pooled.items():
+        runs = [r for r in rows if r["dataset"] == name and r["method"] == method]
+        labels, probs = np.concatenate(mine["labels"]), np.concatenate(mine["probs"])
+        abstained = np.concatenate(mine["abstained"])
+
+        def mean(key: str, runs: list[dict] = runs) -> float:
+            return float(np.mean([r[key] for r in runs]))
+
         print(
-            f"{name}: ECE on test {np.mean([r['ece_test'] for r in mine]):.3f} calibrated "
-            f"(uncalibrated {np.mean([r['ece_test_uncalibrated'] for r in mine]):.3f}; a "
-            f"perfectly calibrated model {np.mean([r['ece_test_floor'] for r in mine]):.3f}, the "
-            f"best single temperature {np.mean([r['ece_test_best_temperature'] for r in mine]):.3f}"
-            "); "
-            f"abstained in-distribution {np.mean([r['abstained_in'] for r in mine]):.3f}, "
-            f"out {np.mean([r['abstained_out'] for r in mine]):.3f}; AUROC "
-            f"{np.mean([r['auroc'] for r in mine]):.3f}"
+            f"| {name} | {method} | {mean('in_cv_interval'):.2f} / "
+            f"{mean('in_prediction_interval'):.2f} | {mean('ece_test'):.3f} "
+            f"({mean('ece_test_floor'):.3f}) | {expected_calibration_error(labels, probs):.3f} "
+            f"({calibration_noise_floor(probs):.3f}, n={len(labels)}) | "
+            f"{mean('abstained_in'):.3f} / {abstained.mean():.3f} / "
+            f"{max(r['abstained_in'] for r in runs):.3f} | {mean('abstained_out'):.3f} | "
+            f"{mean('auroc'):.3f} |"
         )
 
 
