@@ -48,6 +48,7 @@ class TrainedModel:
     bank: np.ndarray | None = None  # the labelled images' embeddings
     embedding: Any = None  # the model with its embedding as a second output
     runtime: str = "keras"  # or "onnxruntime": model.onnx, or model.keras exported at load
+    cv: dict[str, Any] | None = None  # its run's cross-validation (metrics.json "cv"), if any
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -140,10 +141,11 @@ def load_trained_model(model_path: str) -> TrainedModel:
         model = _onnx_model(data, model_path)
     else:
         model = _keras_model(data, model_path)
-    abstention, bank, embedding = _abstention(location, model, model_path)
+    metrics = _run_metrics(location)
+    abstention, bank, embedding = _abstention(location, model, model_path, metrics)
     runtime = "onnxruntime" if name.endswith(".onnx") else "keras"
     return TrainedModel(model, [str(c) for c in classes], sha256_stream([data]), abstention, bank,
-                      embedding, runtime)  # fmt: skip
+                        embedding, runtime, metrics.cv if metrics else None)  # fmt: skip
 
 
 def _onnx_model(data: bytes, model_path: str) -> Any:
@@ -175,16 +177,24 @@ def _keras_model(data: bytes, model_path: str) -> Any:
     return model
 
 
-def _abstention(location: Location, model: Any, model_path: str) -> tuple[Any, Any, Any]:
+def _run_metrics(location: Location) -> JobMetrics | None:
+    """The ``metrics.json`` beside the model, when its run wrote one that reads as JSON."""
+    try:
+        value = json.loads(read_bytes(location.filesystem, location.path(Artifact.METRICS)))
+    except (FileNotFoundError, ValueError):
+        return None
+    return JobMetrics.from_json(value if isinstance(value, dict) else {})
+
+
+def _abstention(
+    location: Location, model: Any, model_path: str, metrics: JobMetrics | None
+) -> tuple[Any, Any, Any]:
     """The run's abstention thresholds (``metrics.json``'s ``abstain``), the labelled images'
     embeddings and the two-output model, when the model's run has them."""
     import keras
 
-    try:
-        value = json.loads(read_bytes(location.filesystem, location.path(Artifact.METRICS)))
-    except (FileNotFoundError, ValueError):
+    if metrics is None:
         return None, None, None
-    metrics = JobMetrics.from_json(value if isinstance(value, dict) else {})
     abstention = Abstention.from_json(metrics.abstain)
     method = metrics.method
     if abstention is None or method not in METHODS or not METHODS[method].embedding_layer:

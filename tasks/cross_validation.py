@@ -117,6 +117,33 @@ def mcnemar(right_a: np.ndarray, right_b: np.ndarray) -> tuple[int, int, float]:
     return only_a, only_b, float(p)
 
 
+def split_agreement(labels: np.ndarray, probs: np.ndarray, splits: np.ndarray) -> dict | None:
+    """Each labelled split's out-of-fold accuracy (its interval and count), and whether the
+    validation images score differently from the training ones beyond noise (Fisher's exact
+    test on right and wrong in each, two-sided). A validation folder gathered apart from the
+    training one (another source, time or labeller) can be harder or easier than the pooled
+    number says: flowers' scores about 7 points below its training images with the prototype
+    method. None unless both splits have images."""
+    from scipy.stats import fisher_exact
+
+    splits = np.asarray(splits)
+    right = np.asarray(probs).argmax(axis=1) == np.asarray(labels)
+    if not ((splits == "train").any() and (splits == "validation").any()):
+        return None
+    by_split, counts = {}, []
+    for name in ("train", "validation"):
+        mine = right[splits == name]
+        correct = int(mine.sum())
+        low, high = accuracy_interval(correct, len(mine)) or (0.0, 0.0)
+        by_split[name] = {
+            "accuracy": round(correct / len(mine), 6), "n": len(mine), "correct": correct,
+            "interval": [round(low, 6), round(high, 6)],
+        }  # fmt: skip
+        counts.append([correct, len(mine) - correct])
+    p = float(fisher_exact(counts).pvalue)
+    return {"by_split": by_split, "p_value": round(p, 6), "differs": p < NOISE}
+
+
 def prediction_interval(
     correct: int, n: int, expected_n: int, z: float = 1.959964
 ) -> tuple[float, float] | None:
@@ -130,6 +157,39 @@ def prediction_interval(
     half = z * float(np.sqrt(shrunk * (1 - shrunk) * (1 / n + 1 / expected_n)))
     p = correct / n
     return round(max(0.0, p - half), 6), round(min(1.0, p + half), 6)
+
+
+def expected_accuracy(cv: dict[str, Any] | None, accuracy: float | None, n: int) -> dict | None:
+    """What a run's cross-validation (its ``metrics.json`` ``cv``) predicted for an accuracy
+    measured on ``n`` images like its own, and whether ``accuracy`` fell there: the 95%
+    :func:`prediction_interval`, not the confidence interval of the mean, since a measured
+    accuracy carries its own sample's noise. None without a cross-validated accuracy (no
+    ``--cv``) or without images; an ensemble's ``cv`` serves as well as a method's."""
+    if not cv or cv.get("accuracy") is None or not cv.get("n") or accuracy is None or n <= 0:
+        return None
+    basis = prediction_basis(cv)
+    interval = prediction_interval(basis["correct"], basis["n"], n)
+    if interval is None:
+        return None
+    return {
+        "accuracy": basis["accuracy"], "cv_n": basis["n"], "from": basis["from"], "n": n,
+        "interval": list(interval), "within": interval[0] <= accuracy <= interval[1],
+    }  # fmt: skip
+
+
+def prediction_basis(cv: dict[str, Any]) -> dict[str, Any]:
+    """The out-of-fold images a prediction for new images rests on (``metrics.json``'s
+    ``cv``): the validation split's alone when they scored differently from the training
+    images beyond noise (new images are taken to be like the validation ones, which were held
+    out to stand for them), else every cross-validated image. ``from``: which."""
+    splits = cv.get("splits") or {}
+    if splits.get("differs"):
+        validation = splits["by_split"]["validation"]
+        return {"from": "validation", "accuracy": validation["accuracy"],
+                "correct": validation["correct"], "n": validation["n"]}  # fmt: skip
+    n = int(cv["n"])
+    return {"from": "all", "accuracy": cv["accuracy"], "correct": round(float(cv["accuracy"]) * n),
+            "n": n}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -157,37 +217,56 @@ class CrossValidated:
     reused_out_of_fold: bool = False  # the folds' probabilities came from the store's cache
     # The ECE a perfectly calibrated model would show on these images (ECE's own noise).
     ece_floor: float = 0.0
+    # Each labelled split's out-of-fold accuracy and whether they differ (split_agreement).
+    splits: dict[str, Any] | None = None
+    ece_on: str = "out-of-fold"  # the images the temperature and the ECE are on
 
     @classmethod
     def measure(
         cls, labels: np.ndarray, probs: np.ndarray, folds: np.ndarray, groups: int = 0,
         seconds: float = 0.0, embeddings: np.ndarray | None = None, rate: float = DEFAULT_RATE,
-        expected_n: int = 0,
+        expected_n: int = 0, splits: np.ndarray | None = None,
     ) -> CrossValidated:  # fmt: skip
         """From every image's out-of-fold probabilities and fold; with the images' embeddings,
         the abstention thresholds too (on the calibrated out-of-fold confidences and each
-        image's distance to the nearest image of the other folds)."""
+        image's distance to the nearest image of the other folds); with each image's split,
+        the splits' own accuracies, and the prediction interval, the temperature (with the ECE
+        and reliability that judge it) and the thresholds from the validation images alone when
+        they differ from the training ones (:func:`prediction_basis`)."""
         labels, folds = np.asarray(labels, np.int64), np.asarray(folds)
         right = probs.argmax(axis=1) == labels
+        agreement = split_agreement(labels, probs, splits) if splits is not None else None
+        basis = prediction_basis({"accuracy": float(right.mean()), "n": len(labels),
+                                  "splits": agreement})  # fmt: skip
         low, high = accuracy_interval(int(right.sum()), len(labels)) or (0.0, 0.0)
-        calibrated = cross_fitted_calibration(labels, probs, folds)
         distance = (
             out_of_fold_distance(normalise(embeddings), folds) if embeddings is not None else None
         )
-        abstain = choose(calibrated.max(axis=1), distance, rate, "out-of-fold")
+        # Calibrated and given thresholds for images like the new ones: on the validation
+        # images alone when they differ from the training ones (as the prediction interval;
+        # they must span two folds for the cross-fitting), else on every image.
+        on = np.ones(len(labels), bool)
+        if basis["from"] == "validation":
+            validation = np.asarray(splits) == "validation"
+            on = validation if len(np.unique(folds[validation])) >= 2 else on
+        labels_on, probs_on = labels[on], np.asarray(probs)[on]
+        calibrated = cross_fitted_calibration(labels_on, probs_on, folds[on])
+        chosen_on = "out-of-fold" + ("" if on.all() else " validation")
+        abstain = choose(calibrated.max(axis=1), None if distance is None else distance[on], rate,
+                         chosen_on)  # fmt: skip
         return cls(
             folds=len(np.unique(folds)), accuracy=round(float(right.mean()), 6),
             interval=(round(low, 6), round(high, 6)), n=len(labels),
             per_fold=tuple(round(float(right[folds == f].mean()), 6) for f in np.unique(folds)),
-            temperature=round(fit_temperature(labels, probs), 6),
-            ece_before=round(expected_calibration_error(labels, probs, BINS), 6),
-            ece_after=round(expected_calibration_error(labels, calibrated, BINS), 6),
-            ece_floor=round(calibration_noise_floor(calibrated, BINS), 6),
-            reliability={"before": reliability(labels, probs, BINS),
-                         "after": reliability(labels, calibrated, BINS)},
+            temperature=round(fit_temperature(labels_on, probs_on), 6),
+            ece_before=round(expected_calibration_error(labels_on, probs_on, BINS), 6),
+            ece_after=round(expected_calibration_error(labels_on, calibrated, BINS), 6),
+            ece_floor=round(calibration_noise_floor(calibrated, BINS), 6), ece_on=chosen_on,
+            reliability={"before": reliability(labels_on, probs_on, BINS),
+                         "after": reliability(labels_on, calibrated, BINS)},
             groups=groups, seconds=round(seconds, 3), abstain=abstain.to_json(),
-            prediction_interval=prediction_interval(int(right.sum()), len(labels), expected_n),
-            expected_n=expected_n,
+            prediction_interval=prediction_interval(basis["correct"], basis["n"], expected_n),
+            expected_n=expected_n, splits=agreement,
         )  # fmt: skip
 
     def metrics(self) -> dict[str, Any]:
@@ -204,6 +283,9 @@ class CrossValidated:
         if self.prediction_interval:
             cv["prediction_interval"] = list(self.prediction_interval)
             cv["prediction_n"] = self.expected_n
+            cv["prediction_from"] = "validation" if (self.splits or {}).get("differs") else "all"
+        if self.splits:
+            cv["splits"] = self.splits
         ece = {"before": self.ece_before, "after": self.ece_after, "floor": self.ece_floor,
-               "bins": BINS, "on": "out-of-fold", "reliability": self.reliability}  # fmt: skip
+               "bins": BINS, "on": self.ece_on, "reliability": self.reliability}  # fmt: skip
         return {"cv": cv, "ece": ece, "temperature": self.temperature}

@@ -194,6 +194,77 @@ def test_the_prediction_interval_holds_a_new_sets_accuracy_about_95_percent_of_t
     assert prediction_interval(28, 28, 28)[0] < 1.0 and prediction_interval(5, 0, 10) is None
 
 
+def test_evaluate_says_whether_a_measured_accuracy_is_what_cross_validation_expected():
+    from tasks.cross_validation import expected_accuracy, prediction_interval
+
+    cv = {"accuracy": 0.9, "n": 2400, "interval": [0.888, 0.912]}
+    inside = expected_accuracy(cv, 0.92, 235)  # outside the CI, inside the prediction interval
+    assert inside["interval"] == list(prediction_interval(2160, 2400, 235)) and inside["within"]
+    assert inside["n"] == 235 and inside["cv_n"] == 2400 and inside["accuracy"] == 0.9
+    assert not expected_accuracy(cv, 0.80, 235)["within"]  # far below: a warning, not noise
+    small = expected_accuracy(cv, 0.92, 20)["interval"]
+    assert small[1] - small[0] > inside["interval"][1] - inside["interval"][0]  # fewer: wider
+    assert expected_accuracy(None, 0.9, 100) is None  # trained without --cv
+    assert expected_accuracy(cv, 0.9, 0) is None and expected_accuracy(cv, None, 10) is None
+
+
+def _one_hot_scores(labels: np.ndarray, right: np.ndarray, classes: int = 2) -> np.ndarray:
+    """Probabilities that pick the label where ``right``, the next class elsewhere."""
+    picked = np.where(right, labels, (labels + 1) % classes)
+    probs = np.full((len(labels), classes), 0.2 / (classes - 1))
+    probs[np.arange(len(labels)), picked] = 0.8
+    return probs
+
+
+def test_validation_images_that_score_apart_from_training_ones_carry_the_prediction():
+    from tasks.cross_validation import CrossValidated, fit_temperature, split_agreement
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 1500)
+    splits = np.array(["train"] * 1200 + ["validation"] * 300)
+    folds = np.arange(1500) % 5
+    # Training images right 90% of the time, validation images 75%: a harder folder.
+    right = np.r_[rng.random(1200) < 0.90, rng.random(300) < 0.75]
+    probs = _one_hot_scores(labels, right)
+    found = split_agreement(labels, probs, splits)
+    train, validation = found["by_split"]["train"], found["by_split"]["validation"]
+    assert (train["n"], validation["n"]) == (1200, 300)
+    assert train["correct"] == right[:1200].sum() and validation["correct"] == right[1200:].sum()
+    assert found["differs"] and found["p_value"] < 0.001
+    measured = CrossValidated.measure(labels, probs, folds, expected_n=300, splits=splits)
+    cv = measured.metrics()["cv"]
+    assert cv["splits"] == found and cv["prediction_from"] == "validation"
+    low, high = cv["prediction_interval"]  # around the validation's 0.75, not the pooled 0.87
+    assert low < validation["accuracy"] < high < cv["accuracy"]
+    # The abstention thresholds and the temperature too are fitted on the validation images
+    # alone: 0.8 is underconfident where 90% are right, overconfident where 75% are.
+    assert measured.abstain["chosen_on"] == "out-of-fold validation"
+    assert measured.abstain["n"] == 300
+    assert measured.temperature == round(fit_temperature(labels[1200:], probs[1200:]), 6) > 1
+    assert fit_temperature(labels, probs) < 1 and measured.metrics()["ece"]["on"] == (
+        "out-of-fold validation"
+    )
+    # The same folder mix scoring alike: the pooled images carry it, narrower.
+    alike = np.r_[right[:1200], rng.random(300) < 0.90]
+    same = CrossValidated.measure(labels, _one_hot_scores(labels, alike), folds, expected_n=300,
+                                  splits=splits).metrics()["cv"]  # fmt: skip
+    assert not same["splits"]["differs"] and same["prediction_from"] == "all"
+    assert CrossValidated.measure(labels, probs, folds).abstain["n"] == 1500  # no splits: all
+    assert same["prediction_interval"][0] <= same["accuracy"] <= same["prediction_interval"][1]
+    # One split only (no validation folder): nothing to compare.
+    assert split_agreement(labels, probs, np.array(["train"] * 1500)) is None
+    alone = CrossValidated.measure(labels, probs, folds, expected_n=300,
+                                   splits=np.array(["train"] * 1500)).metrics()["cv"]  # fmt: skip
+    assert "splits" not in alone and alone["prediction_from"] == "all"
+    # wf evaluate checks a measured accuracy against the same basis.
+    from tasks.cross_validation import expected_accuracy
+
+    expected = expected_accuracy(cv, 0.74, 300)
+    assert expected["from"] == "validation" and expected["cv_n"] == 300 and expected["within"]
+    assert expected["interval"] == cv["prediction_interval"]
+    assert not expected_accuracy({**cv, "splits": None}, 0.74, 300)["within"]  # pooled: outside
+
+
 def _scored(labels: np.ndarray, right: np.ndarray) -> np.ndarray:
     """Two-class probabilities sure when right (0.9 on the label), unsure when wrong (0.6 on
     the other class)."""

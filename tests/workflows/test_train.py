@@ -376,6 +376,12 @@ def test_predict_agrees_with_evaluate(trained, tmp_path):
     assert metrics["examples"] == 15 and len(metrics["rejects"]) == 1
     assert metrics["accuracy"] == pytest.approx(accuracy, abs=1e-6)
     assert metrics["answered"]["n"] == len(answered)
+    expected = metrics["expected"]  # what the model's cross-validation said 15 images would score
+    cv = _files(settings.runs, "shapes", "bottleneck").read_json("metrics.json")["cv"]
+    assert expected["n"] == 15 and expected["cv_n"] == cv["n"]
+    low, high = expected["interval"]
+    assert low < cv["interval"][0] and expected["within"] == (low <= accuracy <= high)
+    assert "images like these:" in evaluated.stdout
     assert metrics["answered"]["coverage"] == pytest.approx(len(answered) / 15, abs=1e-6)
     if answered:
         assert metrics["answered"]["accuracy"] == pytest.approx(
@@ -525,6 +531,60 @@ def test_early_stopping_keeps_the_best_epoch_and_one_copy_per_epoch(ray_local, t
         "train", "bottleneck", copies=False
     )[1]
     assert metrics["rows_per_epoch"] == len(images)  # one copy of each image, not both
+
+
+def test_a_validation_folder_unlike_the_training_one_carries_what_to_expect(
+    ray_local, tmp_path, cache_dir
+):
+    from PIL import Image
+
+    from tasks.cross_validation import prediction_interval
+    from workflows.serve.predict import evaluate_folder
+
+    # Training photos: blue against red, far apart. Validation photos, and a new folder like
+    # them: the same classes in colours close to each other, as a folder gathered elsewhere
+    # can be. Pooled out of fold the training images hide how much harder these are.
+    rng = np.random.default_rng(4)
+    easy, hard = (
+        {"blue": (40, 60, 200), "red": (200, 50, 40)},
+        {"blue": (120, 60, 140), "red": (140, 60, 120)},
+    )
+
+    def write(folder: Path, bases: dict, count: int) -> None:
+        for label, base in bases.items():
+            (folder / label).mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                pixels = np.clip(np.array(base) + rng.normal(0, 40, (64, 64, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / label / f"{index:03d}.jpg")
+
+    write(tmp_path / "data" / "shifted" / "train", easy, 40)
+    write(tmp_path / "data" / "shifted" / "validation", hard, 30)
+    write(tmp_path / "new", hard, 20)
+    store = _extract(tmp_path, cache_dir, shards=1)
+    settings = TrainSettings(
+        store=store, runs=str(tmp_path / "runs"), methods=("prototype",),
+        recipes=default_recipes(), options=TrainOptions(seed=0), cv=5,
+    )  # fmt: skip
+    (result,) = run_train_all(settings)
+    assert result.status == "done", result.error
+    metrics = _files(settings.runs, "shifted", "prototype").read_json("metrics.json")
+    cv = metrics["cv"]
+    train, validation = cv["splits"]["by_split"]["train"], cv["splits"]["by_split"]["validation"]
+    assert (train["n"], validation["n"]) == (80, 60)
+    assert validation["accuracy"] < train["accuracy"] and cv["splits"]["differs"]
+    # What to expect on new images rests on the validation images alone.
+    assert cv["prediction_from"] == "validation"
+    assert cv["prediction_interval"] == list(
+        prediction_interval(validation["correct"], 60, cv["prediction_n"])
+    )
+    assert metrics["abstain"]["chosen_on"] == metrics["ece"]["on"] == "out-of-fold validation"
+    assert metrics["abstain"]["n"] == 60
+    summary = (Path(settings.runs) / "summary.md").read_text()
+    assert "they differ beyond noise" in summary
+    evaluated = evaluate_folder(result.model_path, str(tmp_path / "new"))
+    expected = evaluated["expected"]
+    assert expected["from"] == "validation" and expected["cv_n"] == 60 and expected["n"] == 40
+    assert expected["interval"] == list(prediction_interval(validation["correct"], 60, 40))
 
 
 def test_fusion_trains_on_every_backbone_and_predicts_from_images(extracted, tmp_path, cache_dir):

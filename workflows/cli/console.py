@@ -196,6 +196,20 @@ def show_evaluation(folder: str, metrics: dict[str, Any], as_json: bool) -> None
 
     out.print(f"accuracy {accuracy_text(metrics)}  loss {metrics['loss']:.4f}  "
               f"rejected {len(metrics['rejects'])}", markup=False)  # fmt: skip
+    expected = metrics.get("expected")
+    if expected:
+        low, high = expected["interval"]
+        if expected["within"]:
+            verdict = "within it"
+        elif metrics["accuracy"] > high:
+            verdict = "above it: did the model train on these images, or are they easier?"
+        else:
+            verdict = ("below it: these images differ from the labelled ones (another source, "
+                       "time or labeller), or the model does")  # fmt: skip
+        basis = "its validation images" if expected.get("from") == "validation" else "images"
+        out.print(f"cross-validation ({expected['accuracy']:.3f} on {expected['cv_n']} {basis}) "
+                  f"expected {low:.3f}-{high:.3f} on {expected['n']} images like these: "
+                  f"{verdict}", markup=False)  # fmt: skip
     answered = metrics.get("answered") or {}
     if answered.get("thresholds"):
         out.print(f"answered {answered['n']} of {metrics['n']} (coverage "

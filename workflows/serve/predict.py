@@ -17,6 +17,7 @@ from storage.filesystem import Location, file_location, write_bytes
 from storage.names import escape_name
 from tasks.abstention import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION
 from tasks.classifier import TrainedModel, load_trained_model
+from tasks.cross_validation import expected_accuracy
 from tasks.evaluation import accuracy_interval, classification_metrics
 from tasks.images import ImageRejected, load_image
 from workflows.datasets import UNLABELLED_FOLDERS, list_tree
@@ -151,6 +152,9 @@ def evaluate_folder(model_path: str, folder: str, thresholds: Thresholds | None 
         probs.reshape(-1, len(classifier.classes)), classifier.classes,
     )  # fmt: skip
     metrics["rejects"] = [{"path": p.path, "error": p.error} for p in predictions if p.error]
+    # What the run's cross-validation predicted for this many images: a measured accuracy
+    # outside it says these images differ from the labelled ones, or the model does.
+    metrics["expected"] = expected_accuracy(classifier.cv, metrics.get("accuracy"), len(kept))
     answered = [i for i in kept if not predictions[i].abstained]
     predicted = dict(zip(kept, probs.reshape(len(kept), -1).argmax(axis=1), strict=True))
     right = sum(1 for i in answered if predicted[i] == labels[i])

@@ -320,6 +320,7 @@ def cross_validate_dataset(
             rate=context.options.abstain_rate,
             # another split the size of validation (else of a fold)
             expected_n=context.store.images.get("validation") or len(held) // folds,
+            splits=np.array([method.keys[i][0] for i in held]),
         )  # fmt: skip
         scored[context.key] = {method.keys[i]: p for i, p in zip(held, probs, strict=True)}
         fitted = cross_fitted_calibration(method.y[held], probs, rows.row_fold[held])

@@ -37,6 +37,25 @@ def cv_text(cv: dict[str, Any] | None, interval_digits: int | None = None) -> st
                            interval_digits=interval_digits)  # fmt: skip
 
 
+def splits_text(cv: dict[str, Any] | None) -> str:
+    """The labelled splits' own out-of-fold accuracies in words, and what follows when the
+    validation images score differently from the training ones; empty without both splits."""
+    found = (cv or {}).get("splits")
+    if not found:
+        return ""
+    train, validation = found["by_split"]["train"], found["by_split"]["validation"]
+    train, validation = (format_accuracy(v["accuracy"], v["interval"], v["n"])
+                         for v in (train, validation))  # fmt: skip
+    scores = (f"validation images {validation} out of fold, training images {train} (Fisher "
+              f"p={found['p_value']:.3f})")  # fmt: skip
+    if not found["differs"]:
+        return f"{scores}: within noise of each other"
+    return (
+        f"{scores}: they differ beyond noise, so what to expect on new images rests on the "
+        "validation images alone (check they stand for the images the model will see)"
+    )
+
+
 # The console's summary leaves these out, in this order, until it fits the terminal.
 OPTIONAL_COLUMNS = ("note", "blog", "s/epoch", "val loss", "epochs")
 
@@ -111,6 +130,8 @@ def choices(results: list[JobResult]) -> dict[str, list[str]]:
         ensemble = choice.get("ensemble")
         if ensemble:
             lines.append(_ensemble_text(ensemble))
+        if (r.cv.get("splits") or {}).get("differs"):
+            lines.append(f"{r.method}: {splits_text(r.cv)}")
         curve = r.cv.get("learning_curve") or []
         if curve:
             lines.append(f"learning curve ({r.method}): {curve[-1]['verdict']}")
@@ -191,11 +212,14 @@ def _honest(metrics: JobMetrics) -> str:
         f"cross-validated ({cv['folds']} folds, {cv['duplicate_groups']} duplicate groups kept "
         f"inside one fold): <b>{html.escape(cv_text(cv))}</b>; per fold {folds}"
         + (
-            f"; on another {cv['prediction_n']} images like these, expect "
+            f"; on another {cv['prediction_n']} images like "
+            f"{'the validation ones' if cv.get('prediction_from') == 'validation' else 'these'}"
+            ", expect "
             f"{cv['prediction_interval'][0]:.3f}-{cv['prediction_interval'][1]:.3f}"
             if cv.get("prediction_interval")
             else ""
         ),
+        *([f"by split: {html.escape(splits_text(cv))}"] if cv.get("splits") else []),
         f"calibration: temperature {metrics.temperature or 1:.3g} inside the saved model; "
         f"expected calibration error {ece.get('before', 0):.3f} before, "
         f"{ece.get('after', 0):.3f} after (out-of-fold, {ece.get('bins', 15)} bins{floor})",
