@@ -9,7 +9,9 @@ in-distribution abstention rate, written beside the model in its run.
   ``embeddings.npy`` (unit length, float16) beside the model.
 
 The thresholds are chosen on images the model (and the embeddings' bank) never saw:
-cross-validation's out-of-fold images where it ran, else the validation split. Half of the
+cross-validation's out-of-fold images where it ran (its validation images alone when they
+score below the training ones: ``tasks.cross_validation.split_agreement``), else the validation
+split. Half of the
 rate goes to the distance (its ``1 - rate/2`` quantile), then the confidence threshold is set
 so that the two together decline ``rate`` of those images.
 """
@@ -41,7 +43,7 @@ class Abstention:
     min_confidence: float
     max_distance: float | None  # None: no embeddings, confidence only
     rate: float  # the in-distribution abstention rate they were chosen for
-    chosen_on: str  # "out-of-fold", "validation" or "options"
+    chosen_on: str  # "out-of-fold", "out-of-fold validation", "validation" or "options"
     n: int  # held-out images they were chosen on
 
     def to_json(self) -> dict[str, Any]:

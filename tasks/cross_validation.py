@@ -86,14 +86,19 @@ def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 def cross_fitted_calibration(
-    labels: np.ndarray, probs: np.ndarray, folds: np.ndarray
+    labels: np.ndarray, probs: np.ndarray, folds: np.ndarray, fit_on: np.ndarray | None = None
 ) -> np.ndarray:
     """Each fold's probabilities calibrated by a temperature fitted on the other folds, so the
-    error measured after calibration is not measured on what it was fitted to."""
-    out = np.zeros_like(np.asarray(probs, np.float64))
+    error measured after calibration is not measured on what it was fitted to; with
+    ``fit_on`` (a mask), fitted on those rows of the other folds only, as the saved model's
+    temperature is (:func:`rows_for_new_images`)."""
+    probs, folds = np.asarray(probs, np.float64), np.asarray(folds)
+    usable = np.ones(len(folds), bool) if fit_on is None else np.asarray(fit_on, bool)
+    out = np.zeros_like(probs)
     for fold in np.unique(folds):
         held = folds == fold
-        out[held] = apply_temperature(probs[held], fit_temperature(labels[~held], probs[~held]))
+        fit = ~held & usable
+        out[held] = apply_temperature(probs[held], fit_temperature(labels[fit], probs[fit]))
     return out
 
 
@@ -117,16 +122,26 @@ def mcnemar(right_a: np.ndarray, right_b: np.ndarray) -> tuple[int, int, float]:
     return only_a, only_b, float(p)
 
 
-def split_agreement(labels: np.ndarray, probs: np.ndarray, splits: np.ndarray) -> dict | None:
-    """Each labelled split's out-of-fold accuracy (its interval and count), and whether the
-    validation images score differently from the training ones beyond noise (Fisher's exact
-    test on right and wrong in each, two-sided). A validation folder gathered apart from the
-    training one (another source, time or labeller) can be harder or easier than the pooled
-    number says: flowers' scores about 7 points below its training images with the prototype
-    method. None unless both splits have images."""
+MIN_VALIDATION_ROWS = 50  # fewer validation images than this never carry the numbers alone
+
+
+def split_agreement(
+    labels: np.ndarray, probs: np.ndarray, splits: np.ndarray, folds: np.ndarray
+) -> dict | None:
+    """Each labelled split's out-of-fold accuracy (its interval and count), whether the
+    validation images score differently from the training ones beyond noise (``differs``:
+    Fisher's exact test on right and wrong in each, two-sided, p < 0.05), and whether what wf
+    says of new images rests on the validation images alone (``rests_on_validation``): when
+    they score *lower* beyond noise, number at least ``MIN_VALIDATION_ROWS`` and span two folds
+    or more. A validation folder gathered apart from the training one (another source, time or
+    labeller) can be harder than the pooled number says: flowers' scores 6-10 points below its
+    training images with the prototype method. An easier one leaves the pooled numbers, which
+    then err on the safe side (a lower expectation, more images declined), and a temperature
+    fitted on a few images all right would be pushed to its bound. None unless both splits
+    have images."""
     from scipy.stats import fisher_exact
 
-    splits = np.asarray(splits)
+    splits, folds = np.asarray(splits), np.asarray(folds)
     right = np.asarray(probs).argmax(axis=1) == np.asarray(labels)
     if not ((splits == "train").any() and (splits == "validation").any()):
         return None
@@ -141,7 +156,22 @@ def split_agreement(labels: np.ndarray, probs: np.ndarray, splits: np.ndarray) -
         }  # fmt: skip
         counts.append([correct, len(mine) - correct])
     p = float(fisher_exact(counts).pvalue)
-    return {"by_split": by_split, "p_value": round(p, 6), "differs": p < NOISE}
+    validation = by_split["validation"]
+    rests = bool(
+        p < NOISE and validation["accuracy"] < by_split["train"]["accuracy"]
+        and validation["n"] >= MIN_VALIDATION_ROWS
+        and len(np.unique(folds[splits == "validation"])) >= 2
+    )  # fmt: skip
+    return {"by_split": by_split, "p_value": round(p, 6), "differs": p < NOISE,
+            "rests_on_validation": rests}  # fmt: skip
+
+
+def rows_for_new_images(splits: np.ndarray | None, agreement: dict | None) -> np.ndarray | None:
+    """The out-of-fold rows that stand for new images (a mask), or None for every row: the
+    validation rows when :func:`split_agreement` says the numbers rest on them."""
+    if not (agreement or {}).get("rests_on_validation"):
+        return None
+    return np.asarray(splits) == "validation"
 
 
 def prediction_interval(
@@ -179,11 +209,11 @@ def expected_accuracy(cv: dict[str, Any] | None, accuracy: float | None, n: int)
 
 def prediction_basis(cv: dict[str, Any]) -> dict[str, Any]:
     """The out-of-fold images a prediction for new images rests on (``metrics.json``'s
-    ``cv``): the validation split's alone when they scored differently from the training
-    images beyond noise (new images are taken to be like the validation ones, which were held
-    out to stand for them), else every cross-validated image. ``from``: which."""
+    ``cv``): the validation split's alone when they scored below the training images beyond
+    noise (:func:`split_agreement`; new images are taken to be like the validation ones, which
+    were held out to stand for them), else every cross-validated image. ``from``: which."""
     splits = cv.get("splits") or {}
-    if splits.get("differs"):
+    if splits.get("rests_on_validation"):
         validation = splits["by_split"]["validation"]
         return {"from": "validation", "accuracy": validation["accuracy"],
                 "correct": validation["correct"], "n": validation["n"]}  # fmt: skip
@@ -232,10 +262,10 @@ class CrossValidated:
         image's distance to the nearest image of the other folds); with each image's split,
         the splits' own accuracies, and the prediction interval, the temperature (with the ECE
         and reliability that judge it) and the thresholds from the validation images alone when
-        they differ from the training ones (:func:`prediction_basis`)."""
+        they score below the training ones (:func:`split_agreement`)."""
         labels, folds = np.asarray(labels, np.int64), np.asarray(folds)
         right = probs.argmax(axis=1) == labels
-        agreement = split_agreement(labels, probs, splits) if splits is not None else None
+        agreement = split_agreement(labels, probs, splits, folds) if splits is not None else None
         basis = prediction_basis({"accuracy": float(right.mean()), "n": len(labels),
                                   "splits": agreement})  # fmt: skip
         low, high = accuracy_interval(int(right.sum()), len(labels)) or (0.0, 0.0)
@@ -243,14 +273,12 @@ class CrossValidated:
             out_of_fold_distance(normalise(embeddings), folds) if embeddings is not None else None
         )
         # Calibrated and given thresholds for images like the new ones: on the validation
-        # images alone when they differ from the training ones (as the prediction interval;
-        # they must span two folds for the cross-fitting), else on every image.
-        on = np.ones(len(labels), bool)
-        if basis["from"] == "validation":
-            validation = np.asarray(splits) == "validation"
-            on = validation if len(np.unique(folds[validation])) >= 2 else on
+        # images alone when the numbers rest on them (as the prediction interval), else on
+        # every image.
+        mask = rows_for_new_images(splits, agreement)
+        on = np.ones(len(labels), bool) if mask is None else mask
         labels_on, probs_on = labels[on], np.asarray(probs)[on]
-        calibrated = cross_fitted_calibration(labels_on, probs_on, folds[on])
+        calibrated = cross_fitted_calibration(labels, probs, folds, mask)[on]
         chosen_on = "out-of-fold" + ("" if on.all() else " validation")
         abstain = choose(calibrated.max(axis=1), None if distance is None else distance[on], rate,
                          chosen_on)  # fmt: skip
@@ -283,7 +311,9 @@ class CrossValidated:
         if self.prediction_interval:
             cv["prediction_interval"] = list(self.prediction_interval)
             cv["prediction_n"] = self.expected_n
-            cv["prediction_from"] = "validation" if (self.splits or {}).get("differs") else "all"
+            cv["prediction_from"] = (
+                "validation" if (self.splits or {}).get("rests_on_validation") else "all"
+            )
         if self.splits:
             cv["splits"] = self.splits
         ece = {"before": self.ece_before, "after": self.ece_after, "floor": self.ece_floor,

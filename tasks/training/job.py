@@ -177,7 +177,8 @@ def abstention_for(
 ) -> tuple[Abstention | None, np.ndarray | None]:
     """The thresholds the saved model declines by and the embeddings of the labelled images it
     measures distance to (:mod:`tasks.abstention`): from cross-validation's out-of-fold images
-    when it ran (the bank then holds train and validation), else chosen here on the validation
+    when it ran (its validation ones alone when they score below the training ones; the bank
+    then holds train and validation), else chosen here on the validation
     split against a bank of the training images; ``(None, None)`` with neither."""
     import keras
     import tf_keras

@@ -226,11 +226,11 @@ def test_validation_images_that_score_apart_from_training_ones_carry_the_predict
     # Training images right 90% of the time, validation images 75%: a harder folder.
     right = np.r_[rng.random(1200) < 0.90, rng.random(300) < 0.75]
     probs = _one_hot_scores(labels, right)
-    found = split_agreement(labels, probs, splits)
+    found = split_agreement(labels, probs, splits, folds)
     train, validation = found["by_split"]["train"], found["by_split"]["validation"]
     assert (train["n"], validation["n"]) == (1200, 300)
     assert train["correct"] == right[:1200].sum() and validation["correct"] == right[1200:].sum()
-    assert found["differs"] and found["p_value"] < 0.001
+    assert found["differs"] and found["p_value"] < 0.001 and found["rests_on_validation"]
     measured = CrossValidated.measure(labels, probs, folds, expected_n=300, splits=splits)
     cv = measured.metrics()["cv"]
     assert cv["splits"] == found and cv["prediction_from"] == "validation"
@@ -251,8 +251,21 @@ def test_validation_images_that_score_apart_from_training_ones_carry_the_predict
     assert not same["splits"]["differs"] and same["prediction_from"] == "all"
     assert CrossValidated.measure(labels, probs, folds).abstain["n"] == 1500  # no splits: all
     assert same["prediction_interval"][0] <= same["accuracy"] <= same["prediction_interval"][1]
+    # An easier validation folder, too few validation images, or all of them in one fold:
+    # the numbers stay pooled (the temperature is no longer pushed to a bound by a few images).
+    easier = _one_hot_scores(labels, np.r_[right[:1200], np.ones(300, bool)])
+    few = np.array(["train"] * 1460 + ["validation"] * 40)
+    one_fold = np.where(folds == 0, "validation", "train")
+    harder = _one_hot_scores(labels, np.where(one_fold == "validation", rng.random(1500) < 0.6,
+                                              right))  # fmt: skip
+    for probs_, splits_ in ((easier, splits), (probs, few), (harder, one_fold)):
+        pooled = CrossValidated.measure(labels, probs_, folds, expected_n=300, splits=splits_)
+        cv_ = pooled.metrics()["cv"]
+        assert cv_["splits"]["differs"] and not cv_["splits"]["rests_on_validation"], cv_["splits"]
+        assert cv_["prediction_from"] == "all" and pooled.abstain["n"] == 1500
+        assert pooled.temperature == round(fit_temperature(labels, probs_), 6)
     # One split only (no validation folder): nothing to compare.
-    assert split_agreement(labels, probs, np.array(["train"] * 1500)) is None
+    assert split_agreement(labels, probs, np.array(["train"] * 1500), folds) is None
     alone = CrossValidated.measure(labels, probs, folds, expected_n=300,
                                    splits=np.array(["train"] * 1500)).metrics()["cv"]  # fmt: skip
     assert "splits" not in alone and alone["prediction_from"] == "all"

@@ -379,8 +379,12 @@ def test_predict_agrees_with_evaluate(trained, tmp_path):
     expected = metrics["expected"]  # what the model's cross-validation said 15 images would score
     cv = _files(settings.runs, "shapes", "bottleneck").read_json("metrics.json")["cv"]
     assert expected["n"] == 15 and expected["cv_n"] == cv["n"]
-    low, high = expected["interval"]
-    assert low < cv["interval"][0] and expected["within"] == (low <= accuracy <= high)
+    from tasks.cross_validation import prediction_interval
+
+    assert cv["prediction_from"] == "all"  # shapes' two folders alike: every image carries it
+    low, high = prediction_interval(round(cv["accuracy"] * cv["n"]), cv["n"], 15)
+    assert expected["interval"] == [low, high] and low < cv["interval"][0]
+    assert expected["within"] == (low <= accuracy <= high)
     assert "images like these:" in evaluated.stdout
     assert metrics["answered"]["coverage"] == pytest.approx(len(answered) / 15, abs=1e-6)
     if answered:
@@ -580,7 +584,7 @@ def test_a_validation_folder_unlike_the_training_one_carries_what_to_expect(
     assert metrics["abstain"]["chosen_on"] == metrics["ece"]["on"] == "out-of-fold validation"
     assert metrics["abstain"]["n"] == 60
     summary = (Path(settings.runs) / "summary.md").read_text()
-    assert "they differ beyond noise" in summary
+    assert "the validation images score lower beyond noise" in summary
     evaluated = evaluate_folder(result.model_path, str(tmp_path / "new"))
     expected = evaluated["expected"]
     assert expected["from"] == "validation" and expected["cv_n"] == 60 and expected["n"] == 40

@@ -44,6 +44,7 @@ from tasks.cross_validation import (
     grouped_folds,
     mcnemar,
     paired_comparison,
+    rows_for_new_images,
 )
 from tasks.evaluation import accuracy_interval
 from tasks.methods import JobContext, get_method
@@ -312,6 +313,7 @@ def cross_validate_dataset(
             curve.append({"fraction": fraction, "accuracy": round(float(right.mean()), 6),
                           "interval": [round(low, 6), round(high, 6)], "n": len(right),
                           "right": right})  # fmt: skip
+        splits = np.array([method.keys[i][0] for i in held])  # each held row's split
         # The embedding abstention measures: the top's input, the rows flattened.
         result = CrossValidated.measure(
             method.y[held], probs, rows.row_fold[held], groups=len(duplicates),
@@ -320,10 +322,14 @@ def cross_validate_dataset(
             rate=context.options.abstain_rate,
             # another split the size of validation (else of a fold)
             expected_n=context.store.images.get("validation") or len(held) // folds,
-            splits=np.array([method.keys[i][0] for i in held]),
+            splits=splits,
         )  # fmt: skip
         scored[context.key] = {method.keys[i]: p for i, p in zip(held, probs, strict=True)}
-        fitted = cross_fitted_calibration(method.y[held], probs, rows.row_fold[held])
+        # Each method's probabilities calibrated as its saved model is (the ensemble averages
+        # those): on the rows its temperature was fitted to.
+        fitted = cross_fitted_calibration(
+            method.y[held], probs, rows.row_fold[held], rows_for_new_images(splits, result.splits)
+        )
         calibrated[context.key] = {method.keys[i]: p for i, p in zip(held, fitted, strict=True)}
         truth.update({method.keys[i]: int(method.y[i]) for i in held})
         found[context.key] = dataclasses.replace(

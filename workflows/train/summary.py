@@ -50,10 +50,14 @@ def splits_text(cv: dict[str, Any] | None) -> str:
               f"p={found['p_value']:.3f})")  # fmt: skip
     if not found["differs"]:
         return f"{scores}: within noise of each other"
-    return (
-        f"{scores}: they differ beyond noise, so what to expect on new images rests on the "
-        "validation images alone (check they stand for the images the model will see)"
-    )
+    if found.get("rests_on_validation"):
+        return (f"{scores}: the validation images score lower beyond noise, so what to expect on "
+                "new images, the temperature and the abstention thresholds rest on them alone "
+                "(check they stand for the images the model will see)")  # fmt: skip
+    why = ("the validation images score higher, and the pooled numbers err on the safe side"
+           if found["by_split"]["validation"]["accuracy"] > found["by_split"]["train"]["accuracy"]
+           else "too few validation images to carry the numbers alone")  # fmt: skip
+    return f"{scores}: they differ beyond noise; the numbers stay pooled ({why})"
 
 
 # The console's summary leaves these out, in this order, until it fits the terminal.
@@ -222,7 +226,8 @@ def _honest(metrics: JobMetrics) -> str:
         *([f"by split: {html.escape(splits_text(cv))}"] if cv.get("splits") else []),
         f"calibration: temperature {metrics.temperature or 1:.3g} inside the saved model; "
         f"expected calibration error {ece.get('before', 0):.3f} before, "
-        f"{ece.get('after', 0):.3f} after (out-of-fold, {ece.get('bins', 15)} bins{floor})",
+        f"{ece.get('after', 0):.3f} after ({ece.get('on', 'out-of-fold')}, "
+        f"{ece.get('bins', 15)} bins{floor})",
     ]
     curve = cv.get("learning_curve") or []
     if curve:
