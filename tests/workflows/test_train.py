@@ -585,6 +585,9 @@ def test_a_validation_folder_unlike_the_training_one_carries_what_to_expect(
     assert metrics["abstain"]["n"] == 60
     summary = (Path(settings.runs) / "summary.md").read_text()
     assert "the validation images score lower beyond noise" in summary
+    page = (Path(settings.runs) / "summary.html").read_text()
+    assert "set in closed form, no epochs" in page and "like the validation ones" in page
+    assert 'alt="learning curves"' not in page  # no epochs: no empty history plot
     evaluated = evaluate_folder(result.model_path, str(tmp_path / "new"))
     expected = evaluated["expected"]
     assert expected["from"] == "validation" and expected["cv_n"] == 60 and expected["n"] == 40

@@ -194,7 +194,8 @@ def show_evaluation(folder: str, metrics: dict[str, Any], as_json: bool) -> None
         for name, v in metrics["per_class"].items()])  # fmt: skip
     from tasks.evaluation import accuracy_text
 
-    out.print(f"accuracy {accuracy_text(metrics)}  loss {metrics['loss']:.4f}  "
+    # A cross-entropy is never below zero: -0.0 (or float noise) would print "-0.0000".
+    out.print(f"accuracy {accuracy_text(metrics)}  loss {max(0.0, metrics['loss']):.4f}  "
               f"rejected {len(metrics['rejects'])}", markup=False)  # fmt: skip
     expected = metrics.get("expected")
     if expected:

@@ -279,16 +279,20 @@ def _job_section(runs: RunsLayout, result: JobResult, best: bool) -> str:
     headline = (f"validation accuracy <b>{accuracy}</b>, loss {metrics.loss or 0:.4f}, "
                 f"{metrics.epochs} epochs (kept: {metrics.kept}, best epoch "
                 f"{metrics.best_epoch}), {metrics.seconds_per_epoch} s per epoch")  # fmt: skip
+    closed_form = metrics.epochs == 0 and not metrics.members  # prototype: no epochs to plot
     if metrics.members:  # an ensemble: no epochs of its own
         headline = (f"validation accuracy <b>{accuracy}</b>, loss {metrics.loss or 0:.4f}: the "
                     f"average of {html.escape(' and '.join(metrics.members))}, "
                     "calibrated")  # fmt: skip
+    elif closed_form:
+        headline = (f"validation accuracy <b>{accuracy}</b>, loss {metrics.loss or 0:.4f}: set "
+                    "in closed form, no epochs")  # fmt: skip
     links = " ".join(
         f'<a href="{html.escape(result.dataset)}/{html.escape(result.method)}/{name}">{name}</a>'
         for name in (job.model_name, *FILES)
     )
     plots = "".join(_image(job, name, alt) for name, alt in (
-        (Artifact.LEARNING_CURVES, "learning curves"),
+        *(() if closed_form else ((Artifact.LEARNING_CURVES, "learning curves"),)),
         (Artifact.CONFUSION_MATRIX, "confusion matrix"),
         (Artifact.RELIABILITY, "reliability diagram"),
         (Artifact.LABELS_CURVE, "accuracy by labelled images"),
