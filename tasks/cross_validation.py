@@ -19,6 +19,7 @@ from tasks.evaluation import (
     accuracy_interval,
     calibration_noise_floor,
     expected_calibration_error,
+    format_accuracy,
     reliability,
 )
 
@@ -164,6 +165,17 @@ def split_agreement(
     )  # fmt: skip
     return {"by_split": by_split, "p_value": round(p, 6), "differs": p < NOISE,
             "rests_on_validation": rests}  # fmt: skip
+
+
+def describe_split_agreement(found: dict[str, Any]) -> str:
+    """``validation images 0.716 (0.654-0.770, n=232) out of fold, training images 0.817 (...)
+    (Fisher p=0.000)``: :func:`split_agreement`'s numbers in words, for the reports."""
+    train, validation = (
+        format_accuracy(v["accuracy"], v["interval"], v["n"])
+        for v in (found["by_split"]["train"], found["by_split"]["validation"])
+    )
+    return (f"validation images {validation} out of fold, training images {train} (Fisher "
+            f"p={found['p_value']:.3f})")  # fmt: skip
 
 
 def rows_for_new_images(splits: np.ndarray | None, agreement: dict | None) -> np.ndarray | None:

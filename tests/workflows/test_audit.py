@@ -126,6 +126,11 @@ def test_outputs_the_contract_promises(audited):
 
     assert pq.read_table(folder / "issues.parquet").num_rows == len(table)
     facts = json.loads((folder / "summary.json").read_text())
+    # The validation folder against the training one, out of fold (flowers' is harder).
+    by_split = facts["splits"]["by_split"]
+    labelled = {s: sum(1 for p in (root / "planted" / s).rglob("*.*")) for s in by_split}
+    assert {s: v["n"] for s, v in by_split.items()} == labelled
+    assert facts["splits"]["differs"] == (facts["splits"]["p_value"] < 0.05)
     assert facts["counts"] == summary["counts"] and set(facts["timings"]) == {
         "out_of_fold",
         "neighbours",
@@ -134,6 +139,12 @@ def test_outputs_the_contract_promises(audited):
         "label_issues",
     }
     report = (folder / "report.html").read_text()
+    assert ("validation folder is unlike" in report) == facts["splits"]["differs"]
+    from workflows.audit.report import render_report
+
+    harder = {**facts["splits"], "p_value": 0.001, "differs": True}
+    page = render_report("planted", str(root / "planted"), None, [], {**summary, "splits": harder})
+    assert "The validation folder is unlike the training folder</b>: validation images" in page
     assert report.count("data:image/jpeg;base64,") >= 8 and "http" not in report.replace(
         "https://", ""
     )

@@ -13,6 +13,7 @@ from PIL import Image
 
 from storage.filesystem import Location
 from storage.names import escape_name, unescape_name
+from tasks.cross_validation import describe_split_agreement
 from tasks.images import ImageRejected, load_image
 from workflows.audit.settings import GROUP_ISSUES, ISSUE_TITLES, ISSUES
 from workflows.datasets import list_tree
@@ -91,11 +92,18 @@ def render_report(dataset: str, root: str, images: Any, issues: list[dict], summ
             )
     name = html.escape(dataset)
     thresholds = describe_thresholds(summary["thresholds"])
+    splits = ""
+    if (summary.get("splits") or {}).get("differs"):
+        found = html.escape(describe_split_agreement(summary["splits"]))
+        splits = (f"<p><b>The validation folder is unlike the training folder</b>: {found}. A "
+                  "number measured on one misleads about the other: check that the validation "
+                  "images stand for the images the model will see (another source, time or "
+                  "labeller?).</p>")  # fmt: skip
     return (f"<!doctype html><html lang=en><meta charset=utf-8><title>wf audit: {name}</title>"
             f"<style>{STYLE}</style><h1>wf audit: {name}</h1>"
             f"<p>{summary['images']} images; {html.escape(thresholds)}. "
             "A green frame marks the image to keep of each group; the CSV holds every flagged "
-            f"image.</p><table><tr><th>issue</th><th>images</th></tr>{counts}</table>"
+            f"image.</p>{splits}<table><tr><th>issue</th><th>images</th></tr>{counts}</table>"
             f"{''.join(sections)}</html>")  # fmt: skip
 
 

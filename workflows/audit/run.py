@@ -34,6 +34,7 @@ from tasks.audit import (
     outlier_scores,
     relative_scale,
 )
+from tasks.cross_validation import split_agreement
 from workflows.audit.settings import AuditSettings
 from workflows.datasets import SPLITS as LABELLED_SPLITS
 
@@ -305,6 +306,13 @@ def _audit_store(
     summary["out_of_fold"] = (
         {"method": "bottleneck", "folds": int(out_of_fold.fold.max()) + 1,
          "reused": out_of_fold.reused, "seconds": round(seconds, 3)}
+        if out_of_fold is not None else None
+    )  # fmt: skip
+    # Whether the validation folder scores like the training one, out of fold: a folder
+    # gathered elsewhere (flowers' is harder) makes a number measured on either misleading.
+    summary["splits"] = (
+        split_agreement(out_of_fold.labels, out_of_fold.probabilities,
+                        np.array([split for split, _ in out_of_fold.keys]), out_of_fold.fold)
         if out_of_fold is not None else None
     )  # fmt: skip
     summary.update(

@@ -359,10 +359,15 @@ def show_audit(output: str, summaries: dict[str, dict], as_json: bool) -> None:
              **{k.replace("_", " "): str(s["counts"].get(k, 0)) for k in ISSUES}}
             for d, s in summaries.items()]  # fmt: skip
     print_table(f"wf audit: {output}", rows)
-    for dataset in summaries:
+    for dataset, summary in summaries.items():
         out.print(
             f"{dataset}: {output.rstrip('/')}/{dataset}/report.html and issues.csv", markup=False
         )
+        if (summary.get("splits") or {}).get("differs"):
+            from tasks.cross_validation import describe_split_agreement
+
+            say("warning", f"{dataset}: the validation folder is unlike the training folder: "
+                f"{describe_split_agreement(summary['splits'])}")  # fmt: skip
 
 
 def show_suggest(output: str, summaries: dict[str, dict], as_json: bool) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from storage.errors import StoreError
 from storage.runs import Artifact, JobFiles, JobMetrics, RunsLayout
+from tasks.cross_validation import describe_split_agreement
 from tasks.evaluation import format_accuracy
 from tasks.training.job import JobResult
 
@@ -43,11 +44,7 @@ def splits_text(cv: dict[str, Any] | None) -> str:
     found = (cv or {}).get("splits")
     if not found:
         return ""
-    train, validation = found["by_split"]["train"], found["by_split"]["validation"]
-    train, validation = (format_accuracy(v["accuracy"], v["interval"], v["n"])
-                         for v in (train, validation))  # fmt: skip
-    scores = (f"validation images {validation} out of fold, training images {train} (Fisher "
-              f"p={found['p_value']:.3f})")  # fmt: skip
+    scores = describe_split_agreement(found)
     if not found["differs"]:
         return f"{scores}: within noise of each other"
     if found.get("rests_on_validation"):
