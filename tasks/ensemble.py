@@ -30,7 +30,7 @@ ENSEMBLE = "ensemble"
 BATCH = 32
 # What metrics.json's "cv" keeps of cross-validation's test of the average.
 CV_KEYS = ("folds", "accuracy", "interval", "n", "against", "only_ensemble", "only_best",
-           "p_value", "beats_best")  # fmt: skip
+           "p_value", "beats_best", "splits")  # fmt: skip
 
 
 def ensemble_model(keras: Any, members: list[tuple[str, Any]]) -> Any:
@@ -77,7 +77,7 @@ def build_ensemble(
     found = predict_in_batches(model, pixels.astype(np.float32), BATCH)
     metrics = JobMetrics(dataset, ENSEMBLE, members=list(members), epochs=0,
                          input_size=[int(d) for d in size], abstain=cv.get("abstain"),
-                         cv={key: cv[key] for key in CV_KEYS},
+                         cv={key: cv.get(key) for key in CV_KEYS},
                          finished_at=datetime.now(UTC).isoformat(timespec="seconds"))  # fmt: skip
     labels = np.array([label for _, label in validation])
     metrics.update(**classification_metrics(labels, probabilities(found, len(classes)), classes))

@@ -627,6 +627,8 @@ def test_fusion_trains_on_every_backbone_and_predicts_from_images(extracted, tmp
     assert facts["cv"]["accuracy"] == choice["accuracy"] and facts["n"] == metrics["n"]
     assert facts["cv"]["folds"] == metrics["cv"]["folds"] == 2
     assert facts["abstain"] == choice["abstain"] and facts["abstain"]["max_distance"] is None
+    by_split = facts["cv"]["splits"]["by_split"]  # the average's own splits, as a method's
+    assert by_split["train"]["n"] + by_split["validation"]["n"] == facts["cv"]["n"]
     assert ensemble.accuracy >= 0.9 and ensemble.cv["n"] == choice["n"]
     import keras
 

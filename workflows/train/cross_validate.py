@@ -45,6 +45,7 @@ from tasks.cross_validation import (
     mcnemar,
     paired_comparison,
     rows_for_new_images,
+    split_agreement,
 )
 from tasks.evaluation import accuracy_interval
 from tasks.methods import JobContext, get_method
@@ -285,6 +286,7 @@ def cross_validate_dataset(
     scored: dict[str, dict[tuple[str, str], np.ndarray]] = {}
     calibrated: dict[str, dict[tuple[str, str], np.ndarray]] = {}
     truth: dict[tuple[str, str], int] = {}
+    fold_of: dict[tuple[str, str], int] = {}  # each image's fold
     for context in contexts:
         began = time.perf_counter()
         method = _Method(context)
@@ -313,7 +315,7 @@ def cross_validate_dataset(
             curve.append({"fraction": fraction, "accuracy": round(float(right.mean()), 6),
                           "interval": [round(low, 6), round(high, 6)], "n": len(right),
                           "right": right})  # fmt: skip
-        splits = np.array([method.keys[i][0] for i in held])  # each held row's split
+        split_of_row = np.array([method.keys[i][0] for i in held])  # each held row's split
         # The embedding abstention measures: the top's input, the rows flattened.
         result = CrossValidated.measure(
             method.y[held], probs, rows.row_fold[held], groups=len(duplicates),
@@ -322,21 +324,24 @@ def cross_validate_dataset(
             rate=context.options.abstain_rate,
             # another split the size of validation (else of a fold)
             expected_n=context.store.images.get("validation") or len(held) // folds,
-            splits=splits,
+            splits=split_of_row,
         )  # fmt: skip
         scored[context.key] = {method.keys[i]: p for i, p in zip(held, probs, strict=True)}
         # Each method's probabilities calibrated as its saved model is (the ensemble averages
         # those): on the rows its temperature was fitted to.
         fitted = cross_fitted_calibration(
-            method.y[held], probs, rows.row_fold[held], rows_for_new_images(splits, result.splits)
-        )
+            method.y[held], probs, rows.row_fold[held],
+            rows_for_new_images(split_of_row, result.splits),
+        )  # fmt: skip
         calibrated[context.key] = {method.keys[i]: p for i, p in zip(held, fitted, strict=True)}
         truth.update({method.keys[i]: int(method.y[i]) for i in held})
+        fold_of.update({method.keys[i]: int(f) for i, f in zip(held, rows.row_fold[held],
+                                                                strict=True)})  # fmt: skip
         found[context.key] = dataclasses.replace(
             result, learning_curve=_curve(curve), reused_out_of_fold=cached is not None
         )
     return dataset_choice(found, scored, calibrated, truth, time.perf_counter() - started,
-                          first.options.abstain_rate)  # fmt: skip
+                          first.options.abstain_rate, fold_of)  # fmt: skip
 
 
 def _curve(points: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
@@ -357,7 +362,7 @@ def _curve(points: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
 def dataset_choice(
     found: dict[str, CrossValidated], scored: dict[str, dict[tuple[str, str], np.ndarray]],
     calibrated: dict[str, dict[tuple[str, str], np.ndarray]], truth: dict[tuple[str, str], int],
-    seconds: float, rate: float = DEFAULT_RATE,
+    seconds: float, rate: float = DEFAULT_RATE, fold_of: dict[tuple[str, str], int] | None = None,
 ) -> dict[str, CrossValidated]:  # fmt: skip
     """The dataset's choice written into each job's result: the method with the best
     cross-validated accuracy, its paired test against the next best, and (with two methods or
@@ -365,7 +370,8 @@ def dataset_choice(
     best one (``ensemble``: ``beats_best`` when it is right more often beyond noise). ``scored``
     and ``calibrated``: by job key, each image's out-of-fold probabilities, raw and calibrated
     (by temperatures fitted on the other folds); ``truth``: each image's label; ``rate``: the
-    in-distribution share the average's abstention threshold declines (``ensemble.abstain``)."""
+    in-distribution share the average's abstention threshold declines (``ensemble.abstain``);
+    ``fold_of``: each image's fold, for the average's own ``splits`` (:func:`split_agreement`)."""
     ranked = sorted(found, key=lambda key: -found[key].accuracy)
     choice: dict[str, Any] = {"chosen": split_job_key(ranked[0])[1], "seconds": round(seconds, 3),
                               "among": sorted(split_job_key(key)[1] for key in found)}  # fmt: skip
@@ -376,18 +382,19 @@ def dataset_choice(
         test = paired_comparison(labels, np.stack([best[k] for k in common]),
                                  np.stack([second[k] for k in common]))  # fmt: skip
         choice.update(next=split_job_key(ranked[1])[1], images=len(common), **test)
-        choice["ensemble"] = _ensemble(ranked, scored, calibrated, truth, rate)
+        choice["ensemble"] = _ensemble(ranked, scored, calibrated, truth, rate, fold_of or {})
     return {key: dataclasses.replace(value, choice=choice) for key, value in found.items()}
 
 
 def _ensemble(
     ranked: list[str], scored: dict[str, dict[tuple[str, str], np.ndarray]],
     calibrated: dict[str, dict[tuple[str, str], np.ndarray]], truth: dict[tuple[str, str], int],
-    rate: float,
+    rate: float, fold_of: dict[tuple[str, str], int],
 ) -> dict[str, Any]:  # fmt: skip
     """The average of the methods' calibrated probabilities against the best method alone, on
-    the images every method scored, and the confidence below which the average would decline
-    ``rate`` of them."""
+    the images every method scored, its splits' own accuracies, and the confidence below which
+    the average would decline ``rate`` of them (of the validation images alone when the numbers
+    rest on them, as for a method)."""
     common = sorted(set.intersection(*(set(calibrated[key]) for key in ranked)))
     labels = np.array([truth[k] for k in common])
     average = np.mean([np.stack([calibrated[key][k] for k in common]) for key in ranked], axis=0)
@@ -395,11 +402,19 @@ def _ensemble(
     low, high = accuracy_interval(int(right.sum()), len(right)) or (0.0, 0.0)
     test = paired_comparison(labels, average, np.stack([scored[ranked[0]][k] for k in common]))
     beats = not test["within_noise"] and test["only_first"] > test["only_second"]
-    abstain = choose(average.max(axis=1), None, rate, "out-of-fold").to_json()
+    agreement = (
+        split_agreement(labels, average, np.array([k[0] for k in common]),
+                        np.array([fold_of[k] for k in common]))
+        if all(k in fold_of for k in common) else None
+    )  # fmt: skip
+    mask = rows_for_new_images(np.array([k[0] for k in common]), agreement)
+    on = np.ones(len(common), bool) if mask is None else mask
+    abstain = choose(average.max(axis=1)[on], None, rate,
+                     "out-of-fold" + ("" if mask is None else " validation")).to_json()  # fmt: skip
     return {"members": [split_job_key(key)[1] for key in ranked],
             "accuracy": round(float(right.mean()), 6), "interval": [round(low, 6), round(high, 6)],
             "n": len(common), "against": split_job_key(ranked[0])[1],
             "only_ensemble": test["only_first"], "only_best": test["only_second"],
             "p_value": test["p_value"], "within_noise": test["within_noise"],
-            "beats_best": beats,
+            "beats_best": beats, "splits": agreement,
             "abstain": abstain}  # fmt: skip
