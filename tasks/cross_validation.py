@@ -178,12 +178,15 @@ def describe_split_agreement(found: dict[str, Any]) -> str:
             f"p={found['p_value']:.3f})")  # fmt: skip
 
 
-def rows_for_new_images(splits: np.ndarray | None, agreement: dict | None) -> np.ndarray | None:
-    """The out-of-fold rows that stand for new images (a mask), or None for every row: the
-    validation rows when :func:`split_agreement` says the numbers rest on them."""
+def rows_for_new_images(
+    n: int, splits: np.ndarray | None, agreement: dict | None
+) -> tuple[np.ndarray, str]:
+    """Which of ``n`` out-of-fold rows stand for new images (a mask) and their name for
+    ``chosen_on`` and ``ece.on``: the validation rows when :func:`split_agreement` says the
+    numbers rest on them, else every row."""
     if not (agreement or {}).get("rests_on_validation"):
-        return None
-    return np.asarray(splits) == "validation"
+        return np.ones(n, bool), "out-of-fold"
+    return np.asarray(splits) == "validation", "out-of-fold validation"
 
 
 def prediction_interval(
@@ -287,11 +290,9 @@ class CrossValidated:
         # Calibrated and given thresholds for images like the new ones: on the validation
         # images alone when the numbers rest on them (as the prediction interval), else on
         # every image.
-        mask = rows_for_new_images(splits, agreement)
-        on = np.ones(len(labels), bool) if mask is None else mask
+        on, chosen_on = rows_for_new_images(len(labels), splits, agreement)
         labels_on, probs_on = labels[on], np.asarray(probs)[on]
-        calibrated = cross_fitted_calibration(labels, probs, folds, mask)[on]
-        chosen_on = "out-of-fold" + ("" if on.all() else " validation")
+        calibrated = cross_fitted_calibration(labels, probs, folds, on)[on]
         abstain = choose(calibrated.max(axis=1), None if distance is None else distance[on], rate,
                          chosen_on)  # fmt: skip
         return cls(

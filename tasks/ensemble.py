@@ -77,6 +77,7 @@ def build_ensemble(
     found = predict_in_batches(model, pixels.astype(np.float32), BATCH)
     metrics = JobMetrics(dataset, ENSEMBLE, members=list(members), epochs=0,
                          input_size=[int(d) for d in size], abstain=cv.get("abstain"),
+                         # .get: a kept job's older choice has no "splits"
                          cv={key: cv.get(key) for key in CV_KEYS},
                          finished_at=datetime.now(UTC).isoformat(timespec="seconds"))  # fmt: skip
     labels = np.array([label for _, label in validation])

@@ -331,7 +331,7 @@ def cross_validate_dataset(
         # those): on the rows its temperature was fitted to.
         fitted = cross_fitted_calibration(
             method.y[held], probs, rows.row_fold[held],
-            rows_for_new_images(split_of_row, result.splits),
+            rows_for_new_images(len(held), split_of_row, result.splits)[0],
         )  # fmt: skip
         calibrated[context.key] = {method.keys[i]: p for i, p in zip(held, fitted, strict=True)}
         truth.update({method.keys[i]: int(method.y[i]) for i in held})
@@ -402,15 +402,13 @@ def _ensemble(
     low, high = accuracy_interval(int(right.sum()), len(right)) or (0.0, 0.0)
     test = paired_comparison(labels, average, np.stack([scored[ranked[0]][k] for k in common]))
     beats = not test["within_noise"] and test["only_first"] > test["only_second"]
+    split_of_row = np.array([split for split, _ in common])
     agreement = (
-        split_agreement(labels, average, np.array([k[0] for k in common]),
-                        np.array([fold_of[k] for k in common]))
-        if all(k in fold_of for k in common) else None
+        split_agreement(labels, average, split_of_row, np.array([fold_of[k] for k in common]))
+        if fold_of else None
     )  # fmt: skip
-    mask = rows_for_new_images(np.array([k[0] for k in common]), agreement)
-    on = np.ones(len(common), bool) if mask is None else mask
-    abstain = choose(average.max(axis=1)[on], None, rate,
-                     "out-of-fold" + ("" if mask is None else " validation")).to_json()  # fmt: skip
+    on, chosen_on = rows_for_new_images(len(common), split_of_row, agreement)
+    abstain = choose(average.max(axis=1)[on], None, rate, chosen_on).to_json()
     return {"members": [split_job_key(key)[1] for key in ranked],
             "accuracy": round(float(right.mean()), 6), "interval": [round(low, 6), round(high, 6)],
             "n": len(common), "against": split_job_key(ranked[0])[1],
