@@ -6,9 +6,13 @@ copes (docs/scaling.md). This measures, each in a fresh process, a dataset of N 
 files laid out as SPLIT/CLASS/IMAGE (2 splits x 20 classes; only names, sizes and times are
 read) on a local folder and, with ``--s3``, on the S3 test server (moto on 127.0.0.1):
 
-- ``discover_dataset`` then ``plan_shards`` of every split (``--shards``), as `wf extract`'s
-  planning does, with the plan kept alive to the end and the spec let go (and, in a checkout
-  that has ``release_freed_memory``, Arrow's freed pages given back), as `wf extract` does;
+- ``discover_dataset`` then every shard of every split (``--shards``) cut and fingerprinted,
+  and the dataset's fingerprint, as `wf extract`'s planning does, with the shards kept to the
+  end and the spec let go (and, in a checkout that has ``release_freed_memory``, Arrow's freed
+  pages given back), as `wf extract` does. A checkout whose planning streams (its
+  ``discover_dataset`` takes ``shards``) cuts the shards as it lists and keeps them on disk
+  (the last column); an older one cuts them from the lists in memory (``plan_shards``). Both
+  must give the same fingerprints (checked);
 - the process's peak resident memory above what it held before listing (the peak reset once
   the imports are done), and what it still holds with the plan alive, per image;
 - each way ``--repeats`` times, alternated (moto's first listing of a bucket is slower).
@@ -67,33 +71,52 @@ def reset_peak() -> None:
 
 
 def plan_once(where: str, shards: int) -> dict:
-    """Called with --one, in the checkout under test: list and plan ``where``."""
+    """Called with --one, in the checkout under test: list and plan ``where`` as `wf extract`'s
+    planning does (``workflows.extract.plan.plan_dataset``): every shard cut and fingerprinted,
+    the dataset's fingerprint, the shards kept to the end and the spec let go."""
+    import inspect
+
     import pyarrow as pa
 
     pa.array([b"x"]).to_pylist()  # pyarrow imports pandas here: not the plan's memory
 
     import workflows
+    from storage.hashing import fingerprint_with_rows
     from workflows.datasets import discover_dataset
     from workflows.extract import plan as planning
 
+    streamed = "shards" in inspect.signature(discover_dataset).parameters
     reset_peak()
     before = memory_mib()
     started = time.perf_counter()
-    spec = discover_dataset(where, 0.2)
-    listed = time.perf_counter() - started
-    plan = {split: planning.plan_shards(items, shards) for split, items in spec.images.items()}
+    if streamed:  # the shards are cut as the listing streams, and wait on the driver's disk
+        spec = discover_dataset(where, 0.2, shards=shards)
+        listed = time.perf_counter() - started
+        plan = [spec.shard(split, k) for split in spec.splits for k in range(shards)]
+        marks = [fingerprint_with_rows([], ref.load().signature_rows()) for ref in plan]
+        keep = spec.planned  # what the run's plan keeps (its shards' files)
+    else:
+        spec = discover_dataset(where, 0.2)
+        listed = time.perf_counter() - started
+        plan = [s for items in spec.images.values() for s in planning.plan_shards(items, shards)]
+        marks = [fingerprint_with_rows([], items.signature_rows()) for items in plan]
+    dataset = spec.fingerprint
     seconds = time.perf_counter() - started
-    images = sum(len(items) for items in spec.images.values())
-    # As `wf extract` does once its shards are cut: the spec's image lists go, and a checkout
-    # that has it gives Arrow's freed pages back (an older one keeps them, as it did).
+    images = sum(len(items) for items in plan)
+    # As `wf extract` does once its shards are cut: the spec goes, and a checkout that has it
+    # gives Arrow's freed pages back (an older one keeps them, as it did).
     del spec
     getattr(planning, "release_freed_memory", lambda: None)()
-    planned = sum(len(shard) for shards_of in plan.values() for shard in shards_of)
-    assert planned == images, (planned, images)
     peak, held = memory_mib("VmHWM"), memory_mib()
+    disk = 0
+    if streamed:
+        folder = Path(keep._keep.name)
+        disk = sum(f.stat().st_size for f in folder.iterdir())
     return {"code": str(Path(workflows.__file__).parents[1]), "images": images,
             "list_s": listed, "plan_s": seconds,
-            "peak_above_mib": peak - before, "held_above_mib": held - before}  # fmt: skip
+            "peak_above_mib": peak - before, "held_above_mib": held - before,
+            "disk_mib": disk / 2**20,
+            "fingerprints": fingerprint_with_rows([dataset], marks)}  # fmt: skip
 
 
 def in_fresh_process(
@@ -160,17 +183,21 @@ def main() -> None:
         if server:
             server.close()
     print(f"\nListing and planning {args.images} images into {args.shards} shards a split")
-    print(
-        "| where | code | list s | list+plan s | peak above start | per image | held | per image |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    print("| where | code | list s | list+plan s | peak above start | per image | held | "
+          "per image | driver's disk |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, name, r in rows:
         n = r["images"]
         print(
             f"| {label} | {name} | {r['list_s']:.1f} | {r['plan_s']:.1f} | "
             f"{r['peak_above_mib']:.0f} MiB | {r['peak_above_mib'] * 2**20 / n:.0f} B | "
-            f"{r['held_above_mib']:.0f} MiB | {r['held_above_mib'] * 2**20 / n:.0f} B |"
+            f"{r['held_above_mib']:.0f} MiB | {r['held_above_mib'] * 2**20 / n:.0f} B | "
+            f"{r['disk_mib']:.0f} MiB |"
         )
+    for label in where:
+        marks = {r["fingerprints"] for place, _, r in rows if place == label}
+        print(f"{label}: the dataset's and shards' fingerprints "
+              f"{'agree in every run' if len(marks) == 1 else 'DIFFER between runs'}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import struct
 import time
 import uuid
 from collections import deque
@@ -135,16 +136,35 @@ class Location:
     def tree(self, ignored: Callable[[str], bool]) -> tuple[pa.Table, set[tuple[str, ...]]]:
         """Every file under the root as the columns of :data:`LISTING` (its parts below the
         root, its path where the parts do not spell it, size and mtime) and every folder (its
-        parts), names ``ignored`` skipped
-        with all below them. An object store has no empty folders: only those that hold a file
-        are seen. The files are held as Arrow batches, never a Python object each: at ten
-        million images those were 12-34 GB on the driver (docs/scaling.md)."""
-        files, folders = ColumnBuilder(LISTING), set()
+        parts), names ``ignored`` skipped with all below them, in :meth:`files`' order (an
+        object store's sorted by key). An object store has no empty folders: only those that
+        hold a file are seen. The files are held as Arrow batches, never a Python object each:
+        at ten million images those were 12-34 GB on the driver (docs/scaling.md); a dataset
+        being extracted is not held at all (:mod:`workflows.listing`)."""
+        files, folders = ColumnBuilder(LISTED), set()
+        for row in self.files(ignored, folders):
+            files.append(*row)
+        table = files.table()
+        if not self.is_local:  # sorted by key below the root
+            table = table.take(pc.array_sort_indices(table.column("order")))
+        return table.drop_columns(["order"]), folders
+
+    def files(
+        self, ignored: Callable[[str], bool], folders: set[tuple[str, ...]]
+    ) -> Iterator[tuple[list[bytes], bytes | None, int, int, bytes]]:
+        """Every file under the root as it is listed, one row of :data:`LISTED` at a time
+        (nothing is held), and every folder into ``folders``; names ``ignored`` are skipped
+        with all below them. A local folder is walked in order (each folder's files sorted,
+        then its folders, each in turn), ``order`` counting the files; an object store is
+        listed by prefixes in parallel, in no order, ``order`` being the key below the root
+        (the parts joined, or the key's own text where the parts do not spell it: "a/./z"
+        sorts before "a/b")."""
         if self.is_local:  # one walk gives the folders and the files, each path root/parts
-            for path, stat in walk_local(self.root, ignored, folders):
+            for n, (path, stat) in enumerate(walk_local(self.root, ignored, folders)):
                 parts = os.path.relpath(path, self.root).split(os.sep)
-                files.append([os_bytes(p) for p in parts], None, *stat_signature(stat))
-            return files.table(), folders
+                yield [os_bytes(p) for p in parts], None, *stat_signature(stat), _ORDER.pack(n)
+            return
+        prefix = f"{self.root}/"
         for listed in _listings(self.filesystem, self.root, LIST_THREADS):
             for entry in listed:
                 if entry.type != pafs.FileType.File:
@@ -154,20 +174,12 @@ class Location:
                 if any(ignored(p) for p in parts):
                     continue
                 # A key that relpath normalises ("a//b", "a/./b") keeps its own path.
-                usual = entry.path == f"{self.root}/{relative}"
-                files.append([p.encode() for p in parts], None if usual else entry.path.encode(),
-                             *stat_signature(entry))  # fmt: skip
+                usual = entry.path == f"{prefix}{relative}"
+                key = relative if usual or not entry.path.startswith(prefix) else (
+                    entry.path[len(prefix):])  # fmt: skip
+                yield ([p.encode() for p in parts], None if usual else entry.path.encode(),
+                       *stat_signature(entry), key.encode())  # fmt: skip
                 folders.update(parts[:i] for i in range(1, len(parts)))
-        table = files.table()
-        # Sorted by key below the root (the same for all): the parts joined, or a held path's
-        # own key where the parts do not spell it ("a/./z" sorts before "a/b", as before).
-        keys, held = pc.binary_join(table.column("parts"), b"/"), table.column("path")
-        if held.null_count < len(held):  # rare: the work only then
-            prefix = f"{self.root}/".encode()
-            # (an explicit stop: pyarrow 26's binary_slice fails without one)
-            own = pc.binary_slice(pc.fill_null(held, prefix), len(prefix), 1 << 30)
-            keys = pc.if_else(pc.is_valid(held), own, keys)
-        return table.take(pc.array_sort_indices(keys)), folders
 
     def move(self, source: str, target: str) -> None:
         """Move a file: a rename on a local disk, copy then delete on an object store."""
@@ -204,6 +216,11 @@ class TreeFile:
 # file, nearly every object): the root is not repeated for every file.
 LISTING = pa.schema([("parts", pa.list_(pa.binary())), ("path", pa.binary()),
                      ("size", pa.int64()), ("mtime_ns", pa.int64())])  # fmt: skip
+# A listing's rows as :meth:`Location.files` gives them: with ``order``, what sorts them as a
+# listing of the whole folder is sorted (a local file's place in the walk, 8 bytes big-endian;
+# an object's key below the root).
+LISTED = LISTING.append(pa.field("order", pa.binary()))
+_ORDER = struct.Struct(">Q")
 
 
 def os_bytes(name: str) -> bytes:

@@ -16,7 +16,7 @@ import resource
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -179,7 +179,9 @@ class ShardJob:
     split: str
     shard: int
     num_shards: int
-    items: Images
+    # The images; until the driver submits the job, a reference to them on its disk
+    # (workflows.planned.ShardRef), so that jobs waiting to run hold no rows.
+    items: Images | Any
     source: pafs.FileSystem  # where the images are
     layout: StoreLayout  # where the part goes
     output_path: str
@@ -191,6 +193,10 @@ class ShardJob:
     batch_size: int
     max_pixels: int
     threads: int
+
+    def loaded(self) -> ShardJob:
+        """The job with its images in it (read from the driver's disk where they wait)."""
+        return self if isinstance(self.items, Images) else replace(self, items=self.items.load())
 
 
 @dataclass(frozen=True)
@@ -289,6 +295,7 @@ def extract_shard(
 ) -> ShardResult:
     """Extract ``job`` and write its part file; bad images become rejects, never failures."""
     started, started_at = time.perf_counter(), time.time()
+    job = job.loaded()
     taps = {tap: TapRecord(shape, job.dtype) for tap, shape in prepared.taps.items()}
     schema = feature_schema(taps, job.classes)
     rejects: list[Reject] = []

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,10 +39,12 @@ from storage.filesystem import (
     os_bytes,
     os_name,
 )
-from storage.hashing import canonical_json, stable_unit_interval, update_with_rows
+from storage.hashing import canonical_json, stable_bucket, stable_unit_interval, update_with_rows
 from storage.names import escape_name
-from tasks.extract_shard import IMAGES, Images
+from tasks.extract_shard import Images
 from tasks.images import is_ignored_file
+from workflows.listing import Listing, list_folder
+from workflows.planned import PLANNED, PlannedImages, ShardRef
 
 SPLITS = ("train", "validation", "test")
 UNLABELLED = "unlabelled"  # the split of images with no class yet
@@ -50,6 +53,7 @@ NO_LABEL, NO_LABEL_INDEX = "", -1
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation",
                  "valid": "validation", "test": "test"}  # fmt: skip
 _SPLIT_SALT = "wf-validation-split"
+SHARD_SALT = "wf-shard"  # a shard is a stable hash of an image's relative path
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -88,17 +92,10 @@ class Tree:
         """Each file's number of parts below the folder."""
         return pc.list_value_length(self.listing.column("parts")).to_numpy()
 
-    def first_parts(self) -> pa.ChunkedArray:
-        """Each file's first part below the folder (its own name for a loose file)."""
-        return pc.list_element(self.listing.column("parts"), 0)
-
     def under(self, name: str) -> pa.ChunkedArray:
         """Whether each file's first part below the folder is ``name``."""
-        return pc.equal(self.first_parts(), pa.scalar(os_bytes(name)))
-
-    def loose_files(self) -> int:
-        """How many files lie directly in the folder."""
-        return int((self.depths() == 1).sum())
+        first = pc.list_element(self.listing.column("parts"), 0)
+        return pc.equal(first, pa.scalar(os_bytes(name)))
 
 
 def list_tree(where: str) -> Tree:
@@ -116,26 +113,59 @@ class DatasetSpec:
     root: str  # the path or URI the images are read from
     source: pafs.FileSystem
     classes: tuple[str, ...]
-    images: dict[str, Images]  # by split; each image's size and time stand for its content
+    planned: PlannedImages  # by split and shard; each image's size and time stand for its content
     split_folders: bool
     warnings: tuple[str, ...]
 
     @property
+    def splits(self) -> tuple[str, ...]:
+        return self.planned.splits
+
+    def _classes(self, split: str) -> tuple[str, ...] | None:
+        """The classes a split's images are indexed by: the spec's (fewer than the folders'
+        when some were dropped), or none to change for the unlabelled images."""
+        return None if split == UNLABELLED else self.classes
+
+    def shard(self, split: str, shard: int) -> ShardRef:
+        """The images of one shard of ``split``, as a reference that loads them."""
+        return self.planned.shard(split, shard, self._classes(split))
+
+    def split_size(self, split: str) -> int:
+        return sum(self.planned.size(split, s, self._classes(split))
+                   for s in range(self.planned.shards))  # fmt: skip
+
+    @property
+    def images(self) -> dict[str, Images]:
+        """Every split's images in memory, in order: for small datasets and tests (planning
+        reads them a shard at a time)."""
+        return {split: self.planned.images(split, self._classes(split)) for split in self.splits}
+
+    @property
     def fingerprint(self) -> str:
         """:func:`storage.hashing.fingerprint` of ``[classes, {split: [[path, size, mtime],
-        ...]}]``, streamed a few thousand rows at a time rather than built as one Python list."""
+        ...]}]``, each split's images by class then as listed (unlabelled ones by path), streamed
+        from the planned shards a few thousand rows at a time."""
         digest = hashlib.sha256()
         digest.update(f"[{canonical_json(list(self.classes))},{{".encode())
-        for n, split in enumerate(sorted(self.images)):
+        for n, split in enumerate(sorted(self.splits)):
             digest.update(f"{',' if n else ''}{canonical_json(split)}:[".encode())
-            rows = column_rows(self.images[split].table, ["relative_path", "size", "mtime_ns"])
-            update_with_rows(digest, rows)
+            update_with_rows(digest, self._signature_rows(split))
             digest.update(b"]")
         digest.update(b"}]")
         return digest.hexdigest()
 
+    def _signature_rows(self, split: str) -> Iterator[tuple]:
+        classes, labels = self._classes(split), self.planned.labels
+        kept = None
+        if classes is not None and classes != labels:
+            kept = pa.array([i for i, label in enumerate(labels) if label in classes], pa.int32())
+        for chunk in self.planned.merged(split):
+            if kept is not None:
+                chunk = chunk.filter(pc.is_in(chunk.column("label_index"), value_set=kept))
+            yield from column_rows(chunk, ["relative_path", "size", "mtime_ns"])
 
-def _split_folders(tree: Tree) -> dict[str, str]:
+
+def _split_folders(tree: Tree | Listing) -> dict[str, str]:
     found: dict[str, str] = {}
     for name in tree.children():
         split = SPLIT_ALIASES.get(name.lower())
@@ -150,22 +180,21 @@ def _split_folders(tree: Tree) -> dict[str, str]:
     return found
 
 
-def is_dataset(tree: Tree) -> bool:
+def is_dataset(tree: Listing) -> bool:
     """A dataset has split folders, or at least one class folder that directly holds files."""
     splits = _split_folders(tree)
     if set(splits) - {UNLABELLED}:
         return True
-    in_class = tree.depths() == 2
-    if UNLABELLED in splits:
-        in_class &= ~tree.under(splits[UNLABELLED]).to_numpy(zero_copy_only=False)
-    return bool(in_class.any())
+    pool = splits.get(UNLABELLED)
+    return any(n and len(k) == 1 and k[0] != pool for k, n in tree.direct.items())
 
 
-def expand_dataset_paths(paths: list[str]) -> list[tuple[str, Tree]]:
-    """Each path as a dataset, or, for a folder of datasets, each dataset in it."""
-    found: list[tuple[str, Tree]] = []
+def expand_dataset_paths(paths: list[str]) -> list[tuple[str, Listing]]:
+    """Each path as a dataset, or, for a folder of datasets, each dataset in it: listed once,
+    each dataset's listing a view of its folder's."""
+    found: list[tuple[str, Listing]] = []
     for path in paths:
-        tree = list_tree(path)
+        tree = list_folder(path)
         if is_dataset(tree):
             found.append((tree.location.uri, tree))
             continue
@@ -180,22 +209,13 @@ def expand_dataset_paths(paths: list[str]) -> list[tuple[str, Tree]]:
     return found
 
 
-def _by_class(tree: Tree, where: str, warnings: list[str]) -> Tree:
-    """A tree of the files in the class folders of ``tree`` (the class first)."""
-    loose = tree.loose_files()
-    if not loose:
-        return tree
-    warnings.append(f"{where}: ignored {loose} files outside class folders")
-    in_class = tree.listing.filter(pa.array(tree.depths() > 1))
-    return Tree(tree.location, in_class, tree.folders)
-
-
 def discover_dataset(
-    root: str, validation_fraction: float, name: str | None = None, tree: Tree | None = None
-) -> DatasetSpec:
-    """Classes, splits and images of the dataset at ``root``, or a :class:`DatasetError`."""
-    tree = tree or list_tree(root)
-    listed = tree
+    root: str, validation_fraction: float, name: str | None = None, tree: Listing | None = None,
+    shards: int = 1,
+) -> DatasetSpec:  # fmt: skip
+    """Classes, splits and images of the dataset at ``root``, or a :class:`DatasetError`; its
+    images planned into ``shards`` shards of each split as they are read from the listing."""
+    tree = tree or list_folder(root)
     location = tree.location
     name = name or posixpath.basename(location.root.rstrip("/")) or "dataset"
     if not _NAME.match(name):
@@ -203,14 +223,12 @@ def discover_dataset(
     warnings: list[str] = []
     split_dirs = _split_folders(tree)
     pool = split_dirs.pop(UNLABELLED, None)
-    if pool is not None:
-        tree = _without(tree, pool)
-    # Classes come from the folders alone; each split's images are then made from its files and
-    # its listing let go before the next split's (the listing's copies were the plan's peak).
+    folders = {f for f in tree.folders if f[0] != pool}
+    # Classes come from the folders alone, before a row is read.
     if split_dirs:
         if "train" not in split_dirs:
             raise DatasetError(f"{name}: has {', '.join(split_dirs)} folders but no train/ folder")
-        unused = [c for c in tree.children() if c not in split_dirs.values()]
+        unused = sorted({f[0] for f in folders} - set(split_dirs.values()))
         if unused:
             warnings.append(
                 f"{name}: ignored folder{'s' if len(unused) > 1 else ''} "
@@ -219,9 +237,9 @@ def discover_dataset(
             )
         if tree.loose_files():
             warnings.append(f"{name}: ignored {tree.loose_files()} files outside split folders")
-        found = {f[1] for f in tree.folders if f[0] in split_dirs.values() and len(f) > 1}
+        found = {f[1] for f in folders if f[0] in split_dirs.values() and len(f) > 1}
     else:
-        found = set(tree.children())
+        found = {f[0] for f in folders}
     classes = tuple(sorted(found))
     if len(classes) < 2:
         found_text = f"only {escape_name(classes[0])!r}" if classes else "none"
@@ -229,90 +247,100 @@ def discover_dataset(
             f"{name}: a classifier needs at least two class folders, found {found_text}"
         )
     labels = tuple(escape_name(c) for c in classes)
-    known = pa.array([os_bytes(c) for c in classes], pa.binary())
-
-    def planned(files: Tree, prefix: str) -> Images:
-        index = (pc.index_in(files.first_parts(), value_set=known)
-                 .to_numpy(zero_copy_only=False).astype(np.int32))  # fmt: skip
-        return _images(files, _relative_paths(prefix, files), index, labels, location.root)
-
-    images: dict[str, Images] = {}
-    if split_dirs:
-        for split, folder in split_dirs.items():
-            images[split] = planned(_by_class(tree.sub(folder), f"{name}/{split}", warnings),
-                                    f"{folder}/")  # fmt: skip
-    else:
-        whole = planned(_by_class(tree, name, warnings), "")
-        held_out = np.fromiter(
-            (stable_unit_interval(r, _SPLIT_SALT) < validation_fraction
-             for r in whole.relative_paths()), bool, count=len(whole),
-        )  # fmt: skip
-        images = {"train": whole.take(np.flatnonzero(~held_out)),
-                  "validation": whole.take(np.flatnonzero(held_out))}  # fmt: skip
-        del whole
-    counts = {}
-    for split, items in images.items():
-        index = items.table.column("label_index").to_numpy()
-        counts[split] = np.bincount(index, minlength=len(classes))
-        if np.any(np.diff(index) < 0):  # by class, listing order within (a copy)
-            images[split] = items.take(np.argsort(index, kind="stable"))
+    for split, folder in split_dirs.items() if split_dirs else [(None, None)]:
+        loose = tree.loose_files(folder) if folder else tree.loose_files()
+        if loose:
+            where = f"{name}/{split}" if split else name
+            warnings.append(f"{where}: ignored {loose} files outside class folders")
+    splits = tuple(s for s in SPLITS if s in split_dirs) if split_dirs else SPLITS[:2]
+    planned = PlannedImages(labels, location.root, (*splits, *([UNLABELLED] * (pool is not None))),
+                            shards)  # fmt: skip
+    plan = _Planner(planned, pa.array([os_bytes(c) for c in classes], pa.binary()), shards)
+    for batch in tree.rows():
+        parts, first = batch.column("parts"), pc.list_element(batch.column("parts"), 0)
+        depth = pc.list_value_length(parts)
+        if split_dirs:  # SPLIT/CLASS/.../IMAGE
+            for split, folder in split_dirs.items():
+                inside = pc.and_(pc.equal(first, pa.scalar(os_bytes(folder))),
+                                 pc.greater(depth, 2))  # fmt: skip
+                plan.add(split, batch.filter(inside), 1)
+        else:  # CLASS/.../IMAGE, to validation by a stable hash of its path
+            inside = pc.greater(depth, 1)
+            if pool is not None:
+                inside = pc.and_(inside, pc.not_equal(first, pa.scalar(os_bytes(pool))))
+            rows, relative = plan.rows(batch.filter(inside), 0)
+            held_out = np.fromiter(
+                (stable_unit_interval(r, _SPLIT_SALT) < validation_fraction
+                 for r in relative.to_pylist()), bool, count=len(relative),
+            )  # fmt: skip
+            plan.put("train", rows.filter(pa.array(~held_out)), relative.filter(~held_out))
+            plan.put("validation", rows.filter(pa.array(held_out)), relative.filter(held_out))
+        if pool is not None:  # UNLABELLED/.../IMAGE, at any depth, by path
+            inside = pc.and_(pc.equal(first, pa.scalar(os_bytes(pool))), pc.greater(depth, 1))
+            plan.add(UNLABELLED, batch.filter(inside), None)
+    planned.flush()
+    counts = {split: planned.class_counts(split) for split in splits}
     for index, label in enumerate(labels):
         if not counts["train"][index]:
             raise DatasetError(f"{name}: class {label!r} has no training images")
-        for split in images:
+        for split in splits:
             if split != "train" and not counts[split][index]:
                 warnings.append(f"{name}: class {label!r} has no {split} images")
-    images = {split: images[split] for split in SPLITS if split in images}
-    if pool is not None:
-        images[UNLABELLED] = _unlabelled(listed, pool, labels)
     return DatasetSpec(
-        name, location.uri, location.filesystem, labels, images, bool(split_dirs),
+        name, location.uri, location.filesystem, labels, planned, bool(split_dirs),
         tuple(warnings),
     )  # fmt: skip
 
 
-def _images(
-    files: Tree, relative: pa.ChunkedArray, label_index: np.ndarray, labels: tuple[str, ...],
-    root: str,
-) -> Images:  # fmt: skip
-    """The planned images of ``files``, their paths ``relative`` to the dataset at ``root``."""
-    listing = files.listing
-    table = pa.table({
-        "path": listing.column("path"),  # null where it is the root and the relative path
-        "relative_path": relative, "size": listing.column("size"),
-        "mtime_ns": listing.column("mtime_ns"), "label_index": pa.array(label_index, pa.int32()),
-    }, schema=IMAGES)  # fmt: skip
-    return Images(table, labels, root)
+class _Planner:
+    """Listed rows of one dataset made planned images (:data:`workflows.planned.PLANNED`) and
+    handed to their shards."""
+
+    def __init__(self, planned: PlannedImages, known: pa.Array, shards: int) -> None:
+        self.planned, self.known, self.shards = planned, known, shards
+
+    def rows(self, listed: pa.RecordBatch, class_part: int | None) -> tuple[pa.Table, pa.Array]:
+        """The planned images of ``listed`` (their class the name at ``class_part`` of their
+        parts, or none) and their relative paths."""
+        parts = listed.column("parts")
+        relative = _relative_paths(parts)
+        if class_part is None:  # unlabelled: sorted by path
+            index = pa.array(np.full(len(listed), NO_LABEL_INDEX, np.int32))
+            order = relative.cast(pa.binary())
+        else:
+            index = pc.index_in(pc.list_element(parts, class_part), value_set=self.known)
+            order = listed.column("order")
+        table = pa.table({
+            "path": listed.column("path"),  # null where it is the root and the relative path
+            "relative_path": relative, "size": listed.column("size"),
+            "mtime_ns": listed.column("mtime_ns"), "label_index": index.cast(pa.int32()),
+            "order": order,
+        }, schema=PLANNED)  # fmt: skip
+        return table, relative
+
+    def put(self, split: str, rows: pa.Table, relative: pa.Array) -> None:
+        if not rows.num_rows:
+            return
+        shards = np.fromiter(
+            (stable_bucket(r, self.shards, SHARD_SALT) for r in relative.to_pylist()),
+            np.int64, count=len(relative),
+        )  # fmt: skip
+        self.planned.add(split, rows, shards)
+
+    def add(self, split: str, listed: pa.RecordBatch, class_part: int | None) -> None:
+        if listed.num_rows:
+            self.put(split, *self.rows(listed, class_part))
 
 
-def _without(tree: Tree, name: str) -> Tree:
-    """``tree`` without its top-level folder ``name``."""
-    return Tree(tree.location, tree.listing.filter(pc.invert(tree.under(name))),
-                frozenset(f for f in tree.folders if f[0] != name))  # fmt: skip
-
-
-def _unlabelled(tree: Tree, folder: str, labels: tuple[str, ...]) -> Images:
-    """The images under ``folder`` (any depth), with no class, in path order."""
-    files = tree.sub(folder)
-    unlabelled = np.full(files.listing.num_rows, NO_LABEL_INDEX, np.int32)
-    relative = _relative_paths(f"{folder}/", files)
-    images = _images(files, relative, unlabelled, labels, tree.location.root)
-    return images.take(pc.sort_indices(images.table, [("relative_path", "ascending")]))
-
-
-def _relative_paths(prefix: str, files: Tree) -> pa.ChunkedArray:
-    """``prefix`` and each file's parts joined by ``/``, escaped
-    (:func:`storage.names.escape_name`): as they are where the names are UTF-8 without a
-    backslash, else a name at a time."""
-    chunks = []
-    for chunk in files.listing.column("parts").chunks:
-        joined = pc.binary_join_element_wise(os_bytes(prefix), pc.binary_join(chunk, b"/"), b"")
-        try:
-            text = joined.cast(pa.string())
-            plain = not pc.any(pc.match_substring(text, "\\")).as_py()
-        except pa.ArrowInvalid:  # not UTF-8
-            plain = False
-        if not plain:
-            text = pa.array([escape_name(os_name(b)) for b in joined.to_pylist()], pa.string())
-        chunks.append(text)
-    return pa.chunked_array(chunks, pa.string())
+def _relative_paths(parts: pa.Array) -> pa.Array:
+    """Each file's parts joined by ``/``, escaped (:func:`storage.names.escape_name`): as they
+    are where the names are UTF-8 without a backslash, else a name at a time."""
+    joined = pc.binary_join(parts, b"/")
+    try:
+        text = joined.cast(pa.string())
+        plain = not pc.any(pc.match_substring(text, "\\")).as_py()
+    except pa.ArrowInvalid:  # not UTF-8
+        plain = False
+    if not plain:
+        text = pa.array([escape_name(os_name(b)) for b in joined.to_pylist()], pa.string())
+    return text

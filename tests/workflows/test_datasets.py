@@ -169,3 +169,82 @@ def test_unlabelled_images_are_their_own_split_and_unused_folders_are_named(tmp_
     make_dataset(tmp_path / "only" / "unlabelled", ("u",), 2)
     with pytest.raises(DatasetError, match="holds no images in class folders"):
         expand_dataset_paths([str(tmp_path / "only")])
+
+
+def _streamed_dataset(root):
+    """Split folders, nested class folders beside their files, a class name that is another's
+    prefix (its keys sort apart from its place among the classes), loose files and a pool."""
+    for split, n in (("train", 9), ("validation", 4)):
+        for cls in ("a", "a-b", "cats"):
+            make_dataset(root / split, (cls,), n, seed=len(cls) + n)
+            make_dataset(root / split / cls / "deep", ("er",), 2, seed=3)
+    (root / "train" / "loose.jpg").write_bytes(b"x")
+    make_dataset(root / "unlabelled", ("sub",), 6, seed=4)
+    (root / "unlabelled" / "Zed.jpg").write_bytes(b"z")
+
+
+@pytest.mark.parametrize("shards", [1, 3, 7])
+def test_planning_streams_a_batch_at_a_time_and_cuts_the_shards_the_list_would(
+    tmp_path, monkeypatch, shards
+):
+    """The listing is spilled 5 rows at a time and the planned images 4 at a time, through
+    one open file at a time: the splits, the fingerprint and every shard are what the whole
+    list in memory gives (``plan_shards``, the dataset's canonical fingerprint)."""
+    import workflows.listing
+    import workflows.planned
+    from workflows.extract.plan import plan_shards
+
+    _streamed_dataset(tmp_path / "ds")
+    whole = discover_dataset(str(tmp_path / "ds"), 0.2, shards=shards)
+    monkeypatch.setattr(workflows.listing, "SPILL_ROWS", 5)
+    monkeypatch.setattr(workflows.planned, "BUFFER_ROWS", 4)
+    monkeypatch.setattr(workflows.planned, "OPEN_FILES", 1)
+    monkeypatch.setattr(workflows.planned, "SORTED_BATCH_ROWS", 2)
+    spec = discover_dataset(str(tmp_path / "ds"), 0.2, shards=shards)
+    assert spec.images == whole.images and spec.warnings == whole.warnings
+    assert spec.fingerprint == whole.fingerprint == _canonical_fingerprint(spec)
+    train = spec.images["train"]
+    assert len(train) == 3 * 11 and [i.label for i in train][:11] == ["a"] * 11
+    # within a class, as listed: each folder's files, then its folders'
+    assert [i.relative_path for i in train][9:11] == ["train/a/deep/er/er_0000.jpg",
+                                                     "train/a/deep/er/er_0001.jpg"]  # fmt: skip
+    pool = [i.relative_path for i in spec.images["unlabelled"]]
+    assert pool == sorted(pool) and len(pool) == 7
+    for split, items in spec.images.items():
+        for index, expected in enumerate(plan_shards(items, shards)):
+            ref = spec.shard(split, index)
+            assert len(ref) == len(expected) and ref.load() == expected
+
+
+def test_a_dropped_class_leaves_the_planned_shards_as_they_are_read(tmp_path):
+    from workflows.extract.run import without_classes
+
+    _streamed_dataset(tmp_path / "ds")
+    spec = discover_dataset(str(tmp_path / "ds"), 0.2, shards=3)
+    fewer = without_classes(spec, {"a-b"})
+    assert fewer.classes == ("a", "cats") and fewer.fingerprint == _canonical_fingerprint(fewer)
+    for split in fewer.splits:
+        expected = spec.images[split].relabel(fewer.classes) if split != "unlabelled" else None
+        loaded = [fewer.shard(split, k).load() for k in range(3)]
+        assert fewer.split_size(split) == sum(len(s) for s in loaded)
+        if expected is not None:
+            assert fewer.images[split] == expected
+            assert sorted(i.relative_path for s in loaded for i in s) == sorted(
+                expected.relative_paths()
+            )
+            assert {i.label for s in loaded for i in s} == {"a", "cats"}
+
+
+def test_the_spills_go_with_the_plan(tmp_path):
+    import gc
+
+    _streamed_dataset(tmp_path / "ds")
+    found = expand_dataset_paths([str(tmp_path / "ds")])
+    listing = found[0][1]
+    spec = discover_dataset(str(tmp_path / "ds"), 0.2, tree=listing, shards=2)
+    ref = spec.shard("train", 1)
+    folders = [os.path.dirname(listing.spill), os.path.dirname(ref.path)]
+    assert all(os.path.isdir(f) for f in folders)
+    del found, listing, spec
+    gc.collect()
+    assert not any(os.path.exists(f) for f in folders)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+import workflows.extract.run
 from storage.errors import StoreBusyError
 from storage.feature_store import FeatureStore
 from storage.layout import StoreLayout
@@ -61,9 +62,11 @@ def _consistent(store_root: str) -> None:
 
 
 @pytest.mark.slow
-def test_rerun_recomputes_only_changed_shards(tmp_path, cache_dir, ray_local):
+def test_rerun_recomputes_only_changed_shards(tmp_path, cache_dir, ray_local, monkeypatch):
     make_dataset(tmp_path / "shapes", ("circles", "squares"), 16)
     settings = _settings(tmp_path, cache_dir)
+    # One task submitted at a time, each read from the driver's disk when the last finishes.
+    monkeypatch.setattr(workflows.extract.run, "submit_window", lambda: 1)
     (first,) = run_extract(settings)
     assert (first.shards_done, first.shards_skipped, first.rejects) == (8, 0, 0)
     store = FeatureStore.open(settings.store, "shapes", "efficientnet_lite0")

@@ -3,6 +3,8 @@ training images (or of a folder the user names), decoded as extraction decodes t
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 from collections.abc import Callable
 
 import numpy as np
@@ -19,24 +21,37 @@ from workflows.extract.settings import ExtractSettings
 def calibration_images(spec: DatasetSpec, settings: ExtractSettings) -> np.ndarray:
     """Up to ``calibration_images`` usable images, the same ones on every run: the training
     images ordered by a hash of their path salted with the run seed (or a folder's images)."""
+    salt = f"wf-calibration-{settings.seed}"
     if settings.calibration:
         tree = list_tree(settings.calibration)
         candidates = [(tree.location.filesystem, e.path, "/".join(e.parts)) for e in tree.files]
-    else:
-        candidates = [(spec.source, i.path, i.relative_path) for i in spec.images["train"]]
-    salt = f"wf-calibration-{settings.seed}"
-    candidates.sort(key=lambda c: stable_unit_interval(c[2], salt))
+        candidates.sort(key=lambda c: stable_unit_interval(c[2], salt))
+    else:  # the first by hash of every shard's training images, a shard read at a time
+        candidates = _first_by_hash(spec, salt, max(4 * settings.calibration_images, 64))
     images = []
-    for filesystem, path, _ in candidates:
-        try:
+    for n, (filesystem, path, _) in enumerate(candidates):
+        with contextlib.suppress(ImageRejected):
             images.append(load_image(filesystem, path, settings.image_size, settings.max_pixels))
-        except ImageRejected:
-            continue
         if len(images) == settings.calibration_images:
             break
+        if n == len(candidates) - 1 and not settings.calibration:  # more were rejected: go on
+            more = _first_by_hash(spec, salt, 4 * len(candidates))
+            candidates.extend(more[len(candidates) :])
     if not images:
         raise DatasetError(f"{spec.name}: no usable image to calibrate the int8 backbone on")
     return np.stack(images)
+
+
+def _first_by_hash(spec: DatasetSpec, salt: str, count: int) -> list[tuple]:
+    """The ``count`` training images of ``spec`` first in order of a hash of their path salted
+    with ``salt``, as ``(filesystem, path, relative path)``."""
+    keyed = []
+    for shard in range(spec.planned.shards):
+        for item in spec.shard("train", shard).load():
+            keyed.append((stable_unit_interval(item.relative_path, salt), item.relative_path,
+                          item.path))  # fmt: skip
+        keyed = heapq.nsmallest(count, keyed)
+    return [(spec.source, path, relative) for _, relative, path in keyed]
 
 
 def backbone_preparer(

@@ -35,17 +35,16 @@ from storage.manifest import (
 from tasks.backbones.runtime import PreparedBackbone
 from tasks.extract_shard import Images, ShardJob
 from workflows import __version__
-from workflows.datasets import DatasetSpec
+from workflows.datasets import SHARD_SALT, DatasetSpec
 from workflows.extract.settings import NOT_FEATURE_SETTINGS, ExtractSettings
-
-_SHARD_SALT = "wf-shard"
+from workflows.planned import PlannedImages
 
 
 @dataclass
 class DatasetPlan:
-    """What a dataset's run computes. It keeps the spec's warnings, not its image lists: the
-    shards cut from them are all the run needs, and at millions of images each copy of the
-    plan is gigabytes on the driver."""
+    """What a dataset's run computes. It keeps the spec's warnings and its planned shards on the
+    driver's disk (``planned``), which the jobs' items refer to until each is submitted: no
+    image list is held in memory, and at millions of images each was gigabytes."""
 
     warnings: tuple[str, ...]
     manifest: Manifest
@@ -53,13 +52,16 @@ class DatasetPlan:
     fingerprints: dict[str, str]
     skipped: int
     reset: bool
+    planned: PlannedImages | None = None
 
 
 def plan_shards(items: Images, num_shards: int) -> list[Images]:
     """Split ``items`` into ``num_shards`` by a stable hash of each relative path: adding
-    images never moves an existing one to another shard. Each keeps the order of ``items``."""
+    images never moves an existing one to another shard. Each keeps the order of ``items``.
+    Planning cuts the shards as it lists (:func:`workflows.datasets.discover_dataset`); this is
+    the same cut of a list in memory."""
     buckets = np.fromiter(
-        (stable_bucket(path, num_shards, _SHARD_SALT) for path in items.relative_paths()),
+        (stable_bucket(path, num_shards, SHARD_SALT) for path in items.relative_paths()),
         np.int64, count=len(items),
     )  # fmt: skip
     order = np.argsort(buckets, kind="stable")
@@ -95,12 +97,13 @@ def feature_fingerprint(settings: ExtractSettings, prepared: PreparedBackbone) -
 
 
 def _fresh_manifest(
-    spec: DatasetSpec, settings: ExtractSettings, prepared: PreparedBackbone, features: str
-) -> Manifest:
+    spec: DatasetSpec, settings: ExtractSettings, prepared: PreparedBackbone, features: str,
+    dataset_fingerprint: str,
+) -> Manifest:  # fmt: skip
     return Manifest(
         dataset=spec.name,
         dataset_root=spec.root,
-        dataset_fingerprint=spec.fingerprint,
+        dataset_fingerprint=dataset_fingerprint,
         classes=spec.classes,
         backbone=prepared.backbone,
         weights_source=prepared.weights.source,
@@ -115,7 +118,7 @@ def _fresh_manifest(
         taps={tap: TapRecord(shape, settings.dtype) for tap, shape in prepared.taps.items()},
         feature_fingerprint=features,
         num_shards=settings.shards,
-        split_sizes={split: len(items) for split, items in spec.images.items()},
+        split_sizes={split: spec.split_size(split) for split in spec.splits},
         wf_version=__version__,
         created_at=now_iso(),
         updated_at=now_iso(),
@@ -125,25 +128,29 @@ def _fresh_manifest(
 def plan_dataset(
     spec: DatasetSpec, settings: ExtractSettings, prepared: PreparedBackbone, layout: StoreLayout
 ) -> DatasetPlan:
-    """Decide the shards to compute and write the run's starting manifest (hold the lease)."""
+    """Decide the shards to compute and write the run's starting manifest (hold the lease).
+    The spec's images were planned into ``settings.shards`` shards; each is read from the
+    driver's disk once here (its fingerprint) and again when its job is submitted."""
+    if spec.planned.shards != settings.shards:
+        raise ValueError(f"{spec.name} was planned into {spec.planned.shards} shards, not "
+                         f"{settings.shards}")  # fmt: skip
     features = feature_fingerprint(settings, prepared)
     existing = read_manifest(layout, spec.name, prepared.backbone)
-    fresh = _fresh_manifest(spec, settings, prepared, features)
     identity = (features, settings.shards, spec.classes)
     reset = existing is None or (
         (existing.feature_fingerprint, existing.num_shards, existing.classes) != identity
     )
     kept = {} if reset or existing is None else existing.shards
-    if existing is not None and not reset:
-        fresh = replace(fresh, created_at=existing.created_at)
     folder = layout.backbone_dir(spec.name, prepared.backbone)
     sizes = {info.path: info.size for info in list_files(layout.filesystem, folder)}
     jobs, fingerprints, skipped = [], {}, 0
-    for split, items in spec.images.items():
-        for index, shard_items in enumerate(plan_shards(items, settings.shards)):
+    for split in spec.splits:
+        for index in range(settings.shards):
             key = shard_key(split, index)
+            shard_items = spec.shard(split, index)
             fingerprints[key] = fingerprint_with_rows(
-                [features, list(spec.classes), settings.max_pixels], shard_items.signature_rows()
+                [features, list(spec.classes), settings.max_pixels],
+                shard_items.load().signature_rows(),
             )
             record = kept.get(key)
             if (
@@ -164,10 +171,13 @@ def plan_dataset(
                     max_pixels=settings.max_pixels, threads=settings.threads_per_task,
                 )
             )  # fmt: skip
+    fresh = _fresh_manifest(spec, settings, prepared, features, spec.fingerprint)
+    if existing is not None and not reset:
+        fresh = replace(fresh, created_at=existing.created_at)
     redo = {shard_key(job.split, job.shard) for job in jobs}
     manifest = replace(
         fresh, shards={k: r for k, r in kept.items() if k in fingerprints and k not in redo}
     )
     write_manifest(layout, manifest)  # from here on, only this run's commits count
     remove_unreferenced(layout, manifest)
-    return DatasetPlan(spec.warnings, manifest, jobs, fingerprints, skipped, reset)
+    return DatasetPlan(spec.warnings, manifest, jobs, fingerprints, skipped, reset, spec.planned)

@@ -8,6 +8,7 @@ compact the manifest, write the rejects, remove what no manifest names.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -31,7 +32,7 @@ from storage.rejects import write_rejects
 from tasks.backbones import get_backbone
 from tasks.extract_shard import ProgressCounter, ShardJob, ShardResult, extract_shard_task
 from workflows.cluster import on_this_node, ray_cluster
-from workflows.datasets import UNLABELLED, DatasetSpec, discover_dataset, expand_dataset_paths
+from workflows.datasets import DatasetSpec, discover_dataset, expand_dataset_paths
 from workflows.extract.calibration import backbone_preparer
 from workflows.extract.plan import DatasetPlan, plan_dataset, release_freed_memory
 from workflows.extract.settings import ExtractSettings
@@ -94,7 +95,7 @@ def discover_all(
             else source.validation_fraction
         )
         for root, tree in found:
-            spec = discover_dataset(root, fraction, source.name, tree)
+            spec = discover_dataset(root, fraction, source.name, tree, settings.shards)
             if dropped and spec.name in dropped:
                 spec = without_classes(spec, dropped[spec.name])
             specs.append(spec)
@@ -110,14 +111,11 @@ def without_classes(spec: DatasetSpec, dropped: set[str]) -> DatasetSpec:
     classes = tuple(c for c in spec.classes if c not in dropped)
     if len(classes) < 2:
         raise DatasetError(f"{spec.name}: fewer than two classes are left with usable images")
-    images = {
-        split: items.relabel(classes) if split != UNLABELLED else items
-        for split, items in spec.images.items()
-    }
     warning = (
         f"{spec.name}: dropped classes with no usable training image: {', '.join(sorted(dropped))}"
     )
-    return replace(spec, classes=classes, images=images, warnings=(*spec.warnings, warning))
+    # The planned images keep their classes; each shard is re-indexed as it is read.
+    return replace(spec, classes=classes, warnings=(*spec.warnings, warning))
 
 
 def run_extract(
@@ -216,11 +214,19 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
             if on_progress is not None
             else None
         )
+        # Jobs are submitted a window at a time, each read from the driver's disk just before:
+        # the jobs waiting hold no rows, on the driver or in Ray's object store.
+        waiting = deque(job for plan in plans.values() for job in plan.jobs)
+        window = submit_window()
         pending = {}
-        for plan in plans.values():
-            for job in plan.jobs:
+
+        def submit() -> None:
+            while waiting and len(pending) < window:
+                job = waiting.popleft()  # kept as it waited: its images went with the task
                 task = extract_shard_task.options(num_cpus=settings.threads_per_task)
-                pending[task.remote(job, refs[prepared[job.dataset].key], counter)] = job
+                pending[task.remote(job.loaded(), refs[prepared[job.dataset].key], counter)] = job
+
+        submit()
         # Commits go to a small pool, so that a slow store's round trips do not queue behind
         # one another (each record is independent; the manifest is compacted once, at the end).
         # Their results are folded here, on the driver's thread, as they finish.
@@ -236,6 +242,8 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
                     outcome.failures[job.dataset].append(_failure(job, error))
                     unsettled[job.dataset] -= 1
                     continue
+                finally:
+                    submit()  # its place in the window
                 leases[job.dataset].check()  # a lost lease stops before the manifest moves
                 record = _record(layout, plans[job.dataset], result)
                 commit = committer.submit(_commit, layout, plans[job.dataset], record)
@@ -258,6 +266,13 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
 
 
 COMMIT_THREADS = 8  # commit records in flight at once (benchmarks/listing_scale.py)
+SUBMIT_WINDOW_MIN = 16  # shard tasks submitted ahead of the results (at least twice the CPUs)
+
+
+def submit_window() -> int:
+    """How many shard tasks are submitted at once: enough to keep every CPU of the cluster busy
+    while results are committed, few enough that the jobs waiting hold no rows."""
+    return max(SUBMIT_WINDOW_MIN, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _failure(job: ShardJob, error: BaseException) -> str:
