@@ -160,8 +160,9 @@ class Location:
         (the parts joined, or the key's own text where the parts do not spell it: "a/./z"
         sorts before "a/b")."""
         if self.is_local:  # one walk gives the folders and the files, each path root/parts
+            below = len(os.path.join(self.root, ""))  # the walk's paths are the root's and more
             for n, (path, stat) in enumerate(walk_local(self.root, ignored, folders)):
-                parts = os.path.relpath(path, self.root).split(os.sep)
+                parts = path[below:].split(os.sep)
                 yield [os_bytes(p) for p in parts], None, *stat_signature(stat), _ORDER.pack(n)
             return
         prefix = f"{self.root}/"

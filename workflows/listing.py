@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.errors import DatasetError
-from storage.filesystem import LISTED, Location, os_bytes
+from storage.filesystem import LISTED, Location, os_bytes, os_name
 from tasks.images import is_ignored_file
 
 SPILL_ROWS = 16_384  # rows listed between writes: the driver's only per-image memory
@@ -64,7 +64,7 @@ class Listing:
     def rows(self) -> Iterator[pa.RecordBatch]:
         """The listed files, a spill batch at a time, in the order they were listed (each
         file's parts below this listing's folder)."""
-        with pa.memory_map(self.spill) as source:
+        with pa.OSFile(self.spill) as source:
             reader = pa.ipc.open_file(source)
             if self.prefix is None:
                 for i in range(reader.num_record_batches):
@@ -89,7 +89,7 @@ def list_folder(where: str) -> Listing:
     keep = tempfile.TemporaryDirectory(prefix="wf-listing-")
     spill = f"{keep.name}/listing.arrow"
     folders: set[tuple[str, ...]] = set()
-    direct: Counter[tuple[str, ...]] = Counter()
+    direct: Counter[tuple[bytes, ...]] = Counter()
     batches: dict[bytes, list[int]] = {}
     rows: list[tuple] = []
     written = [0]  # batches in the spill
@@ -104,23 +104,15 @@ def list_folder(where: str) -> Listing:
             written[0] += 1
             rows.clear()
 
-        names: dict[bytes, str] = {}
         for row in location.files(is_ignored_file, folders):
             parts = row[0]
             if len(parts) <= DIRECT_DEPTH + 1:
-                direct[tuple(_name(p, names) for p in parts[:-1])] += 1
+                direct[tuple(parts[:-1])] += 1
             rows.append(row)
             if len(rows) == SPILL_ROWS:
                 flush()
         if rows:
             flush()
-    return Listing(location, spill, frozenset(folders), dict(direct),
+    return Listing(location, spill, frozenset(folders),
+                   {tuple(os_name(p) for p in k): n for k, n in direct.items()},
                    {k: tuple(v) for k, v in batches.items()}, None, keep)  # fmt: skip
-
-
-def _name(part: bytes, names: dict[bytes, str]) -> str:
-    """A folder's name (as :data:`os` gives it) from its listed bytes, decoded once each."""
-    name = names.get(part)
-    if name is None:
-        name = names[part] = part.decode("utf-8", "surrogateescape")
-    return name

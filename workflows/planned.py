@@ -31,7 +31,8 @@ PLANNED = IMAGES.append(pa.field("order", pa.binary()))
 SORT_KEYS = [("label_index", "ascending"), ("order", "ascending")]
 BUFFER_ROWS = 1 << 16  # rows held before they are spilled to their shards' files
 OPEN_FILES = 128  # shards' spill files kept open between spills; another starts a new file
-SORTED_BATCH_ROWS = 1024  # a sorted shard's batches: what the merge holds of each shard
+MERGE_ROWS = 1 << 16  # rows the merge holds in all: a batch of each sorted shard,
+MERGE_MIN_BATCH = 1024  # but at least this many rows a batch
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class ShardRef:
         return self.count
 
     def load(self) -> Images:
-        with pa.memory_map(self.path) as source:
+        with pa.OSFile(self.path) as source:
             table = pa.ipc.open_file(source).read_all().drop_columns(["order"])
         images = Images(table, self.labels, self.root)
         return images if self.classes == self.labels else images.relabel(self.classes)
@@ -136,13 +137,15 @@ class PlannedImages:
             path = f"{self._keep.name}/{split}-{shard}.sorted.arrow"
             pieces = []
             for spilled in self._files.pop(key, []):
-                with pa.memory_map(spilled) as source:
+                with pa.OSFile(spilled) as source:
                     pieces.append(pa.ipc.open_stream(source).read_all())
                 os.remove(spilled)
             table = pa.concat_tables(pieces) if pieces else PLANNED.empty_table()
             table = table.sort_by(SORT_KEYS)
             with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, PLANNED) as writer:
-                writer.write_table(table, max_chunksize=SORTED_BATCH_ROWS)
+                writer.write_table(
+                    table, max_chunksize=max(MERGE_MIN_BATCH, MERGE_ROWS // self.shards)
+                )
             del table, pieces
             self._sorted[key] = path
         classes = self.labels if classes is None else classes
@@ -181,7 +184,7 @@ class PlannedImages:
 
 
 def _batches(path: str) -> Iterator[pa.Table]:
-    with pa.memory_map(path) as source:
+    with pa.OSFile(path) as source:
         reader = pa.ipc.open_file(source)
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)

@@ -199,7 +199,8 @@ def test_planning_streams_a_batch_at_a_time_and_cuts_the_shards_the_list_would(
     monkeypatch.setattr(workflows.listing, "SPILL_ROWS", 5)
     monkeypatch.setattr(workflows.planned, "BUFFER_ROWS", 4)
     monkeypatch.setattr(workflows.planned, "OPEN_FILES", 1)
-    monkeypatch.setattr(workflows.planned, "SORTED_BATCH_ROWS", 2)
+    monkeypatch.setattr(workflows.planned, "MERGE_ROWS", 2)
+    monkeypatch.setattr(workflows.planned, "MERGE_MIN_BATCH", 2)
     spec = discover_dataset(str(tmp_path / "ds"), 0.2, shards=shards)
     assert spec.images == whole.images and spec.warnings == whole.warnings
     assert spec.fingerprint == whole.fingerprint == _canonical_fingerprint(spec)
