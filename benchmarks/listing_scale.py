@@ -69,7 +69,7 @@ def list_once(threads: int) -> dict:
     spec = discover_dataset("s3://bench/data", 0.2)
     seconds = time.perf_counter() - started
     peak = memory_mib("VmHWM")
-    images = sum(len(items) for items in spec.images.values())
+    images = sum(spec.split_size(split) for split in spec.splits)
     return {"threads": threads, "seconds": seconds, "images": images,
             "peak_mib": peak, "above_start_mib": peak - before}  # fmt: skip
 

@@ -131,8 +131,7 @@ class DatasetSpec:
         return self.planned.shard(split, shard, self._classes(split))
 
     def split_size(self, split: str) -> int:
-        return sum(self.planned.size(split, s, self._classes(split))
-                   for s in range(self.planned.shards))  # fmt: skip
+        return self.planned.split_size(split, self._classes(split))
 
     @property
     def images(self) -> dict[str, Images]:
@@ -143,8 +142,9 @@ class DatasetSpec:
     @property
     def fingerprint(self) -> str:
         """:func:`storage.hashing.fingerprint` of ``[classes, {split: [[path, size, mtime],
-        ...]}]``, each split's images by class then as listed (unlabelled ones by path), streamed
-        from the planned shards a few thousand rows at a time."""
+        ...]}]``, each split's images by class then in listing order (a local folder's walk, an
+        object store's keys; unlabelled ones by path), streamed from the planned shards a few
+        thousand rows at a time."""
         digest = hashlib.sha256()
         digest.update(f"[{canonical_json(list(self.classes))},{{".encode())
         for n, split in enumerate(sorted(self.splits)):
@@ -256,6 +256,27 @@ def discover_dataset(
     planned = PlannedImages(labels, location.root, (*splits, *([UNLABELLED] * (pool is not None))),
                             shards)  # fmt: skip
     plan = _Planner(planned, pa.array([os_bytes(c) for c in classes], pa.binary()), shards)
+    try:
+        _plan_rows(tree, plan, split_dirs, pool, validation_fraction)
+    finally:
+        planned.close()
+    counts = {split: planned.class_counts(split) for split in splits}
+    for index, label in enumerate(labels):
+        if not counts["train"][index]:
+            raise DatasetError(f"{name}: class {label!r} has no training images")
+        for split in splits:
+            if split != "train" and not counts[split][index]:
+                warnings.append(f"{name}: class {label!r} has no {split} images")
+    return DatasetSpec(
+        name, location.uri, location.filesystem, labels, planned, bool(split_dirs),
+        tuple(warnings),
+    )  # fmt: skip
+
+
+def _plan_rows(
+    tree: Listing, plan: _Planner, split_dirs: dict[str, str], pool: str | None, fraction: float
+) -> None:
+    """Every listed file of the dataset to its split (or none), a spill batch at a time."""
     for batch in tree.rows():
         parts, first = batch.column("parts"), pc.list_element(batch.column("parts"), 0)
         depth = pc.list_value_length(parts)
@@ -270,7 +291,7 @@ def discover_dataset(
                 inside = pc.and_(inside, pc.not_equal(first, pa.scalar(os_bytes(pool))))
             rows, relative = plan.rows(batch.filter(inside), 0)
             held_out = np.fromiter(
-                (stable_unit_interval(r, _SPLIT_SALT) < validation_fraction
+                (stable_unit_interval(r, _SPLIT_SALT) < fraction
                  for r in relative.to_pylist()), bool, count=len(relative),
             )  # fmt: skip
             plan.put("train", rows.filter(pa.array(~held_out)), relative.filter(~held_out))
@@ -278,18 +299,6 @@ def discover_dataset(
         if pool is not None:  # UNLABELLED/.../IMAGE, at any depth, by path
             inside = pc.and_(pc.equal(first, pa.scalar(os_bytes(pool))), pc.greater(depth, 1))
             plan.add(UNLABELLED, batch.filter(inside), None)
-    planned.flush()
-    counts = {split: planned.class_counts(split) for split in splits}
-    for index, label in enumerate(labels):
-        if not counts["train"][index]:
-            raise DatasetError(f"{name}: class {label!r} has no training images")
-        for split in splits:
-            if split != "train" and not counts[split][index]:
-                warnings.append(f"{name}: class {label!r} has no {split} images")
-    return DatasetSpec(
-        name, location.uri, location.filesystem, labels, planned, bool(split_dirs),
-        tuple(warnings),
-    )  # fmt: skip
 
 
 class _Planner:
@@ -304,9 +313,12 @@ class _Planner:
         parts, or none) and their relative paths."""
         parts = listed.column("parts")
         relative = _relative_paths(parts)
-        if class_part is None:  # unlabelled: sorted by path
+        if (
+            class_part is None
+        ):  # unlabelled: sorted by path, then (keys that are one path) as listed
             index = pa.array(np.full(len(listed), NO_LABEL_INDEX, np.int32))
-            order = relative.cast(pa.binary())
+            order = pc.binary_join_element_wise(relative.cast(pa.binary()),
+                                                listed.column("order"), b"\0")  # fmt: skip
         else:
             index = pc.index_in(pc.list_element(parts, class_part), value_set=self.known)
             order = listed.column("order")

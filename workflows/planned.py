@@ -2,19 +2,20 @@
 
 Planning streams: each batch of listed files becomes planned images (:data:`PLANNED`) that go
 straight to the (split, shard) they belong to, spilled to Arrow files under the temporary folder
-(``TMPDIR``) a few hundred thousand rows at a time. A shard is read back, sorted into the order
-the whole split's list had (by class, then as listed; unlabelled images by path) and written
-once more, sorted, when it is first asked for: one shard's rows in memory, never the dataset's.
-The split's own order (for the dataset's fingerprint) is a merge of its sorted shards, a batch
-of each at a time. So the driver's memory no longer grows with the images (docs/scaling.md,
-``benchmarks/planning_memory.py``); its disk holds about three copies of the rows' bytes.
+(``TMPDIR``) some 65,000 rows at a time, into one file per group of shards (a split's shards
+spread over :data:`GROUPS` files). When a shard is first asked for, its group is read back, and
+each of its shards is sorted into the order the whole split's list had (by class, then as
+listed: a local folder's walk, an object store's keys; unlabelled images by path) and written
+to a file of its own. The split's own order (for the dataset's fingerprint) is a merge of its
+sorted shards, a batch of each at a time. So the driver holds a few batches and a group, never
+the dataset (docs/scaling.md, ``benchmarks/planning_memory.py``); its disk holds the rows'
+bytes two or three times over.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +27,15 @@ import pyarrow.compute as pc
 from tasks.extract_shard import IMAGES, Images
 
 # The planned images' columns: an image's and ``order``, what sorts it within its class as the
-# listing was (storage.filesystem.LISTED's ``order``; an unlabelled image's relative path).
+# listing was (storage.filesystem.LISTED's ``order``; for an unlabelled image its relative path
+# first). While waiting to be sorted, a row also carries its shard.
 PLANNED = IMAGES.append(pa.field("order", pa.binary()))
+_SPILLED = PLANNED.append(pa.field("shard", pa.int32()))
 SORT_KEYS = [("label_index", "ascending"), ("order", "ascending")]
-BUFFER_ROWS = 1 << 16  # rows held before they are spilled to their shards' files
-OPEN_FILES = 128  # shards' spill files kept open between spills; another starts a new file
-MERGE_ROWS = 1 << 16  # rows the merge holds in all: a batch of each sorted shard,
+BUFFER_ROWS = 1 << 16  # rows held before they are spilled to their groups' files
+GROUPS = 32  # a split's shards are spilled to this many files (shard % GROUPS), all kept open
+MERGE_FAN_IN = 32  # sorted files merged at once; more are merged in rounds, through files
+MERGE_ROWS = 1 << 16  # rows a merge holds in all: a batch of each file it merges,
 MERGE_MIN_BATCH = 1024  # but at least this many rows a batch
 
 
@@ -58,120 +62,167 @@ class ShardRef:
 
 class PlannedImages:
     """The images of a dataset's ``splits``, each cut into ``shards`` by the caller as it adds
-    them (:meth:`add`), for :meth:`shard` and :meth:`merged` to read back in order."""
+    them (:meth:`add`; then :meth:`close`), for :meth:`shard` and :meth:`merged` to read back
+    in order. The driver holds :data:`BUFFER_ROWS` rows while adding, a group of shards
+    (a split's 1/:data:`GROUPS`) while sorting them, and a merge's batches while merging."""
 
     def __init__(
         self, labels: tuple[str, ...], root: str, splits: tuple[str, ...], shards: int
     ) -> None:
         self.labels, self.root, self.splits, self.shards = labels, root, splits, shards
+        self.groups = min(shards, GROUPS)
         self._keep = tempfile.TemporaryDirectory(prefix="wf-plan-")
         self._buffer: dict[tuple[str, int], list[pa.Table]] = {}
         self._buffered = 0
-        self._files: dict[tuple[str, int], list[str]] = {}
-        self._open: OrderedDict[tuple[str, int], tuple[pa.NativeFile, Any]] = OrderedDict()
+        self._open: dict[tuple[str, int], tuple[pa.NativeFile, Any]] = {}
+        self._spilled: set[tuple[str, int]] = set()  # groups with rows not yet sorted
         self._sorted: dict[tuple[str, int], str] = {}
-        # Images per (split, shard) and class; the last place counts unlabelled images.
-        self.counts: dict[tuple[str, int], np.ndarray] = {}
+        self._sizes: dict[str, np.ndarray] = {s: np.zeros(shards, np.int64) for s in splits}
+        # Images of each split per class; the last place counts unlabelled images.
+        self._classes = {s: np.zeros(len(labels) + 1, np.int64) for s in splits}
 
     def add(self, split: str, rows: pa.Table, shards: np.ndarray) -> None:
         """Rows of :data:`PLANNED` for ``split``, each to the shard ``shards`` names."""
-        order = np.argsort(shards, kind="stable")
-        bounds = np.cumsum(np.bincount(shards, minlength=self.shards))
-        for shard, (start, end) in enumerate(zip([0, *bounds[:-1]], bounds, strict=True)):
-            if start == end:
-                continue
-            piece = rows.take(order[start:end])
-            self._buffer.setdefault((split, shard), []).append(piece)
-            index = piece.column("label_index").to_numpy()  # -1, unlabelled, counts last
-            counts = np.bincount(np.where(index < 0, len(self.labels), index),
-                                 minlength=len(self.labels) + 1)  # fmt: skip
-            self.counts[split, shard] = self.counts.get((split, shard), 0) + counts
+        groups = shards % self.groups
+        order = np.argsort(groups, kind="stable")
+        bounds = np.cumsum(np.bincount(groups, minlength=self.groups))
+        rows = rows.append_column("shard", pa.array(shards, pa.int32()))
+        for group, (start, end) in enumerate(zip([0, *bounds[:-1]], bounds, strict=True)):
+            if start < end:
+                self._buffer.setdefault((split, group), []).append(rows.take(order[start:end]))
+        self._sizes[split] += np.bincount(shards, minlength=self.shards)
+        index = rows.column("label_index").to_numpy()  # -1, unlabelled, counts last
+        self._classes[split] += np.bincount(np.where(index < 0, len(self.labels), index),
+                                            minlength=len(self.labels) + 1)  # fmt: skip
         self._buffered += rows.num_rows
         if self._buffered >= BUFFER_ROWS:
             self.flush()
 
     def flush(self) -> None:
-        """Spill what is held to its shards' files (the most recently written kept open)."""
+        """Spill what is held to its groups' files."""
         for key, pieces in self._buffer.items():
             if key not in self._open:
-                files = self._files.setdefault(key, [])
-                files.append(f"{self._keep.name}/{key[0]}-{key[1]}-{len(files)}.arrow")
-                sink = pa.OSFile(files[-1], "wb")
-                self._open[key] = (sink, pa.ipc.new_stream(sink, PLANNED))
-            self._open.move_to_end(key)
+                sink = pa.OSFile(self._group_path(key), "wb")
+                self._open[key] = (sink, pa.ipc.new_stream(sink, _SPILLED))
             for piece in pieces:
                 self._open[key][1].write_table(piece)
-            while len(self._open) > OPEN_FILES:
-                self._close(next(iter(self._open)))
+            self._spilled.add(key)
         self._buffer, self._buffered = {}, 0
 
-    def _close(self, key: tuple[str, int]) -> None:
-        sink, writer = self._open.pop(key)
-        writer.close()
-        sink.close()
+    def close(self) -> None:
+        """Spill what is held and close the files: every image has been added (or planning
+        failed)."""
+        try:
+            self.flush()
+        finally:
+            for sink, writer in self._open.values():
+                writer.close()
+                sink.close()
+            self._open = {}
 
-    def size(self, split: str, shard: int, classes: tuple[str, ...] | None = None) -> int:
-        """The images of a shard, of ``classes`` only (and every unlabelled one) when given."""
-        counts = self.counts.get((split, shard))
-        if counts is None:
-            return 0
+    def _group_path(self, key: tuple[str, int]) -> str:
+        return f"{self._keep.name}/{key[0]}-group{key[1]}.arrow"
+
+    def size(self, split: str, shard: int) -> int:
+        return int(self._sizes[split][shard])
+
+    def split_size(self, split: str, classes: tuple[str, ...] | None = None) -> int:
+        """The images of ``split``, of ``classes`` only (and every unlabelled one) when given."""
+        counts = self._classes[split]
         if classes is None:
             return int(counts.sum())
-        kept = [i for i, label in enumerate(self.labels) if label in classes]
-        return int(counts[kept].sum() + counts[-1])
+        return int(sum(n for c, n in zip(self.labels, counts, strict=False) if c in classes)
+                   + counts[-1])  # fmt: skip
 
     def class_counts(self, split: str) -> np.ndarray:
         """Images of ``split`` per class (in :attr:`labels`' order)."""
-        total = np.zeros(len(self.labels) + 1, np.int64)
-        for shard in range(self.shards):
-            total += self.counts.get((split, shard), 0)
-        return total[:-1]
+        return self._classes[split][:-1]
 
     def shard(self, split: str, shard: int, classes: tuple[str, ...] | None = None) -> ShardRef:
-        """The shard, sorted (written once), as a reference that loads its images."""
+        """The shard, sorted, as a reference that loads its images (of ``classes`` only, when
+        given, and every unlabelled one). The first shard asked for of a group sorts the whole
+        group's, each written to its own file."""
         key = (split, shard)
         if key not in self._sorted:
-            self.flush()
-            if key in self._open:
-                self._close(key)
-            path = f"{self._keep.name}/{split}-{shard}.sorted.arrow"
-            pieces = []
-            for spilled in self._files.pop(key, []):
-                with pa.OSFile(spilled) as source:
-                    pieces.append(pa.ipc.open_stream(source).read_all())
-                os.remove(spilled)
-            table = pa.concat_tables(pieces) if pieces else PLANNED.empty_table()
-            table = table.sort_by(SORT_KEYS)
-            with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, PLANNED) as writer:
-                writer.write_table(
-                    table, max_chunksize=max(MERGE_MIN_BATCH, MERGE_ROWS // self.shards)
-                )
-            del table, pieces
-            self._sorted[key] = path
+            self._sort_group(split, shard % self.groups)
         classes = self.labels if classes is None else classes
-        return ShardRef(self._sorted[key], self.labels, classes, self.root,
-                        self.size(split, shard, classes))  # fmt: skip
+        count = self.size(split, shard)
+        if classes != self.labels:  # rare (classes dropped): count what is kept
+            kept = pa.array([i for i, c in enumerate(self.labels) if c in classes], pa.int32())
+            with pa.OSFile(self._sorted[key]) as source:
+                index = pa.ipc.open_file(source).read_all().column("label_index")
+            count = int(pc.sum(pc.or_(pc.is_in(index, value_set=kept), pc.less(index, 0)))
+                        .as_py() or 0)  # fmt: skip
+        return ShardRef(self._sorted[key], self.labels, classes, self.root, count)
+
+    def _sort_group(self, split: str, group: int) -> None:
+        if self._open:
+            raise RuntimeError("planned images are read once they are all added (close)")
+        table = _SPILLED.empty_table()
+        if (split, group) in self._spilled:
+            with pa.OSFile(self._group_path((split, group))) as source:
+                table = pa.ipc.open_stream(source).read_all()
+        batch = max(MERGE_MIN_BATCH, MERGE_ROWS // min(self.shards, MERGE_FAN_IN))
+        table = table.sort_by([("shard", "ascending"), *SORT_KEYS])
+        counts = np.bincount(table.column("shard").to_numpy(), minlength=self.shards)
+        start = 0
+        for shard in range(group, self.shards, self.groups):  # the group's, in ascending order
+            rows = table.slice(start, counts[shard]).drop_columns(["shard"])
+            start += counts[shard]
+            path = f"{self._keep.name}/{split}-{shard}.sorted.arrow"
+            _write(path, rows, batch)
+            self._sorted[split, shard] = path
+        del table
+        if (split, group) in self._spilled:  # only once each shard has its sorted file
+            self._spilled.discard((split, group))
+            os.remove(self._group_path((split, group)))
 
     def merged(self, split: str) -> Iterator[pa.Table]:
         """The split's rows (with ``order``) in the order of the split's whole list, a few
-        thousand at a time: a merge of its sorted shards, holding one batch of each."""
-        streams = [_batches(self.shard(split, s).path) for s in range(self.shards)]
-        heads: list[pa.Table | None] = [next(s, None) for s in streams]
-        while True:
-            live = [i for i, head in enumerate(heads) if head is not None]
-            if not live:
-                return
-            # Every row up to the smallest of the heads' last keys can go: no stream holds a
-            # smaller one further on. The head that key ends is used up, so each round moves.
-            bound = min(_key(heads[i], heads[i].num_rows - 1) for i in live)
-            taken = []
-            for i in live:
-                head = heads[i]
-                n = int(pc.sum(_at_most(head, bound)).as_py() or 0)
-                taken.append(head.slice(0, n))
-                heads[i] = head.slice(n) if n < head.num_rows else next(streams[i], None)
-            chunk = pa.concat_tables(taken)
-            yield chunk.take(pc.sort_indices(chunk, SORT_KEYS))
+        thousand at a time, as an external sort does it: its sorted shards are read
+        :data:`MERGE_ROWS` rows' worth at a time and sorted together into runs (a split that
+        small is one run, never written), and the runs merged :data:`MERGE_FAN_IN` at once (more
+        in rounds, through files), holding a batch of each."""
+        batch = max(MERGE_MIN_BATCH, MERGE_ROWS // MERGE_FAN_IN)
+        made: list[str] = []  # the runs' and rounds' files, removed once read
+
+        def run(paths: list[str]) -> pa.Table:
+            tables = [_read(p) for p in paths]
+            return pa.concat_tables(tables).sort_by(SORT_KEYS) if tables else PLANNED.empty_table()
+
+        def to_file(chunks: Iterator[pa.Table] | list[pa.Table]) -> str:
+            path = f"{self._keep.name}/{split}-run-{len(made)}.arrow"
+            with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, PLANNED) as writer:
+                for chunk in chunks:
+                    writer.write_table(chunk, max_chunksize=batch)
+            made.append(path)
+            return path
+
+        runs, pending, held = [], [], 0
+        for shard in range(self.shards):
+            path, rows = self.shard(split, shard).path, self.size(split, shard)
+            if pending and held + rows > MERGE_ROWS:
+                runs.append(to_file([run(pending)]))
+                pending, held = [], 0
+            pending.append(path)
+            held += rows
+        if not runs:  # the whole split fits in one run
+            for part in run(pending).to_batches(max_chunksize=batch):
+                yield pa.Table.from_batches([part])
+            return
+        runs.append(to_file([run(pending)]))
+        while len(runs) > MERGE_FAN_IN:
+            runs = [to_file(_merge(runs[i:i + MERGE_FAN_IN]))
+                    for i in range(0, len(runs), MERGE_FAN_IN)]  # fmt: skip
+            for used in made[: -len(runs)]:
+                if os.path.exists(used):
+                    os.remove(used)
+        try:
+            yield from _merge(runs)
+        finally:
+            for used in made:
+                if os.path.exists(used):
+                    os.remove(used)
 
     def images(self, split: str, classes: tuple[str, ...] | None = None) -> Images:
         """The whole split in memory, in its order (for small datasets and tests)."""
@@ -181,6 +232,37 @@ class PlannedImages:
         if classes is None or classes == self.labels:
             return images
         return images.relabel(classes)
+
+
+def _read(path: str) -> pa.Table:
+    with pa.OSFile(path) as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def _write(path: str, table: pa.Table, batch: int) -> None:
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, PLANNED) as writer:
+        writer.write_table(table, max_chunksize=batch)
+
+
+def _merge(paths: list[str]) -> Iterator[pa.Table]:
+    """The rows of the sorted files ``paths`` in one order, a chunk at a time."""
+    streams = [_batches(p) for p in paths]
+    heads: list[pa.Table | None] = [next(s, None) for s in streams]
+    while True:
+        live = [i for i, head in enumerate(heads) if head is not None]
+        if not live:
+            return
+        # Every row up to the smallest of the heads' last keys can go: no stream holds a
+        # smaller one further on. The head that key ends is used up, so each round moves.
+        bound = min(_key(heads[i], heads[i].num_rows - 1) for i in live)
+        taken = []
+        for i in live:
+            head = heads[i]
+            n = int(pc.sum(_at_most(head, bound)).as_py() or 0)
+            taken.append(head.slice(0, n))
+            heads[i] = head.slice(n) if n < head.num_rows else next(streams[i], None)
+        chunk = pa.concat_tables(taken)
+        yield chunk.take(pc.sort_indices(chunk, SORT_KEYS))
 
 
 def _batches(path: str) -> Iterator[pa.Table]:

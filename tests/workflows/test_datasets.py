@@ -187,9 +187,10 @@ def _streamed_dataset(root):
 def test_planning_streams_a_batch_at_a_time_and_cuts_the_shards_the_list_would(
     tmp_path, monkeypatch, shards
 ):
-    """The listing is spilled 5 rows at a time and the planned images 4 at a time, through
-    one open file at a time: the splits, the fingerprint and every shard are what the whole
-    list in memory gives (``plan_shards``, the dataset's canonical fingerprint)."""
+    """The listing is spilled 5 rows at a time and the planned images 4 at a time, into 2
+    files a split, and the sorted shards merged 2 at a time in rounds: the splits, the
+    fingerprint and every shard are what the whole list in memory gives (``plan_shards``, the
+    dataset's canonical fingerprint)."""
     import workflows.listing
     import workflows.planned
     from workflows.extract.plan import plan_shards
@@ -198,7 +199,8 @@ def test_planning_streams_a_batch_at_a_time_and_cuts_the_shards_the_list_would(
     whole = discover_dataset(str(tmp_path / "ds"), 0.2, shards=shards)
     monkeypatch.setattr(workflows.listing, "SPILL_ROWS", 5)
     monkeypatch.setattr(workflows.planned, "BUFFER_ROWS", 4)
-    monkeypatch.setattr(workflows.planned, "OPEN_FILES", 1)
+    monkeypatch.setattr(workflows.planned, "GROUPS", 2)  # shards share spill files
+    monkeypatch.setattr(workflows.planned, "MERGE_FAN_IN", 2)  # merged in rounds
     monkeypatch.setattr(workflows.planned, "MERGE_ROWS", 2)
     monkeypatch.setattr(workflows.planned, "MERGE_MIN_BATCH", 2)
     spec = discover_dataset(str(tmp_path / "ds"), 0.2, shards=shards)

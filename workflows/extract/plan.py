@@ -129,8 +129,8 @@ def plan_dataset(
     spec: DatasetSpec, settings: ExtractSettings, prepared: PreparedBackbone, layout: StoreLayout
 ) -> DatasetPlan:
     """Decide the shards to compute and write the run's starting manifest (hold the lease).
-    The spec's images were planned into ``settings.shards`` shards; each is read from the
-    driver's disk once here (its fingerprint) and again when its job is submitted."""
+    The spec's images were planned into ``settings.shards`` shards on the driver's disk; each
+    is read here for its fingerprint, and again when its job is submitted."""
     if spec.planned.shards != settings.shards:
         raise ValueError(f"{spec.name} was planned into {spec.planned.shards} shards, not "
                          f"{settings.shards}")  # fmt: skip

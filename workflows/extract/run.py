@@ -152,8 +152,8 @@ def run_extract(
 
 
 def _extract(settings, specs, prepare, layout, on_progress, on_message) -> list[DatasetReport]:
-    """Plan and run ``specs``; the list is emptied once they are planned, so that their image
-    lists are not held beside the shards for the whole run."""
+    """Plan and run ``specs``; the list is emptied once they are planned: each plan keeps what
+    its jobs need (their shards on the driver's disk)."""
     with ExitStack() as stack:
         leases = {
             spec.name: stack.enter_context(Lease(
@@ -165,7 +165,7 @@ def _extract(settings, specs, prepare, layout, on_progress, on_message) -> list[
         }  # fmt: skip
         prepared = {spec.name: prepare(spec) for spec in specs}
         plans = {s.name: plan_dataset(s, settings, prepared[s.name], layout) for s in specs}
-        specs.clear()  # their image lists: the plans' shards hold what the run needs
+        specs.clear()  # the plans keep their planned shards, all the run reads
         release_freed_memory()
         outcome = _run_shards(settings, layout, plans, leases, prepared, on_progress)
         reports = []
@@ -217,11 +217,13 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
         # Jobs are submitted a window at a time, each read from the driver's disk just before:
         # the jobs waiting hold no rows, on the driver or in Ray's object store.
         waiting = deque(job for plan in plans.values() for job in plan.jobs)
-        window = submit_window()
+        window = [submit_window(), time.monotonic()]  # asked again as nodes may join
         pending = {}
 
         def submit() -> None:
-            while waiting and len(pending) < window:
+            if time.monotonic() - window[1] > 5:
+                window[:] = [submit_window(), time.monotonic()]
+            while waiting and len(pending) < window[0]:
                 job = waiting.popleft()  # kept as it waited: its images went with the task
                 task = extract_shard_task.options(num_cpus=settings.threads_per_task)
                 pending[task.remote(job.loaded(), refs[prepared[job.dataset].key], counter)] = job
