@@ -140,7 +140,7 @@ class Location:
         object store's sorted by key). An object store has no empty folders: only those that
         hold a file are seen. The files are held as Arrow batches, never a Python object each:
         at ten million images those were 12-34 GB on the driver (docs/scaling.md); a dataset
-        being extracted is not held at all (:mod:`workflows.listing`)."""
+        being extracted is not held at all (:mod:`workflows.dataset_listing`)."""
         files, folders = ColumnBuilder(LISTED), set()
         for row in self.files(ignored, folders):
             files.append(*row)

@@ -43,7 +43,7 @@ from storage.hashing import canonical_json, stable_bucket, stable_unit_interval,
 from storage.names import escape_name
 from tasks.extract_shard import Images
 from tasks.images import is_ignored_file
-from workflows.listing import Listing, list_folder
+from workflows.dataset_listing import Listing, list_folder
 from workflows.planned import PLANNED, PlannedImages, ShardRef
 
 SPLITS = ("train", "validation", "test")

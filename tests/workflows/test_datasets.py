@@ -191,13 +191,13 @@ def test_planning_streams_a_batch_at_a_time_and_cuts_the_shards_the_list_would(
     files a split, and the sorted shards merged 2 at a time in rounds: the splits, the
     fingerprint and every shard are what the whole list in memory gives (``plan_shards``, the
     dataset's canonical fingerprint)."""
-    import workflows.listing
+    import workflows.dataset_listing
     import workflows.planned
     from workflows.extract.plan import plan_shards
 
     _streamed_dataset(tmp_path / "ds")
     whole = discover_dataset(str(tmp_path / "ds"), 0.2, shards=shards)
-    monkeypatch.setattr(workflows.listing, "SPILL_ROWS", 5)
+    monkeypatch.setattr(workflows.dataset_listing, "SPILL_ROWS", 5)
     monkeypatch.setattr(workflows.planned, "BUFFER_ROWS", 4)
     monkeypatch.setattr(workflows.planned, "GROUPS", 2)  # shards share spill files
     monkeypatch.setattr(workflows.planned, "MERGE_FAN_IN", 2)  # merged in rounds
