@@ -195,18 +195,38 @@ def main() -> None:
 
 
 def report_curves(curves: dict[str, list], full: float) -> None:
-    """The round-by-round table (means of seeds) and how wf compares."""
+    """The round-by-round table (means of seeds; each gap ± its paired standard error over the
+    seeds) and how wf compares."""
     print("| labelled | random | uncertainty | wf | wf - random | wf - uncertainty |")
     print("|---|---|---|---|---|---|")
-    means = {s: np.mean([[a for _, a in run] for run in runs], axis=0)
-             for s, runs in curves.items()}  # fmt: skip
+    runs_of = {s: np.array([[a for _, a in run] for run in runs]) for s, runs in curves.items()}
+    means = {s: runs.mean(axis=0) for s, runs in runs_of.items()}
     shares = [s for s, _ in curves["wf"][0]]
+
+    def paired(other: str) -> tuple[np.ndarray, np.ndarray]:
+        """wf's accuracy less ``other``'s, seed by seed: the mean and its standard error."""
+        gaps = runs_of["wf"] - runs_of[other]
+        seeds = len(gaps)
+        error = gaps.std(axis=0, ddof=1) / np.sqrt(seeds) if seeds > 1 else np.nan * gaps[0]
+        return gaps.mean(axis=0), error
+
+    (to_random, random_se), (to_uncertainty, uncertainty_se) = (
+        paired("random"),
+        paired("uncertainty"),
+    )
     for i, share in enumerate(shares):
         r, u, w = means["random"][i], means["uncertainty"][i], means["wf"][i]
-        cells = (f"{100 * share:.0f}%", f"{r:.4f}", f"{u:.4f}", f"{w:.4f}", f"{w - r:+.4f}",
-                 f"{w - u:+.4f}")  # fmt: skip
+        cells = (f"{100 * share:.0f}%", f"{r:.4f}", f"{u:.4f}", f"{w:.4f}",
+                 f"{to_random[i]:+.4f} ± {random_se[i]:.4f}",
+                 f"{to_uncertainty[i]:+.4f} ± {uncertainty_se[i]:.4f}")  # fmt: skip
         print(f"| {' | '.join(cells)} |")
     later = range(1, len(shares))  # the start is the same 5% for all three
+    for other in ("random", "uncertainty"):  # each seed's mean over the rounds after the start
+        gaps = (runs_of["wf"][:, 1:] - runs_of[other][:, 1:]).mean(axis=1)
+        error = gaps.std(ddof=1) / np.sqrt(len(gaps)) if len(gaps) > 1 else float("nan")
+        print(f"wf - {other} over the rounds (mean of seeds ± its standard error, paired): "
+              f"{gaps.mean():+.4f} ± {error:.4f}; seeds where wf is ahead: "
+              f"{int((gaps > 0).sum())}/{len(gaps)}")  # fmt: skip
     above_random = sum(means["wf"][i] > means["random"][i] for i in later)
     above_uncertainty = sum(means["wf"][i] > means["uncertainty"][i] for i in later)
     reached = [shares[i] for i in range(len(shares)) if means["wf"][i] >= full - 1e-9]

@@ -6,10 +6,12 @@ straight to the (split, shard) they belong to, spilled to Arrow files under the 
 spread over :data:`GROUPS` files). When a shard is first asked for, its group is read back, and
 each of its shards is sorted into the order the whole split's list had (by class, then as
 listed: a local folder's walk, an object store's keys; unlabelled images by path) and written
-to a file of its own. The split's own order (for the dataset's fingerprint) is a merge of its
-sorted shards, a batch of each at a time. So the driver holds a few batches and a group, never
-the dataset (docs/scaling.md, ``benchmarks/planning_memory.py``); its disk holds the rows'
-bytes two or three times over.
+to a file of its own. The split's own order (for the dataset's fingerprint) is an external sort
+of its sorted shards: runs, merged a batch of each at a time. So the driver holds a few batches
+and a group of shards (a split's 1/32, or one shard when there are fewer), never the dataset;
+with the images per shard held (more shards for more images, as docs/scaling.md plans), its
+memory does not grow with the images (``benchmarks/planning_memory.py``). Its disk holds the
+rows' bytes two or three times over.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class PlannedImages:
     """The images of a dataset's ``splits``, each cut into ``shards`` by the caller as it adds
     them (:meth:`add`; then :meth:`close`), for :meth:`shard` and :meth:`merged` to read back
     in order. The driver holds :data:`BUFFER_ROWS` rows while adding, a group of shards
-    (a split's 1/:data:`GROUPS`) while sorting them, and a merge's batches while merging."""
+    (``shard % min(shards, GROUPS)``: a split's 1/32, or one shard) while sorting them, and a
+    merge's batches (or one run of at most :data:`MERGE_ROWS`) while merging."""
 
     def __init__(
         self, labels: tuple[str, ...], root: str, splits: tuple[str, ...], shards: int
@@ -75,6 +78,7 @@ class PlannedImages:
         self._buffer: dict[tuple[str, int], list[pa.Table]] = {}
         self._buffered = 0
         self._open: dict[tuple[str, int], tuple[pa.NativeFile, Any]] = {}
+        self._closed = False  # every image added: from here on, read only
         self._spilled: set[tuple[str, int]] = set()  # groups with rows not yet sorted
         self._sorted: dict[tuple[str, int], str] = {}
         self._sizes: dict[str, np.ndarray] = {s: np.zeros(shards, np.int64) for s in splits}
@@ -83,6 +87,8 @@ class PlannedImages:
 
     def add(self, split: str, rows: pa.Table, shards: np.ndarray) -> None:
         """Rows of :data:`PLANNED` for ``split``, each to the shard ``shards`` names."""
+        if self._closed:
+            raise RuntimeError("planned images take no more rows once they are read (closed)")
         groups = shards % self.groups
         order = np.argsort(groups, kind="stable")
         bounds = np.cumsum(np.bincount(groups, minlength=self.groups))
@@ -118,7 +124,7 @@ class PlannedImages:
             for sink, writer in self._open.values():
                 writer.close()
                 sink.close()
-            self._open = {}
+            self._open, self._closed = {}, True
 
     def _group_path(self, key: tuple[str, int]) -> str:
         return f"{self._keep.name}/{key[0]}-group{key[1]}.arrow"
@@ -156,13 +162,13 @@ class PlannedImages:
         return ShardRef(self._sorted[key], self.labels, classes, self.root, count)
 
     def _sort_group(self, split: str, group: int) -> None:
-        if self._open:
+        if not self._closed:
             raise RuntimeError("planned images are read once they are all added (close)")
         table = _SPILLED.empty_table()
         if (split, group) in self._spilled:
             with pa.OSFile(self._group_path((split, group))) as source:
                 table = pa.ipc.open_stream(source).read_all()
-        batch = max(MERGE_MIN_BATCH, MERGE_ROWS // min(self.shards, MERGE_FAN_IN))
+        batch = max(MERGE_MIN_BATCH, MERGE_ROWS // MERGE_FAN_IN)  # what a merge reads at once
         table = table.sort_by([("shard", "ascending"), *SORT_KEYS])
         counts = np.bincount(table.column("shard").to_numpy(), minlength=self.shards)
         start = 0
@@ -178,51 +184,54 @@ class PlannedImages:
             os.remove(self._group_path((split, group)))
 
     def merged(self, split: str) -> Iterator[pa.Table]:
-        """The split's rows (with ``order``) in the order of the split's whole list, a few
-        thousand at a time, as an external sort does it: its sorted shards are read
-        :data:`MERGE_ROWS` rows' worth at a time and sorted together into runs (a split that
-        small is one run, never written), and the runs merged :data:`MERGE_FAN_IN` at once (more
-        in rounds, through files), holding a batch of each."""
+        """The split's rows (with ``order``) in the order of the split's whole list, in chunks,
+        as an external sort does it: its sorted shards are read :data:`MERGE_ROWS` rows' worth
+        at a time and sorted together into runs (a shard that large is a run as it is; a split
+        that small is one run, never written), and the runs merged :data:`MERGE_FAN_IN` at once
+        (more in rounds, through files), holding a batch of each."""
+        if not self._closed:
+            raise RuntimeError("planned images are read once they are all added (close)")
         batch = max(MERGE_MIN_BATCH, MERGE_ROWS // MERGE_FAN_IN)
         made: list[str] = []  # the runs' and rounds' files, removed once read
 
-        def run(paths: list[str]) -> pa.Table:
-            tables = [_read(p) for p in paths]
-            return pa.concat_tables(tables).sort_by(SORT_KEYS) if tables else PLANNED.empty_table()
-
-        def to_file(chunks: Iterator[pa.Table] | list[pa.Table]) -> str:
+        def to_file(chunks: Iterator[pa.Table]) -> str:
             path = f"{self._keep.name}/{split}-run-{len(made)}.arrow"
-            with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, PLANNED) as writer:
-                for chunk in chunks:
-                    writer.write_table(chunk, max_chunksize=batch)
+            _write_chunks(path, chunks, batch)
             made.append(path)
             return path
+
+        def run(paths: list[str]) -> str:
+            if len(paths) == 1:  # a shard is sorted already
+                return paths[0]
+            return to_file(iter([pa.concat_tables([_read(p) for p in paths]).sort_by(SORT_KEYS)]))
 
         runs, pending, held = [], [], 0
         for shard in range(self.shards):
             path, rows = self.shard(split, shard).path, self.size(split, shard)
             if pending and held + rows > MERGE_ROWS:
-                runs.append(to_file([run(pending)]))
+                runs.append(run(pending))
                 pending, held = [], 0
             pending.append(path)
             held += rows
-        if not runs:  # the whole split fits in one run
-            for part in run(pending).to_batches(max_chunksize=batch):
+        if not runs and len(pending) > 1:  # the whole split fits in one run: sorted here
+            table = pa.concat_tables([_read(p) for p in pending]).sort_by(SORT_KEYS)
+            for part in table.to_batches(max_chunksize=batch):
                 yield pa.Table.from_batches([part])
             return
-        runs.append(to_file([run(pending)]))
+        runs.append(run(pending))
         while len(runs) > MERGE_FAN_IN:
-            runs = [to_file(_merge(runs[i:i + MERGE_FAN_IN]))
-                    for i in range(0, len(runs), MERGE_FAN_IN)]  # fmt: skip
-            for used in made[: -len(runs)]:
-                if os.path.exists(used):
+            merged_runs = []
+            for start in range(0, len(runs), MERGE_FAN_IN):
+                group = runs[start : start + MERGE_FAN_IN]
+                merged_runs.append(to_file(_merge(group)) if len(group) > 1 else group[0])
+                for used in set(group) & set(made) - set(merged_runs):
                     os.remove(used)
+            runs = merged_runs
         try:
             yield from _merge(runs)
         finally:
-            for used in made:
-                if os.path.exists(used):
-                    os.remove(used)
+            for used in set(runs) & set(made):
+                os.remove(used)
 
     def images(self, split: str, classes: tuple[str, ...] | None = None) -> Images:
         """The whole split in memory, in its order (for small datasets and tests)."""
@@ -237,6 +246,19 @@ class PlannedImages:
 def _read(path: str) -> pa.Table:
     with pa.OSFile(path) as source:
         return pa.ipc.open_file(source).read_all()
+
+
+def _write_chunks(path: str, chunks: Iterator[pa.Table], batch: int) -> None:
+    """Write ``chunks`` to ``path`` in batches of about ``batch`` rows (small chunks joined)."""
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, PLANNED) as writer:
+        held: list[pa.Table] = []
+        for chunk in chunks:
+            held.append(chunk)
+            if sum(t.num_rows for t in held) >= batch:
+                writer.write_table(pa.concat_tables(held), max_chunksize=batch)
+                held = []
+        if held:
+            writer.write_table(pa.concat_tables(held), max_chunksize=batch)
 
 
 def _write(path: str, table: pa.Table, batch: int) -> None:
