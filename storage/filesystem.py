@@ -176,8 +176,7 @@ class Location:
                     continue
                 # A key that relpath normalises ("a//b", "a/./b") keeps its own path.
                 usual = entry.path == f"{prefix}{relative}"
-                key = relative if usual or not entry.path.startswith(prefix) else (
-                    entry.path[len(prefix):])  # fmt: skip
+                key = entry.path[len(prefix) :] if entry.path.startswith(prefix) else relative
                 yield ([p.encode() for p in parts], None if usual else entry.path.encode(),
                        *stat_signature(entry), key.encode())  # fmt: skip
                 folders.update(parts[:i] for i in range(1, len(parts)))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +53,7 @@ NO_LABEL, NO_LABEL_INDEX = "", -1
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation",
                  "valid": "validation", "test": "test"}  # fmt: skip
 _SPLIT_SALT = "wf-validation-split"
-SHARD_SALT = "wf-shard"  # a shard is a stable hash of an image's relative path
+SHARD_SALT = "wf-shard"  # shard_numbers' salt
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -155,14 +155,15 @@ class DatasetSpec:
         return digest.hexdigest()
 
     def _signature_rows(self, split: str) -> Iterator[tuple]:
-        classes, labels = self._classes(split), self.planned.labels
-        kept = None
-        if classes is not None and classes != labels:
-            kept = pa.array([i for i, label in enumerate(labels) if label in classes], pa.int32())
-        for chunk in self.planned.merged(split):
-            if kept is not None:
-                chunk = chunk.filter(pc.is_in(chunk.column("label_index"), value_set=kept))
+        for chunk in self.planned.merged(split, self._classes(split)):
             yield from column_rows(chunk, ["relative_path", "size", "mtime_ns"])
+
+
+def shard_numbers(relative_paths: Iterable[str], count: int, shards: int) -> np.ndarray:
+    """Each image's shard among ``shards``: a stable hash of its relative path, so adding
+    images never moves an existing one to another shard."""
+    return np.fromiter((stable_bucket(r, shards, SHARD_SALT) for r in relative_paths), np.int64,
+                       count=count)  # fmt: skip
 
 
 def _split_folders(tree: Tree | Listing) -> dict[str, str]:
@@ -333,10 +334,7 @@ class _Planner:
     def put(self, split: str, rows: pa.Table, relative: pa.Array) -> None:
         if not rows.num_rows:
             return
-        shards = np.fromiter(
-            (stable_bucket(r, self.shards, SHARD_SALT) for r in relative.to_pylist()),
-            np.int64, count=len(relative),
-        )  # fmt: skip
+        shards = shard_numbers(relative.to_pylist(), len(relative), self.shards)
         self.planned.add(split, rows, shards)
 
     def add(self, split: str, listed: pa.RecordBatch, class_part: int | None) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +56,7 @@ class ShardRef:
         return self.count
 
     def load(self) -> Images:
-        with pa.OSFile(self.path) as source:
-            table = pa.ipc.open_file(source).read_all().drop_columns(["order"])
+        table = _read(self.path).drop_columns(["order"])
         images = Images(table, self.labels, self.root)
         return images if self.classes == self.labels else images.relabel(self.classes)
 
@@ -137,8 +136,19 @@ class PlannedImages:
         counts = self._classes[split]
         if classes is None:
             return int(counts.sum())
-        return int(sum(n for c, n in zip(self.labels, counts, strict=False) if c in classes)
-                   + counts[-1])  # fmt: skip
+        return int(counts[self._kept(classes)].sum() + counts[-1])
+
+    def _kept(self, classes: tuple[str, ...]) -> np.ndarray:
+        """The indices (in :attr:`labels`) of ``classes``."""
+        return np.array([i for i, label in enumerate(self.labels) if label in classes], np.int32)
+
+    def _of(self, rows: pa.Table, classes: tuple[str, ...] | None) -> pa.Table:
+        """``rows`` of ``classes`` only (and every unlabelled one), or all without them."""
+        if classes is None or classes == self.labels:
+            return rows
+        index = rows.column("label_index")
+        kept = pc.is_in(index, value_set=pa.array(self._kept(classes)))
+        return rows.filter(pc.or_(kept, pc.less(index, 0)))
 
     def class_counts(self, split: str) -> np.ndarray:
         """Images of ``split`` per class (in :attr:`labels`' order)."""
@@ -154,11 +164,7 @@ class PlannedImages:
         classes = self.labels if classes is None else classes
         count = self.size(split, shard)
         if classes != self.labels:  # rare (classes dropped): count what is kept
-            kept = pa.array([i for i, c in enumerate(self.labels) if c in classes], pa.int32())
-            with pa.OSFile(self._sorted[key]) as source:
-                index = pa.ipc.open_file(source).read_all().column("label_index")
-            count = int(pc.sum(pc.or_(pc.is_in(index, value_set=kept), pc.less(index, 0)))
-                        .as_py() or 0)  # fmt: skip
+            count = self._of(_read(self._sorted[key]), classes).num_rows
         return ShardRef(self._sorted[key], self.labels, classes, self.root, count)
 
     def _sort_group(self, split: str, group: int) -> None:
@@ -168,7 +174,6 @@ class PlannedImages:
         if (split, group) in self._spilled:
             with pa.OSFile(self._group_path((split, group))) as source:
                 table = pa.ipc.open_stream(source).read_all()
-        batch = max(MERGE_MIN_BATCH, MERGE_ROWS // MERGE_FAN_IN)  # what a merge reads at once
         table = table.sort_by([("shard", "ascending"), *SORT_KEYS])
         counts = np.bincount(table.column("shard").to_numpy(), minlength=self.shards)
         start = 0
@@ -176,34 +181,38 @@ class PlannedImages:
             rows = table.slice(start, counts[shard]).drop_columns(["shard"])
             start += counts[shard]
             path = f"{self._keep.name}/{split}-{shard}.sorted.arrow"
-            _write(path, rows, batch)
+            _write_chunks(path, [rows])
             self._sorted[split, shard] = path
         del table
         if (split, group) in self._spilled:  # only once each shard has its sorted file
             self._spilled.discard((split, group))
             os.remove(self._group_path((split, group)))
 
-    def merged(self, split: str) -> Iterator[pa.Table]:
-        """The split's rows (with ``order``) in the order of the split's whole list, in chunks,
-        as an external sort does it: its sorted shards are read :data:`MERGE_ROWS` rows' worth
-        at a time and sorted together into runs (a shard that large is a run as it is; a split
-        that small is one run, never written), and the runs merged :data:`MERGE_FAN_IN` at once
-        (more in rounds, through files), holding a batch of each."""
+    def merged(self, split: str, classes: tuple[str, ...] | None = None) -> Iterator[pa.Table]:
+        """The split's rows (with ``order``; of ``classes`` only, and every unlabelled one, when
+        given) in the order of the split's whole list, in chunks, as an external sort does it:
+        its sorted shards are read :data:`MERGE_ROWS` rows' worth at a time and sorted together
+        into runs (a shard that large is a run as it is; a split that small is one run, never
+        written), and the runs merged :data:`MERGE_FAN_IN` at once (more in rounds, through
+        files), holding a batch of each."""
         if not self._closed:
             raise RuntimeError("planned images are read once they are all added (close)")
-        batch = max(MERGE_MIN_BATCH, MERGE_ROWS // MERGE_FAN_IN)
+        for chunk in self._merged(split):
+            yield self._of(chunk, classes)
+
+    def _merged(self, split: str) -> Iterator[pa.Table]:
         made: list[str] = []  # the runs' and rounds' files, removed once read
 
-        def to_file(chunks: Iterator[pa.Table]) -> str:
+        def to_file(chunks: Iterable[pa.Table]) -> str:
             path = f"{self._keep.name}/{split}-run-{len(made)}.arrow"
-            _write_chunks(path, chunks, batch)
+            _write_chunks(path, chunks)
             made.append(path)
             return path
 
         def run(paths: list[str]) -> str:
             if len(paths) == 1:  # a shard is sorted already
                 return paths[0]
-            return to_file(iter([pa.concat_tables([_read(p) for p in paths]).sort_by(SORT_KEYS)]))
+            return to_file([_sorted_together(paths)])
 
         runs, pending, held = [], [], 0
         for shard in range(self.shards):
@@ -214,8 +223,7 @@ class PlannedImages:
             pending.append(path)
             held += rows
         if not runs and len(pending) > 1:  # the whole split fits in one run: sorted here
-            table = pa.concat_tables([_read(p) for p in pending]).sort_by(SORT_KEYS)
-            for part in table.to_batches(max_chunksize=batch):
+            for part in _sorted_together(pending).to_batches(max_chunksize=_merge_batch()):
                 yield pa.Table.from_batches([part])
             return
         runs.append(run(pending))
@@ -235,12 +243,10 @@ class PlannedImages:
 
     def images(self, split: str, classes: tuple[str, ...] | None = None) -> Images:
         """The whole split in memory, in its order (for small datasets and tests)."""
-        chunks = list(self.merged(split))
+        chunks = list(self.merged(split, classes))
         table = pa.concat_tables(chunks) if chunks else PLANNED.empty_table()
         images = Images(table.drop_columns(["order"]), self.labels, self.root)
-        if classes is None or classes == self.labels:
-            return images
-        return images.relabel(classes)
+        return images if classes is None or classes == self.labels else images.relabel(classes)
 
 
 def _read(path: str) -> pa.Table:
@@ -248,8 +254,20 @@ def _read(path: str) -> pa.Table:
         return pa.ipc.open_file(source).read_all()
 
 
-def _write_chunks(path: str, chunks: Iterator[pa.Table], batch: int) -> None:
-    """Write ``chunks`` to ``path`` in batches of about ``batch`` rows (small chunks joined)."""
+def _sorted_together(paths: list[str]) -> pa.Table:
+    """The rows of the files ``paths``, in memory, in one order."""
+    return pa.concat_tables([_read(p) for p in paths]).sort_by(SORT_KEYS)
+
+
+def _merge_batch() -> int:
+    """The rows of a batch in the sorted files: what a merge reads of each at once."""
+    return max(MERGE_MIN_BATCH, MERGE_ROWS // MERGE_FAN_IN)
+
+
+def _write_chunks(path: str, chunks: Iterable[pa.Table]) -> None:
+    """Write ``chunks`` to ``path`` in batches of about :func:`_merge_batch` rows (small chunks
+    joined)."""
+    batch = _merge_batch()
     with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, PLANNED) as writer:
         held: list[pa.Table] = []
         for chunk in chunks:
@@ -259,11 +277,6 @@ def _write_chunks(path: str, chunks: Iterator[pa.Table], batch: int) -> None:
                 held = []
         if held:
             writer.write_table(pa.concat_tables(held), max_chunksize=batch)
-
-
-def _write(path: str, table: pa.Table, batch: int) -> None:
-    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, PLANNED) as writer:
-        writer.write_table(table, max_chunksize=batch)
 
 
 def _merge(paths: list[str]) -> Iterator[pa.Table]:

@@ -20,7 +20,7 @@ import pyarrow as pa
 from storage.filesystem import (
     list_files,
 )
-from storage.hashing import fingerprint, fingerprint_fields, fingerprint_with_rows, stable_bucket
+from storage.hashing import fingerprint, fingerprint_fields, fingerprint_with_rows
 from storage.layout import StoreLayout, new_attempt
 from storage.manifest import (
     FORMAT_VERSION,
@@ -35,7 +35,7 @@ from storage.manifest import (
 from tasks.backbones.runtime import PreparedBackbone
 from tasks.extract_shard import Images, ShardJob
 from workflows import __version__
-from workflows.datasets import SHARD_SALT, DatasetSpec
+from workflows.datasets import DatasetSpec, shard_numbers
 from workflows.extract.settings import NOT_FEATURE_SETTINGS, ExtractSettings
 from workflows.planned import PlannedImages
 
@@ -60,10 +60,7 @@ def plan_shards(items: Images, num_shards: int) -> list[Images]:
     images never moves an existing one to another shard. Each keeps the order of ``items``.
     Planning cuts the shards as it lists (:func:`workflows.datasets.discover_dataset`); this is
     the same cut of a list in memory."""
-    buckets = np.fromiter(
-        (stable_bucket(path, num_shards, SHARD_SALT) for path in items.relative_paths()),
-        np.int64, count=len(items),
-    )  # fmt: skip
+    buckets = shard_numbers(items.relative_paths(), len(items), num_shards)
     order = np.argsort(buckets, kind="stable")
     bounds = np.cumsum(np.bincount(buckets, minlength=num_shards))
     return [

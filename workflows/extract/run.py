@@ -217,13 +217,14 @@ def _run_shards(settings, layout, plans, leases, prepared, on_progress) -> _Outc
         # Jobs are submitted a window at a time, each read from the driver's disk just before:
         # the jobs waiting hold no rows, on the driver or in Ray's object store.
         waiting = deque(job for plan in plans.values() for job in plan.jobs)
-        window = [submit_window(), time.monotonic()]  # asked again as nodes may join
+        window, asked = submit_window(), time.monotonic()  # asked again as nodes may join
         pending = {}
 
         def submit() -> None:
-            if time.monotonic() - window[1] > 5:
-                window[:] = [submit_window(), time.monotonic()]
-            while waiting and len(pending) < window[0]:
+            nonlocal window, asked
+            if time.monotonic() - asked > 5:
+                window, asked = submit_window(), time.monotonic()
+            while waiting and len(pending) < window:
                 job = waiting.popleft()  # kept as it waited: its images went with the task
                 task = extract_shard_task.options(num_cpus=settings.threads_per_task)
                 pending[task.remote(job.loaded(), refs[prepared[job.dataset].key], counter)] = job
