@@ -13,14 +13,15 @@ validation folder: validation + test halves) after every round, three ways of ch
 - ``random``: a uniform draw from the pool;
 - ``uncertainty``: the smallest margins between the two most probable classes (modAL's
   ``margin_sampling``);
-- ``wf``: `wf suggest`'s choice (``workflows.label.suggest.choose_batch``): margin, spread on the
-  embeddings, balance by predicted class, near duplicates left out.
+- ``wf``: `wf suggest`'s choice (``workflows.label.suggest.choose_batch``): least sure first,
+  passing over an image within the pool's own spacing of one labelled or chosen, near
+  duplicates left out.
 
 Three seeds (the starting 5%, the random draws, the fits' initial weights). Then the prototype
 method against the dense top with 1 to 50 training images per class (three draws).
 Probabilities are the fits' own (no temperature): the margin's order is what matters here.
 
-Usage: python benchmarks/label_next.py [--seeds 3] [--work /tmp/wf-honest]
+Usage: python benchmarks/label_next.py [--seeds 3] [--first-seed 0] [--work /tmp/wf-honest]
 """
 
 from __future__ import annotations
@@ -89,8 +90,7 @@ def simulate(x, y, held_x, held_y, strategy: str, seed: int, num_classes: int) -
         elif strategy == "uncertainty":
             chosen = np.argsort(-scores, kind="stable")[:batch]
         else:
-            chosen, _ = choose_batch(unit[pool], unit[labelled], scores,
-                                     probs[: len(pool)].argmax(1), num_classes, batch)  # fmt: skip
+            chosen, _ = choose_batch(unit[pool], unit[labelled], scores, batch)
         labelled = np.sort(np.concatenate([labelled, pool[np.asarray(chosen, np.int64)]]))
 
 
@@ -143,6 +143,9 @@ def plot(curves: dict, full: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds first-seed .. first-seed + seeds - 1 (fresh ones to confirm "
+                             "a design chosen on others)")  # fmt: skip
     parser.add_argument("--work", default="/tmp/wf-honest")
     parser.add_argument("--shared", default=str(HERE.parent.parent / "shared" / "datasets"))
     parser.add_argument("--datasets", default=",".join(DATASETS))
@@ -172,11 +175,10 @@ def main() -> None:
         print(f"\n{name}: {len(y)} training images, {len(hy)} held out, {k} classes")
         if "curves" in parts:
             began = time.perf_counter()
-            curves[name] = {s: [simulate(x, y, hx, hy, s, seed, k) for seed in range(args.seeds)]
+            seeds = range(args.first_seed, args.first_seed + args.seeds)
+            curves[name] = {s: [simulate(x, y, hx, hy, s, seed, k) for seed in seeds]
                             for s in STRATEGIES}  # fmt: skip
-            full[name] = float(
-                np.mean([full_accuracy(x, y, hx, hy, s, k) for s in range(args.seeds)])
-            )
+            full[name] = float(np.mean([full_accuracy(x, y, hx, hy, s, k) for s in seeds]))
             print(f"accuracy with all {len(y)} labels: {full[name]:.4f} (mean of {args.seeds} "
                   f"seeds); {time.perf_counter() - began:.0f} s")  # fmt: skip
             report_curves(curves[name], full[name])
@@ -184,7 +186,10 @@ def main() -> None:
             print("\n| per class | bottleneck | prototype | prototype - bottleneck |")
             print("|---|---|---|---|")
             for n in SHOTS:
-                found = [few_shot(x, y, hx, hy, n, s, k) for s in range(args.seeds)]
+                found = [
+                    few_shot(x, y, hx, hy, n, s, k)
+                    for s in range(args.first_seed, args.first_seed + args.seeds)
+                ]
                 b = np.mean([f["bottleneck"] for f in found])
                 p = np.mean([f["prototype"] for f in found])
                 print(f"| {n} | {b:.4f} | {p:.4f} | {p - b:+.4f} |", flush=True)

@@ -4,7 +4,7 @@ import numpy as np
 
 from tasks.audit import normalise
 from tasks.training.small_fits import FitProblem, out_of_fold_probabilities
-from workflows.label.suggest import choose_batch, margin_scores
+from workflows.label.suggest import choose_batch, margin_scores, redundancy_radius
 
 
 def _clusters(rng, centres, per, noise=0.05):
@@ -16,38 +16,82 @@ def test_margin_is_one_for_a_coin_toss_and_zero_for_a_sure_answer():
     np.testing.assert_allclose(margin_scores(np.array([[0.2, 0.7, 0.1]])), [0.5])
 
 
-def test_near_copies_of_one_confusing_image_cost_one_label_and_classes_are_balanced():
+def test_near_copies_of_one_confusing_image_cost_one_label_and_known_regions_give_way():
     rng = np.random.default_rng(0)
     dim = 16
     centres = normalise(rng.normal(size=(4, dim)))
-    labelled = normalise(_clusters(rng, centres, 5))
-    # Pool: 30 near-copies of one very uncertain image, and 4 spread-out groups of 10.
-    confusing = normalise(centres[0] + centres[1] + 0.001 * rng.normal(size=(30, dim)))
-    spread = normalise(_clusters(rng, centres, 10, noise=0.4))
-    pool = np.concatenate([confusing, spread])
-    scores = np.r_[np.full(30, 0.99), rng.uniform(0.2, 0.6, 40)]
-    predicted = np.r_[np.zeros(30, int), np.repeat(np.arange(4), 10)]
-    plain, _ = choose_batch(pool, labelled, scores, predicted, 4, 8, spread=False, balance=False)
-    chosen, reasons = choose_batch(pool, labelled, scores, predicted, 4, 8)
-    # Uncertainty alone would take the copies; near duplicates are left out even then.
-    assert sum(i < 30 for i in plain) == 1
-    assert sum(i < 30 for i in chosen) == 1 and reasons[0] == "uncertain" and chosen[0] < 30
-    assert len(set(chosen)) == 8
-    assert np.bincount(predicted[chosen], minlength=4).max() <= 2  # at most its share, 8 / 4
-    assert set(reasons) <= {"uncertain", "spread", "balance"}
+    labelled = normalise(_clusters(rng, centres[:2], 30, noise=0.1))  # two regions known
+    # Pool: 10 near-copies of one very uncertain image (0-9), then 4 groups of 10 (10-49) by
+    # the 4 centres; the groups beside the labelled images are the less sure ones.
+    confusing = normalise(centres[0] + centres[1] + 0.001 * rng.normal(size=(10, dim)))
+    groups = normalise(_clusters(rng, centres, 10, noise=0.1))
+    pool = np.concatenate([confusing, groups])
+    scores = np.r_[np.full(10, 0.99), rng.uniform(0.7, 0.9, 20), rng.uniform(0.2, 0.4, 20)]
+    plain, plain_reasons = choose_batch(pool, labelled, scores, 8, spread=False)
+    chosen, reasons = choose_batch(pool, labelled, scores, 8)
+    # Uncertainty alone takes the copies once (near duplicates are left out even then), then
+    # the least sure images, all beside what is labelled already.
+    assert sum(i < 10 for i in plain) == 1 and set(plain_reasons) == {"uncertain"}
+    assert all(10 <= i < 30 for i in plain[1:])
+    # Spread: one copy, then some of the known regions give way to those nobody labelled.
+    assert chosen[0] < 10 and reasons[0] == "uncertain"
+    assert sum(i < 10 for i in chosen) == 1 and len(set(chosen)) == 8
+    assert sum(i >= 30 for i in chosen) >= 1 and "spread" in reasons
+    assert set(reasons) <= {"uncertain", "spread"}
     # An image that is a copy of a labelled one is never suggested.
     copy = labelled[:1]
-    found, _ = choose_batch(np.concatenate([copy, pool]), labelled, np.r_[1.0, scores],
-                            np.r_[0, predicted], 4, 8)  # fmt: skip
+    found, _ = choose_batch(np.concatenate([copy, pool]), labelled, np.r_[1.0, scores], 8)
     assert 0 not in found
 
 
-def test_balance_gives_way_when_a_class_has_no_candidates_left():
+def test_each_pick_is_the_least_sure_image_apart_from_what_is_known():
+    """The rule itself, on random data: a pick lies farther than the radius from every image
+    labelled or picked before it, and every less sure image passed over lies within it."""
+    from tasks.abstention import nearest_distance
+
+    rng = np.random.default_rng(4)
+    pool = normalise(rng.normal(size=(200, 6)))
+    labelled = normalise(rng.normal(size=(30, 6)))
+    scores = rng.uniform(size=200)
+    chosen, reasons = choose_batch(pool, labelled, scores, 25)
+    radius = redundancy_radius(pool)
+    assert len(chosen) == 25 and "filled" not in reasons and "spread" in reasons
+    order = [int(i) for i in np.argsort(-scores, kind="stable")]
+    for n, pick in enumerate(chosen):
+        known = np.concatenate([labelled, pool[chosen[:n]]])
+        assert nearest_distance(pool[[pick]], known, k=1)[0] > radius
+        earlier = order[: order.index(pick)]
+        passed = [i for i in earlier if i not in chosen[:n]]
+        if passed:
+            assert (nearest_distance(pool[passed], known, k=1) <= radius + 1e-6).all()
+        assert reasons[n] == ("uncertain" if not passed and "spread" not in reasons[:n]
+                              else "spread")  # fmt: skip
+
+
+def test_a_smaller_budget_is_the_start_of_a_larger_one_and_the_pool_is_used_up():
     rng = np.random.default_rng(1)
-    pool = normalise(rng.normal(size=(12, 8)))
-    predicted = np.r_[np.zeros(10, int), np.ones(2, int)]
-    chosen, _ = choose_batch(pool, np.zeros((0, 8)), rng.uniform(size=12), predicted, 2, 8)
-    assert len(chosen) == 8 and set(np.flatnonzero(predicted == 1)) <= set(chosen)
+    pool = normalise(rng.normal(size=(40, 8)))
+    labelled = normalise(rng.normal(size=(5, 8)))
+    scores = rng.uniform(size=40)
+    ten, _ = choose_batch(pool, labelled, scores, 10)
+    three, _ = choose_batch(pool, labelled, scores, 3)
+    assert three == ten[:3]
+    # Asking for the whole pool: spread runs out, the rest is filled least sure first.
+    every, reasons = choose_batch(pool, np.zeros((0, 8)), scores, 40)
+    assert sorted(every) == list(range(40)) and reasons[-1] == "filled"
+    filled = [i for i, r in zip(every, reasons, strict=True) if r == "filled"]
+    assert filled == sorted(filled, key=lambda i: -scores[i])
+
+
+def test_redundancy_radius_is_the_median_nearest_neighbour_distance():
+    rng = np.random.default_rng(3)
+    pool = normalise(rng.normal(size=(300, 6)))
+    similarity = pool @ pool.T
+    np.fill_diagonal(similarity, -np.inf)
+    expected = float(np.median(1 - similarity.max(axis=1)))
+    assert abs(redundancy_radius(pool) - expected) < 1e-6
+    assert abs(redundancy_radius(pool, sample=300) - expected) < 1e-6
+    assert redundancy_radius(pool[:1]) == 0.0
 
 
 def test_prototype_small_fits_run_in_numpy_out_of_fold():

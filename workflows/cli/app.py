@@ -295,7 +295,7 @@ def suggest(
     budget: o.Budget = None, output: o.SuggestOutput = None, method: o.SuggestMethod = None,
     backbone: o.SuggestBackbone = None, json_output: o.Json = False, verbose: o.Verbose = False,
 ) -> None:  # fmt: skip
-    """Rank each dataset's unlabelled images for labelling: uncertain, spread out, balanced.
+    """Rank each dataset's unlabelled images for labelling: least sure first, spread out.
 
     Example: wf suggest --store store --runs runs --budget 100 --output suggestions
     """

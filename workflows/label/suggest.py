@@ -2,23 +2,26 @@
 
 Every unlabelled image already has its embedding in the store (`wf extract` stores the split
 ``unlabelled``), and a run holds a top trained on the labelled ones; scoring the pool is then
-one small matrix product, no image decoded. The batch is chosen in three steps:
+one small matrix product, no image decoded. The batch is chosen in two steps:
 
 1. **Uncertainty**: each image's margin between its two most probable classes under the
    trained model's calibrated probabilities (the run's cross-validated temperature when it has
-   one); ``score = 1 - margin``. The shortlist is the ``2 x budget`` least sure images.
-2. **Spread**: from the shortlist, greedy farthest-first (k-center) on the unit embeddings:
-   each pick is the image farthest (cosine) from everything already labelled or picked, so a
-   hundred near-copies of one confusing photo cost one label, not a hundred.
-3. **Balance**: each predicted class gets at most its share of the batch (``budget /
-   classes``) while others still have candidates, so a rare class is asked about too.
+   one); ``score = 1 - margin``. Images are taken least sure first.
+2. **Spread**: an image is passed over while it lies within the pool's own spacing (the median
+   distance from an unlabelled image to its nearest other one, cosine on the unit embeddings)
+   of an image already labelled or already chosen: a hundred near-copies of one confusing photo
+   cost one label, and a region the labels already cover gives way to one they do not.
 
-Near duplicates (the audit's thresholds) of an image already labelled or already picked are
-never suggested. ``reason`` says which step decided each pick: ``uncertain`` (also the least
-sure left), ``spread`` (chosen over a less sure one for being farther from what is known) or
-``balance`` (its class had room while the farthest one's had none). This design won against
-weighting uncertainty by distance, spread alone and balance alone on flowers (mean accuracy
-over the rounds, ``benchmarks/label_next.py``; the numbers are in docs/benchmarks.md).
+Near duplicates (the audit's thresholds) of an image already labelled or already chosen are
+never suggested. The ranking does not depend on the budget: a batch of 10 is the first 10 of a
+batch of 100. ``reason`` says what decided each pick: ``uncertain`` (the least sure image
+left), ``spread`` (a less sure image, chosen after more uncertain ones were passed over for
+lying close to what is known) or ``filled`` (the pool ran out of images apart from what is
+known, so the least sure of the rest that is no near duplicate). The design was chosen from
+fourteen (BADGE, Cluster-Margin, diverse mini-batch k-means, class quotas, other radii, the
+farthest-first shortlist of 2026-12-01) on 5 seeds and confirmed on 5 fresh ones: above
+random batches and at or above margin alone on both datasets (``benchmarks/label_next.py``,
+``benchmarks/label_next_designs.py``; the numbers are in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from storage.feature_store import FeatureStore, tap_column
 from storage.filesystem import Location, table_bytes, write_bytes
 from storage.layout import StoreLayout
 from storage.runs import Artifact, RunsLayout
-from tasks.abstention import nearest_distance
+from tasks.abstention import BLOCK, nearest_distance
 from tasks.audit import normalise
 from tasks.cross_validation import apply_temperature
 from tasks.heads import probabilities
@@ -44,9 +47,8 @@ from workflows.audit.settings import NEAR_RELATIVE, NEAR_SIMILARITY
 from workflows.datasets import SPLITS, UNLABELLED
 from workflows.label.settings import SuggestSettings
 
-CANDIDATES = 2  # the shortlist: this many times the budget, the most uncertain
-
-REASONS = ("uncertain", "spread", "balance")
+REASONS = ("uncertain", "spread", "filled")
+SIMILARITIES = 2**25  # the most pool-to-pool similarities held at once (128 MiB)
 
 
 def margin_scores(probs: np.ndarray) -> np.ndarray:
@@ -55,61 +57,57 @@ def margin_scores(probs: np.ndarray) -> np.ndarray:
     return 1.0 - (top[:, 1] - top[:, 0])
 
 
+def redundancy_radius(pool: np.ndarray, sample: int = 2000) -> float:
+    """The median cosine distance from an unlabelled image to its nearest other one: the
+    pool's own spacing. ``pool``: unit embeddings; the median is taken over a seeded sample
+    of at most ``sample`` images, each against the whole pool."""
+    n = len(pool)
+    if n < 2:
+        return 0.0
+    rows = np.sort(np.random.default_rng(0).permutation(n)[:sample])
+    every = np.asarray(pool, np.float32)
+    step = max(1, min(BLOCK, SIMILARITIES // n))  # at most 32 Mi similarities at once
+    found = np.empty(len(rows), np.float32)
+    for start in range(0, len(rows), step):
+        part = rows[start : start + step]
+        similarity = every[part] @ every.T
+        similarity[np.arange(len(part)), part] = -np.inf  # not its own neighbour
+        found[start : start + step] = 1.0 - similarity.max(axis=1)
+    return float(np.median(found))
+
+
 def choose_batch(
-    pool: np.ndarray, labelled: np.ndarray, scores: np.ndarray, predicted: np.ndarray,
-    num_classes: int, budget: int, spread: bool = True, balance: bool = True,
-    candidates: int = CANDIDATES,
+    pool: np.ndarray, labelled: np.ndarray, scores: np.ndarray, budget: int,
+    spread: bool = True,
 ) -> tuple[list[int], list[str]]:  # fmt: skip
     """Indices into ``pool`` (unit embeddings) of the batch to label, in the order picked, and
-    why each: see the module's three steps. ``labelled``: unit embeddings of the images
-    already labelled. ``spread`` off ranks by uncertainty alone, ``balance`` off drops the
-    quotas (what the benchmark compares against); near duplicates are left out either way."""
+    why each: see the module's two steps. ``labelled``: unit embeddings of the images already
+    labelled; ``scores``: :func:`margin_scores`. ``spread`` off ranks by uncertainty alone
+    (what the benchmark compares against); near duplicates are left out either way."""
     n = len(pool)
     budget = min(budget, n)
     near = _near_limit(pool, labelled)
-    nearest = nearest_distance(pool, labelled, k=1) if len(labelled) else np.full(n, 2.0)
+    radius = max(near, redundancy_radius(pool)) if spread else near
+    # Each image's distance to the nearest image labelled or chosen so far.
+    distance = nearest_distance(pool, labelled, k=1) if len(labelled) else np.full(n, 2.0)
     order = np.argsort(-scores, kind="stable")
-    allowed = [int(i) for i in order if nearest[i] > near]  # never a copy of a labelled image
-    quota = -(-budget // num_classes) if balance else budget
-    taken = np.zeros(num_classes, np.int64)
+    taken = np.zeros(n, bool)
     chosen: list[int] = []
     reasons: list[str] = []
-    shortlist = allowed[: candidates * budget] if spread else allowed
-    rest = allowed[len(shortlist) :]
-    cand = np.array(shortlist, np.int64)
-    distance = nearest[cand]
-    alive = np.ones(len(cand), bool)
-    while len(chosen) < budget:
-        if not alive.any():  # near duplicates took the shortlist: the next most uncertain
-            more = [i for i in rest[:budget]
-                    if not chosen or (1.0 - pool[chosen] @ pool[i]).min() > near]  # fmt: skip
-            rest = rest[budget:]
-            if not more and not rest:
-                break
-            cand = np.array(more, np.int64)
-            distance = np.minimum(nearest[cand], (1.0 - pool[cand] @ pool[chosen].T).min(axis=1))
-            alive = np.ones(len(cand), bool)
-            continue
-        key = distance if spread else scores[cand]  # farthest from all known, or least sure
-        room = alive & (taken[predicted[cand]] < quota)
-        if not room.any():  # every class with candidates has its share: fill up
-            room = alive
-        pick = int(np.argmax(np.where(room, key, -np.inf)))
-        free = int(np.argmax(np.where(alive, key, -np.inf)))
-        most = int(np.argmax(np.where(alive, scores[cand], -np.inf)))
-        if pick != free:
-            reasons.append("balance")
-        elif scores[cand[pick]] >= scores[cand[most]]:
-            reasons.append("uncertain")
-        else:
-            reasons.append("spread")
-        best = int(cand[pick])
-        chosen.append(best)
-        taken[predicted[best]] += 1
-        apart = 1.0 - pool[cand] @ pool[best]
-        distance = np.minimum(distance, apart)
-        alive &= apart > near
-        alive[pick] = False
+    passed_over = False
+    for limit, reason in ((radius, None), (near, "filled")):  # then fill, if the pool ran out
+        for i in order:
+            if len(chosen) == budget:
+                return chosen, reasons
+            if taken[i]:
+                continue
+            if distance[i] <= limit:  # within reach of an image labelled or chosen
+                passed_over |= bool(distance[i] > near)  # for spread, not as a copy
+                continue
+            taken[i] = True
+            chosen.append(int(i))
+            reasons.append(reason or ("spread" if passed_over else "uncertain"))
+            distance = np.minimum(distance, 1.0 - pool @ pool[i])
     return chosen, reasons
 
 
@@ -186,8 +184,7 @@ def suggest_dataset(settings: SuggestSettings, dataset: str) -> dict[str, Any]:
     classes = list(store.manifest.classes)
     scores = margin_scores(probs)
     predicted = probs.argmax(axis=1)
-    chosen, reasons = choose_batch(normalise(x), labelled, scores, predicted, len(classes),
-                                   settings.budget)  # fmt: skip
+    chosen, reasons = choose_batch(normalise(x), labelled, scores, settings.budget)
     rows = [{"rank": rank + 1, "path": paths[i], "score": round(float(scores[i]), 6),
              "predicted_label": classes[int(predicted[i])],
              "probability": round(float(probs[i, predicted[i]]), 6), "reason": reason}
@@ -246,7 +243,8 @@ def render_suggestions(dataset: str, root: str, rows: list[dict[str, Any]], pool
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>wf suggest: "
             f"{html.escape(dataset)}</title><style>{STYLE}</style></head><body>"
             f"<h1>Label next: {html.escape(dataset)}</h1><p>{len(rows)} of {pool} unlabelled "
-            f"images, most useful first (uncertain, spread out, balanced by predicted class). "
+            f"images, most useful first (the least sure, passing over those close to an image "
+            f"already labelled or chosen). "
             f"Move each into its class folder, or list them as <code>path,label</code> in a CSV "
             f"for <code>wf label</code>, then <code>wf extract</code> and <code>wf train-all"
             f"</code>.</p><div class='group'>{cards}</div></body></html>")  # fmt: skip

@@ -1,0 +1,259 @@
+"""Batch designs for `wf suggest`, each against uncertainty alone, on the same seeds.
+
+The simulation of ``benchmarks/label_next.py`` (start with 5% of the training labels, label 5%
+of the pool a round, retrain the bottleneck top, stop at 50%), run for any of the designs below.
+Prints, per dataset and design, the mean held-out accuracy over rounds 1-10 and its gap to
+uncertainty alone paired seed by seed (mean ± standard error), the seeds and the rounds (of the
+mean curve) where the design is ahead. Choose on some seeds, confirm on fresh ones
+(``--first-seed``): with a dozen designs, the best of one set of seeds is partly luck.
+
+Designs (``pool``: the unlabelled images' unit embeddings; margin: ``1 - (p1 - p2)``):
+
+- ``uncertainty``: the smallest margins (modAL's ``margin_sampling``);
+- ``wf``: `wf suggest` (``workflows.label.suggest.choose_batch``): least sure first, passing
+  over an image within the pool's median nearest-neighbour distance of one labelled or chosen;
+- ``radius-Q``: the same rule with the Q-quantile (0.4, 0.65) of those distances instead of
+  the median; ``radius-quotas``: with the median, and at most ``budget / classes`` of each
+  predicted class while others have candidates;
+- ``badge``: BADGE (Ash et al., 2020): k-means++ seeding on gradient embeddings
+  ``(p - onehot(argmax p)) x embedding``; ``badge-greedy``: farthest-first instead of
+  sampling; ``badge-nodup``: near duplicates of labelled or picked images left out;
+  ``badge-shortlist``: on the 3 x budget least sure only;
+- ``kmeans``: diverse mini-batch (Zhdanov, 2019): the 10 x budget least sure, k-means weighted
+  by margin into ``budget`` clusters, the image nearest each centre;
+- ``cluster-margin``: Cluster-Margin (Citovsky et al., 2021): average-linkage clusters (cosine
+  0.5) of the 10 x budget least sure, round robin from the smallest cluster, least sure first;
+  ``cluster-margin-by-score``: clusters taken most uncertain first;
+- ``clusters-B``: the B x budget least sure (B 3, 10) in ``budget`` average-linkage clusters,
+  the least sure of each.
+
+Usage: python benchmarks/label_next_designs.py [--designs wf,badge] [--seeds 5] [--first-seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def _margin_order(c: dict) -> np.ndarray:
+    return np.argsort(-c["scores"], kind="stable")
+
+
+def uncertainty(c: dict) -> np.ndarray:
+    return _margin_order(c)[: c["batch"]]
+
+
+def wf(c: dict) -> np.ndarray:
+    from workflows.label.suggest import choose_batch
+
+    return np.asarray(choose_batch(c["pool"], c["labelled"], c["scores"], c["batch"])[0])
+
+
+def radius(c: dict, quantile: float = 0.5, quotas: bool = False) -> np.ndarray:
+    pool, batch, k = c["pool"], c["batch"], c["classes"]
+    similarity = pool @ pool.T
+    np.fill_diagonal(similarity, -1)
+    r = np.quantile(1 - similarity.max(1), quantile)
+    known = 1 - (pool @ c["labelled"].T).max(1)
+    quota, taken, chosen = -(-batch // k), np.zeros(k, int), []
+    for capped in (quotas, False):
+        for i in _margin_order(c):
+            if len(chosen) == batch:
+                break
+            if i in chosen or known[i] <= r or (capped and taken[c["predicted"][i]] >= quota):
+                continue
+            if chosen and (1 - pool[chosen] @ pool[i]).min() <= r:
+                continue
+            chosen.append(i)
+            taken[c["predicted"][i]] += 1
+    chosen += [i for i in _margin_order(c) if i not in chosen][: batch - len(chosen)]
+    return np.array(chosen)
+
+
+def badge(c: dict, greedy: bool = False, nodup: bool = False) -> np.ndarray:
+    from workflows.label.suggest import _near_limit
+
+    p, x = c["probs"], c["pool"]
+    a = p.copy()
+    a[np.arange(len(p)), p.argmax(1)] -= 1
+    norm = (a * a).sum(1)  # the gradient embedding's squared length (x is unit length)
+    allowed = np.ones(len(x), bool)
+    if nodup:
+        near = _near_limit(x, c["labelled"])
+        allowed = (1 - (x @ c["labelled"].T).max(1)) > near
+    rng = np.random.default_rng(0)
+    chosen = [int(np.argmax(np.where(allowed, norm, -1.0)))]
+    d2 = np.full(len(x), np.inf)
+    while True:
+        last = chosen[-1]
+        d2 = np.maximum(np.minimum(d2, norm + norm[last] - 2 * (a @ a[last]) * (x @ x[last])), 0)
+        if nodup:
+            allowed &= (1 - x @ x[last]) > near
+        weight = np.where(allowed, d2, 0.0)
+        weight[chosen] = 0
+        if len(chosen) == c["batch"] or weight.sum() <= 0:
+            return np.array(chosen)
+        pick = np.argmax(weight) if greedy else rng.choice(len(x), p=weight / weight.sum())
+        chosen.append(int(pick))
+
+
+def badge_shortlist(c: dict, times: int = 3) -> np.ndarray:
+    order = _margin_order(c)[: times * c["batch"]]
+    return order[badge(dict(c, pool=c["pool"][order], probs=c["probs"][order]))]
+
+
+def kmeans(c: dict, times: int = 10) -> np.ndarray:
+    from sklearn.cluster import KMeans
+
+    order = _margin_order(c)[: times * c["batch"]]
+    x, weight = c["pool"][order], c["scores"][order]
+    found = KMeans(c["batch"], n_init=1, random_state=0).fit(x, sample_weight=weight)
+    chosen = []
+    for centre in range(c["batch"]):
+        members = np.flatnonzero(found.labels_ == centre)
+        if len(members):
+            gap = ((x[members] - found.cluster_centers_[centre]) ** 2).sum(1)
+            chosen.append(order[members[np.argmin(gap)]])
+    return np.array(chosen)
+
+
+def _clustered(c: dict, times: int, **clustering) -> list[list[int]]:
+    """The ``times x budget`` least sure, in average-linkage (cosine) clusters, each least sure
+    first."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    order = _margin_order(c)[: times * c["batch"]]
+    labels = AgglomerativeClustering(metric="cosine", linkage="average", **clustering)
+    groups: dict[int, list[int]] = {}
+    for i, label in zip(order, labels.fit(c["pool"][order]).labels_, strict=True):
+        groups.setdefault(int(label), []).append(int(i))
+    return list(groups.values())
+
+
+def cluster_margin(c: dict, by_score: bool = False) -> np.ndarray:
+    groups = _clustered(c, 10, n_clusters=None, distance_threshold=0.5)
+    groups.sort(key=(lambda g: -c["scores"][g[0]]) if by_score else len)
+    chosen: list[int] = []
+    while len(chosen) < c["batch"] and any(groups):
+        for group in groups:
+            if group and len(chosen) < c["batch"]:
+                chosen.append(group.pop(0))
+    return np.array(chosen)
+
+
+def clusters(c: dict, times: int) -> np.ndarray:
+    return np.array([g[0] for g in _clustered(c, times, n_clusters=c["batch"])])
+
+
+DESIGNS: dict[str, Callable[[dict], np.ndarray]] = {
+    "uncertainty": uncertainty,
+    "wf": wf,
+    "radius-0.4": lambda c: radius(c, 0.4),
+    "radius-0.65": lambda c: radius(c, 0.65),
+    "radius-quotas": lambda c: radius(c, 0.5, quotas=True),
+    "badge": badge,
+    "badge-greedy": lambda c: badge(c, greedy=True),
+    "badge-nodup": lambda c: badge(c, nodup=True),
+    "badge-shortlist": badge_shortlist,
+    "kmeans": kmeans,
+    "cluster-margin": cluster_margin,
+    "cluster-margin-by-score": lambda c: cluster_margin(c, by_score=True),
+    "clusters-3": lambda c: clusters(c, 3),
+    "clusters-10": lambda c: clusters(c, 10),
+}
+
+
+def simulate(x, y, held_x, held_y, design: str, seed: int, classes: int) -> list[float]:
+    """Held-out accuracy at the start and after every round (as ``label_next.simulate``)."""
+    from benchmarks.label_next import stratified
+    from tasks.audit import normalise
+    from tasks.training.small_fits import FitProblem, fit_and_predict
+    from workflows.label.suggest import margin_scores
+
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    labelled = stratified(y, 0.05, rng)
+    batch = round(0.05 * (n - len(labelled)))
+    every = np.concatenate([x, held_x]).astype(np.float32)
+    problem = FitProblem(every, np.concatenate([y, held_y]), classes, "bottleneck", seed=seed)
+    unit, cache, out = normalise(x.reshape(n, -1)), {}, []
+    while True:
+        pool = np.setdiff1d(np.arange(n), labelled)
+        asked = np.concatenate([pool, n + np.arange(len(held_y))])
+        probs = fit_and_predict(problem, labelled, asked, cache)
+        out.append(float((probs[len(pool) :].argmax(1) == held_y).mean()))
+        if len(labelled) / n >= 0.5 - 1e-9 or len(pool) == 0:
+            return out
+        mine = probs[: len(pool)]
+        context = {"pool": unit[pool], "labelled": unit[labelled], "probs": mine,
+                   "scores": margin_scores(mine), "predicted": mine.argmax(1),
+                   "classes": classes, "batch": batch}  # fmt: skip
+        chosen = np.asarray(DESIGNS[design](context), np.int64)
+        if len(set(chosen.tolist())) != len(chosen) or len(chosen) != min(batch, len(pool)):
+            raise RuntimeError(f"{design} chose {len(chosen)} images, not {batch} different")
+        labelled = np.sort(np.concatenate([labelled, pool[chosen]]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--designs", default=",".join(d for d in DESIGNS if d != "uncertainty"))
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--work", default="/tmp/wf-honest")
+    parser.add_argument("--shared", default=str(HERE.parent.parent / "shared" / "datasets"))
+    parser.add_argument("--datasets", default="cats_vs_dogs,flowers")
+    args = parser.parse_args()
+    designs = [d for d in args.designs.split(",") if d != "uncertainty"]
+    unknown = [d for d in designs if d not in DESIGNS]
+    if unknown:
+        parser.error(f"unknown design {', '.join(unknown)}; choose from {', '.join(DESIGNS)}")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+    from benchmarks.honest_numbers import split_folders
+    from benchmarks.label_next import stored
+    from benchmarks.machine import banner
+    from workflows.extract.run import run_extract
+    from workflows.extract.settings import DatasetSource, ExtractSettings
+
+    print(banner())
+    work, names = Path(args.work), args.datasets.split(",")
+    for name in names:
+        split_folders(Path(args.shared) / name, work / "data" / name)
+    sources = tuple(DatasetSource(str(work / "data" / n)) for n in names)
+    run_extract(ExtractSettings(datasets=sources, store=str(work / "store"), augment=0))
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    for name in names:
+        data = stored(str(work / "store"), name)
+        (x, y), (hx, hy) = data["train"], data["held"]
+        k = int(max(y.max(), hy.max()) + 1)
+        print(f"\n{name}: seeds {seeds.start}-{seeds.stop - 1}; rounds 1-10 against uncertainty")
+        print(
+            "| design | mean accuracy | - uncertainty (paired) | seeds ahead | rounds ahead | s |"
+        )
+        print("|---|---|---|---|---|---|")
+        base = np.array([simulate(x, y, hx, hy, "uncertainty", s, k) for s in seeds])
+        print(f"| uncertainty | {base[:, 1:].mean():.4f} | | | | |", flush=True)
+        for design in designs:
+            began = time.perf_counter()
+            runs = np.array([simulate(x, y, hx, hy, design, s, k) for s in seeds])
+            gaps = (runs - base)[:, 1:].mean(axis=1)
+            error = gaps.std(ddof=1) / np.sqrt(len(gaps)) if len(gaps) > 1 else float("nan")
+            rounds = (runs.mean(axis=0) - base.mean(axis=0))[1:]
+            print(f"| {design} | {runs[:, 1:].mean():.4f} | {gaps.mean():+.4f} ± {error:.4f} | "
+                  f"{int((gaps > 0).sum())}/{len(gaps)} | {int((rounds > 0).sum())}/"
+                  f"{len(rounds)} | {time.perf_counter() - began:.0f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
