@@ -66,7 +66,7 @@ def radius(c: dict, quantile: float = 0.5, quotas: bool = False) -> np.ndarray:
     r = np.quantile(1 - similarity.max(1), quantile)
     known = 1 - (pool @ c["labelled"].T).max(1)
     quota, taken, chosen = -(-batch // k), np.zeros(k, int), []
-    for capped in (quotas, False):
+    for capped in (True, False) if quotas else (False,):
         for i in _margin_order(c):
             if len(chosen) == batch:
                 break
@@ -101,8 +101,11 @@ def badge(c: dict, greedy: bool = False, nodup: bool = False) -> np.ndarray:
             allowed &= (1 - x @ x[last]) > near
         weight = np.where(allowed, d2, 0.0)
         weight[chosen] = 0
-        if len(chosen) == c["batch"] or weight.sum() <= 0:
+        if len(chosen) == c["batch"]:
             return np.array(chosen)
+        if weight.sum() <= 0:  # nothing apart from the picks: the least sure of the rest
+            rest = [int(i) for i in _margin_order(c) if i not in chosen]
+            return np.array(chosen + rest[: c["batch"] - len(chosen)])
         pick = np.argmax(weight) if greedy else rng.choice(len(x), p=weight / weight.sum())
         chosen.append(int(pick))
 
@@ -124,7 +127,8 @@ def kmeans(c: dict, times: int = 10) -> np.ndarray:
         if len(members):
             gap = ((x[members] - found.cluster_centers_[centre]) ** 2).sum(1)
             chosen.append(order[members[np.argmin(gap)]])
-    return np.array(chosen)
+    rest = [i for i in order if i not in chosen]  # an empty cluster: the least sure left
+    return np.array(chosen + rest[: c["batch"] - len(chosen)])
 
 
 def _clustered(c: dict, times: int, **clustering) -> list[list[int]]:
@@ -206,7 +210,8 @@ def simulate(x, y, held_x, held_y, design: str, seed: int, classes: int) -> list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--designs", default=",".join(d for d in DESIGNS if d != "uncertainty"))
+    parser.add_argument("--designs", default=",".join(d for d in DESIGNS if d != "uncertainty"),
+                        help="uncertainty alone always runs, as the baseline")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--work", default="/tmp/wf-honest")
@@ -215,6 +220,8 @@ def main() -> None:
     args = parser.parse_args()
     designs = [d for d in args.designs.split(",") if d != "uncertainty"]
     unknown = [d for d in designs if d not in DESIGNS]
+    if args.seeds < 1 or args.first_seed < 0:
+        parser.error("--seeds must be at least 1 and --first-seed at least 0")
     if unknown:
         parser.error(f"unknown design {', '.join(unknown)}; choose from {', '.join(DESIGNS)}")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

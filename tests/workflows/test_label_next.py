@@ -116,7 +116,7 @@ def test_suggest_label_extract_train_redoes_only_what_the_labels_changed(
     )
     scores = [float(r["score"]) for r in rows]
     # The ranking does not depend on the budget: a batch of 3 is the first 3 of the 20, and
-    # the first is the least sure image that is not a copy (filling at the end may take ones
+    # they come least sure first until the pool runs out (filling at the end may take images
     # passed over for lying near a labelled image).
     run_suggest(dataclasses.replace(asked, budget=3, output=str(tmp_path / "next3")))
     three = list(csv.DictReader((tmp_path / "next3/shapes/suggestions.csv").open()))

@@ -48,50 +48,76 @@ def test_each_pick_is_the_least_sure_image_apart_from_what_is_known():
     """The rule itself, on random data: a pick lies farther than the radius from every image
     labelled or picked before it, and every less sure image passed over lies within it."""
     from tasks.abstention import nearest_distance
+    from workflows.label.suggest import _near_limit
 
     rng = np.random.default_rng(4)
     pool = normalise(rng.normal(size=(200, 6)))
     labelled = normalise(rng.normal(size=(30, 6)))
     scores = rng.uniform(size=200)
     chosen, reasons = choose_batch(pool, labelled, scores, 25)
-    radius = redundancy_radius(pool)
+    near = _near_limit(pool, labelled)
+    radius = max(near, redundancy_radius(pool, near))
     assert len(chosen) == 25 and "filled" not in reasons and "spread" in reasons
     order = [int(i) for i in np.argsort(-scores, kind="stable")]
+    spread_yet = False
     for n, pick in enumerate(chosen):
         known = np.concatenate([labelled, pool[chosen[:n]]])
         assert nearest_distance(pool[[pick]], known, k=1)[0] > radius
         earlier = order[: order.index(pick)]
         passed = [i for i in earlier if i not in chosen[:n]]
         if passed:
-            assert (nearest_distance(pool[passed], known, k=1) <= radius + 1e-6).all()
-        assert reasons[n] == ("uncertain" if not passed and "spread" not in reasons[:n]
-                              else "spread")  # fmt: skip
+            gaps = nearest_distance(pool[passed], known, k=1)
+            assert (gaps <= radius + 1e-6).all()
+            spread_yet |= bool((gaps > near).any())  # passed over for spread, not as copies
+        assert reasons[n] == ("spread" if spread_yet else "uncertain")
 
 
 def test_a_smaller_budget_is_the_start_of_a_larger_one_and_the_pool_is_used_up():
     rng = np.random.default_rng(1)
-    pool = normalise(rng.normal(size=(40, 8)))
-    labelled = normalise(rng.normal(size=(5, 8)))
-    scores = rng.uniform(size=40)
-    ten, _ = choose_batch(pool, labelled, scores, 10)
-    three, _ = choose_batch(pool, labelled, scores, 3)
-    assert three == ten[:3]
-    # Asking for the whole pool: spread runs out, the rest is filled least sure first.
-    every, reasons = choose_batch(pool, np.zeros((0, 8)), scores, 40)
-    assert sorted(every) == list(range(40)) and reasons[-1] == "filled"
+    pool = normalise(rng.normal(size=(120, 16)))
+    labelled = normalise(rng.normal(size=(20, 16)))
+    scores = rng.uniform(size=120)
+    every, reasons = choose_batch(pool, labelled, scores, 120)
+    assert {"uncertain", "spread", "filled"} <= set(reasons)  # the prefixes cross all three
+    for budget in (1, 3, reasons.index("spread") + 2, reasons.index("filled") + 2, 119):
+        assert choose_batch(pool, labelled, scores, budget)[0] == every[:budget]
+    # Asking for the whole pool: spread runs out, the rest is filled least sure first; only
+    # near duplicates of labelled or chosen images are left out.
     filled = [i for i, r in zip(every, reasons, strict=True) if r == "filled"]
     assert filled == sorted(filled, key=lambda i: -scores[i])
+    alone, _ = choose_batch(pool, np.zeros((0, 16)), scores, 120)
+    assert sorted(alone) == list(range(120))
 
 
-def test_redundancy_radius_is_the_median_nearest_neighbour_distance():
+def test_exact_copies_are_suggested_once_even_when_most_images_have_many():
+    rng = np.random.default_rng(5)
+    distinct = normalise(rng.normal(size=(3, 8)))
+    pool = np.repeat(distinct, 20, axis=0)  # 3 images, 20 copies of each
+    chosen, _ = choose_batch(pool, np.zeros((0, 8)), rng.uniform(size=60), 10)
+    assert sorted(i // 20 for i in chosen) == [0, 1, 2]
+
+
+def test_redundancy_radius_is_the_median_nearest_neighbour_distance(monkeypatch):
+    import workflows.label.suggest as suggest
+
     rng = np.random.default_rng(3)
     pool = normalise(rng.normal(size=(300, 6)))
     similarity = pool @ pool.T
     np.fill_diagonal(similarity, -np.inf)
-    expected = float(np.median(1 - similarity.max(axis=1)))
-    assert abs(redundancy_radius(pool) - expected) < 1e-6
-    assert abs(redundancy_radius(pool, sample=300) - expected) < 1e-6
+    nearest = 1 - similarity.max(axis=1)
+    assert abs(redundancy_radius(pool) - float(np.median(nearest))) < 1e-6
+    # A sample of 100 rows, a few rows a block: the same rows' median.
+    monkeypatch.setattr(suggest, "SIMILARITIES", 7 * 300)
+    rows = np.sort(np.random.default_rng(0).permutation(300)[:100])
+    assert abs(redundancy_radius(pool, sample=100) - float(np.median(nearest[rows]))) < 1e-6
     assert redundancy_radius(pool[:1]) == 0.0
+    # Over half the pool in near-copy pairs: its median nearest distance is about 0, so the
+    # spacing is taken to the nearest image that is no near duplicate.
+    twins = normalise(np.concatenate([pool[:200], pool[:200] + 1e-3, pool[200:]]))
+    similarity = twins @ twins.T
+    np.fill_diagonal(similarity, -np.inf)
+    assert np.median(1 - similarity.max(axis=1)) < 1e-4
+    assert abs(redundancy_radius(twins, near=0.01) - redundancy_radius(pool)) < 0.05
 
 
 def test_prototype_small_fits_run_in_numpy_out_of_fold():

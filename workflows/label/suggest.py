@@ -8,9 +8,11 @@ one small matrix product, no image decoded. The batch is chosen in two steps:
    trained model's calibrated probabilities (the run's cross-validated temperature when it has
    one); ``score = 1 - margin``. Images are taken least sure first.
 2. **Spread**: an image is passed over while it lies within the pool's own spacing (the median
-   distance from an unlabelled image to its nearest other one, cosine on the unit embeddings)
-   of an image already labelled or already chosen: a hundred near-copies of one confusing photo
-   cost one label, and a region the labels already cover gives way to one they do not.
+   distance from an unlabelled image to its nearest other one, cosine on the unit embeddings;
+   to its nearest that is no near duplicate when most have one; never less than the
+   near-duplicate limit) of an image already labelled or already chosen: a hundred
+   near-copies of one confusing photo cost one label, and a region the labels already cover
+   gives way to one they do not.
 
 Near duplicates (the audit's thresholds) of an image already labelled or already chosen are
 never suggested. The ranking does not depend on the budget: a batch of 10 is the first 10 of a
@@ -49,6 +51,9 @@ from workflows.label.settings import SuggestSettings
 
 REASONS = ("uncertain", "spread", "filled")
 SIMILARITIES = 2**25  # the most pool-to-pool similarities held at once (128 MiB)
+# Exact copies are this far apart after float32 rounding (about 1e-7): the near-duplicate
+# limit is never less, even when most images have ten copies and the audit's scale is 0.
+NEAR_FLOOR = 1e-5
 
 
 def margin_scores(probs: np.ndarray) -> np.ndarray:
@@ -57,10 +62,12 @@ def margin_scores(probs: np.ndarray) -> np.ndarray:
     return 1.0 - (top[:, 1] - top[:, 0])
 
 
-def redundancy_radius(pool: np.ndarray, sample: int = 2000) -> float:
+def redundancy_radius(pool: np.ndarray, near: float = 0.0, sample: int = 2000) -> float:
     """The median cosine distance from an unlabelled image to its nearest other one: the
     pool's own spacing. ``pool``: unit embeddings; the median is taken over a seeded sample
-    of at most ``sample`` images, each against the whole pool."""
+    of at most ``sample`` images, each against the whole pool. When that median is no more
+    than ``near`` (over half the pool has a near duplicate in it), the median distance to the
+    nearest image that is no near duplicate instead, so copies do not switch spread off."""
     n = len(pool)
     if n < 2:
         return 0.0
@@ -68,12 +75,19 @@ def redundancy_radius(pool: np.ndarray, sample: int = 2000) -> float:
     every = np.asarray(pool, np.float32)
     step = max(1, min(BLOCK, SIMILARITIES // n))  # at most 32 Mi similarities at once
     found = np.empty(len(rows), np.float32)
+    apart = np.empty(len(rows), np.float32)  # to the nearest that is no near duplicate
     for start in range(0, len(rows), step):
         part = rows[start : start + step]
         similarity = every[part] @ every.T
         similarity[np.arange(len(part)), part] = -np.inf  # not its own neighbour
         found[start : start + step] = 1.0 - similarity.max(axis=1)
-    return float(np.median(found))
+        similarity[similarity >= 1.0 - near] = -np.inf
+        apart[start : start + step] = 1.0 - similarity.max(axis=1)
+    spacing = float(np.median(found))
+    if spacing > near:
+        return spacing
+    apart = apart[np.isfinite(apart)]
+    return float(np.median(apart)) if len(apart) else near
 
 
 def choose_batch(
@@ -86,12 +100,12 @@ def choose_batch(
     (what the benchmark compares against); near duplicates are left out either way."""
     n = len(pool)
     budget = min(budget, n)
-    near = _near_limit(pool, labelled)
-    radius = max(near, redundancy_radius(pool)) if spread else near
-    # Each image's distance to the nearest image labelled or chosen so far.
-    distance = nearest_distance(pool, labelled, k=1) if len(labelled) else np.full(n, 2.0)
+    near = max(_near_limit(pool, labelled), NEAR_FLOOR)
+    radius = max(near, redundancy_radius(pool, near)) if spread else near
+    known = nearest_distance(pool, labelled, k=1) if len(labelled) else np.full(n, 2.0)
     order = np.argsort(-scores, kind="stable")
     taken = np.zeros(n, bool)
+    picked = np.empty((budget, pool.shape[1]), np.float32)  # the chosen images' embeddings
     chosen: list[int] = []
     reasons: list[str] = []
     passed_over = False
@@ -101,13 +115,18 @@ def choose_batch(
                 return chosen, reasons
             if taken[i]:
                 continue
-            if distance[i] <= limit:  # within reach of an image labelled or chosen
-                passed_over |= bool(distance[i] > near)  # for spread, not as a copy
+            # The distance to the nearest image labelled or chosen so far, asked only of the
+            # images visited (a pass reads the pool once, not once a pick).
+            distance = known[i]
+            if chosen:
+                distance = min(distance, 1.0 - float((picked[: len(chosen)] @ pool[i]).max()))
+            if distance <= limit:  # within reach of an image labelled or chosen
+                passed_over |= bool(distance > near)  # for spread, not as a copy
                 continue
             taken[i] = True
+            picked[len(chosen)] = pool[i]
             chosen.append(int(i))
             reasons.append(reason or ("spread" if passed_over else "uncertain"))
-            distance = np.minimum(distance, 1.0 - pool @ pool[i])
     return chosen, reasons
 
 
@@ -117,8 +136,11 @@ def _near_limit(pool: np.ndarray, labelled: np.ndarray) -> float:
     10th neighbour (on a sample of the images)."""
     from tasks.audit import nearest, relative_scale
 
-    every = np.concatenate([pool, labelled]) if len(labelled) else pool
-    sample = every[np.random.default_rng(0).permutation(len(every))[:2000]]
+    picked = np.random.default_rng(0).permutation(len(pool) + len(labelled))[:2000]
+    mine = picked < len(pool)  # the sample without copying pool and labelled together
+    sample = np.empty((len(picked), pool.shape[1]), pool.dtype)
+    sample[mine] = pool[picked[mine]]
+    sample[~mine] = labelled[picked[~mine] - len(pool)]
     if len(sample) < 12:
         return 1.0 - NEAR_SIMILARITY
     return min(1.0 - NEAR_SIMILARITY, NEAR_RELATIVE * relative_scale(nearest(sample, 10)))
