@@ -140,6 +140,26 @@ def plot(curves: dict, full: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def prepare(work_dir: str, shared: str, datasets: str) -> tuple[Path, list[str]]:
+    """Print the machine, lay the datasets out in ``work_dir/data`` (train, validation and
+    test halves) and extract their store (``work_dir/store``, copy 0 only) if it is missing."""
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+    from benchmarks.honest_numbers import split_folders
+    from benchmarks.machine import banner
+    from workflows.extract.run import run_extract
+    from workflows.extract.settings import DatasetSource, ExtractSettings
+
+    print(banner())
+    work, names = Path(work_dir), datasets.split(",")
+    for name in names:
+        split_folders(Path(shared) / name, work / "data" / name)
+    sources = tuple(DatasetSource(str(work / "data" / n)) for n in names)
+    run_extract(ExtractSettings(datasets=sources, store=str(work / "store"), augment=0))
+    return work, names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -152,20 +172,7 @@ def main() -> None:
     parser.add_argument("--plot", default=str(HERE.parent / "docs" / "images" / "label_next.png"))
     parser.add_argument("--parts", default="curves,few-shot", help="curves, few-shot or both")
     args = parser.parse_args()
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-    from benchmarks.honest_numbers import split_folders
-    from benchmarks.machine import banner
-    from workflows.extract.run import run_extract
-    from workflows.extract.settings import DatasetSource, ExtractSettings
-
-    print(banner())
-    work, names = Path(args.work), args.datasets.split(",")
-    for name in names:
-        split_folders(Path(args.shared) / name, work / "data" / name)
-    sources = tuple(DatasetSource(str(work / "data" / n)) for n in names)
-    run_extract(ExtractSettings(datasets=sources, store=str(work / "store"), augment=0))
+    work, names = prepare(args.work, args.shared, args.datasets)
     parts = set(args.parts.split(","))
     curves, full = {}, {}
     for name in names:

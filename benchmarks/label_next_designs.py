@@ -33,7 +33,6 @@ Usage: python benchmarks/label_next_designs.py [--designs wf,badge] [--seeds 5] 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -224,21 +223,9 @@ def main() -> None:
         parser.error("--seeds must be at least 1 and --first-seed at least 0")
     if unknown:
         parser.error(f"unknown design {', '.join(unknown)}; choose from {', '.join(DESIGNS)}")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from benchmarks.label_next import prepare, stored
 
-    from benchmarks.honest_numbers import split_folders
-    from benchmarks.label_next import stored
-    from benchmarks.machine import banner
-    from workflows.extract.run import run_extract
-    from workflows.extract.settings import DatasetSource, ExtractSettings
-
-    print(banner())
-    work, names = Path(args.work), args.datasets.split(",")
-    for name in names:
-        split_folders(Path(args.shared) / name, work / "data" / name)
-    sources = tuple(DatasetSource(str(work / "data" / n)) for n in names)
-    run_extract(ExtractSettings(datasets=sources, store=str(work / "store"), augment=0))
+    work, names = prepare(args.work, args.shared, args.datasets)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for name in names:
         data = stored(str(work / "store"), name)
