@@ -30,6 +30,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,6 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 DATASETS = ("cats_vs_dogs", "flowers")
-STRATEGIES = ("random", "uncertainty", "wf")
 SHOTS = (1, 2, 3, 5, 10, 20, 50)  # training images per class, for prototype against bottleneck
 
 
@@ -61,11 +61,42 @@ def stratified(y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.n
     return np.array(sorted(picked))
 
 
-def simulate(x, y, held_x, held_y, strategy: str, seed: int, num_classes: int) -> list[tuple]:
-    """``(labelled share, accuracy)`` after the start and after every round."""
+def random_batch(c: dict) -> np.ndarray:
+    """A uniform draw from the pool."""
+    return c["rng"].choice(len(c["pool"]), min(c["batch"], len(c["pool"])), replace=False)
+
+
+def uncertainty_batch(c: dict) -> np.ndarray:
+    """The smallest margins (modAL's ``margin_sampling``)."""
+    return np.argsort(-c["scores"], kind="stable")[: c["batch"]]
+
+
+def wf_batch(c: dict) -> np.ndarray:
+    """`wf suggest`'s choice."""
+    from workflows.label.suggest import choose_batch
+
+    return np.asarray(choose_batch(c["pool"], c["labelled"], c["scores"], c["batch"])[0])
+
+
+STRATEGIES: dict[str, Callable[[dict], np.ndarray]] = {
+    "random": random_batch,
+    "uncertainty": uncertainty_batch,
+    "wf": wf_batch,
+}
+
+
+def simulate(x, y, held_x, held_y, choose: Callable[[dict], np.ndarray], seed: int,
+             num_classes: int) -> list[tuple[float, float]]:  # fmt: skip
+    """``(labelled share, held-out accuracy)`` at the start and after every round.
+
+    ``choose(context)`` returns the positions in the pool to label this round, ``batch``
+    different ones (or the whole pool when it is smaller); ``context`` holds ``pool`` and
+    ``labelled`` (unit embeddings), the fit's ``probs`` of the pool, their ``scores`` (``1 -
+    margin``), ``predicted``, ``classes``, ``batch`` and the seed's ``rng`` (which drew the
+    start)."""
     from tasks.audit import normalise
     from tasks.training.small_fits import FitProblem, fit_and_predict
-    from workflows.label.suggest import choose_batch, margin_scores
+    from workflows.label.suggest import margin_scores
 
     rng = np.random.default_rng(seed)
     n = len(y)
@@ -73,25 +104,22 @@ def simulate(x, y, held_x, held_y, strategy: str, seed: int, num_classes: int) -
     batch = round(0.05 * (n - len(labelled)))
     every = np.concatenate([x, held_x]).astype(np.float32)
     problem = FitProblem(every, np.concatenate([y, held_y]), num_classes, "bottleneck", seed=seed)
-    unit = normalise(x.reshape(n, -1))
-    cache: dict = {}
-    out = []
+    unit, cache, out = normalise(x.reshape(n, -1)), {}, []
     while True:
         pool = np.setdiff1d(np.arange(n), labelled)
         asked = np.concatenate([pool, n + np.arange(len(held_y))])
         probs = fit_and_predict(problem, labelled, asked, cache)
-        accuracy = float((probs[len(pool) :].argmax(1) == held_y).mean())
-        out.append((len(labelled) / n, accuracy))
+        out.append((len(labelled) / n, float((probs[len(pool) :].argmax(1) == held_y).mean())))
         if len(labelled) / n >= 0.5 - 1e-9 or len(pool) == 0:
             return out
-        scores = margin_scores(probs[: len(pool)])
-        if strategy == "random":
-            chosen = rng.choice(len(pool), min(batch, len(pool)), replace=False)
-        elif strategy == "uncertainty":
-            chosen = np.argsort(-scores, kind="stable")[:batch]
-        else:
-            chosen, _ = choose_batch(unit[pool], unit[labelled], scores, batch)
-        labelled = np.sort(np.concatenate([labelled, pool[np.asarray(chosen, np.int64)]]))
+        mine = probs[: len(pool)]
+        context = {"pool": unit[pool], "labelled": unit[labelled], "probs": mine,
+                   "scores": margin_scores(mine), "predicted": mine.argmax(1),
+                   "classes": num_classes, "batch": batch, "rng": rng}  # fmt: skip
+        chosen = np.asarray(choose(context), np.int64)
+        if len(set(chosen.tolist())) != len(chosen) or len(chosen) != min(batch, len(pool)):
+            raise RuntimeError(f"chose {len(chosen)} images, not {batch} different ones")
+        labelled = np.sort(np.concatenate([labelled, pool[chosen]]))
 
 
 def full_accuracy(x, y, held_x, held_y, seed: int, num_classes: int) -> float:
@@ -183,8 +211,8 @@ def main() -> None:
         if "curves" in parts:
             began = time.perf_counter()
             seeds = range(args.first_seed, args.first_seed + args.seeds)
-            curves[name] = {s: [simulate(x, y, hx, hy, s, seed, k) for seed in seeds]
-                            for s in STRATEGIES}  # fmt: skip
+            curves[name] = {s: [simulate(x, y, hx, hy, choose, seed, k) for seed in seeds]
+                            for s, choose in STRATEGIES.items()}  # fmt: skip
             full[name] = float(np.mean([full_accuracy(x, y, hx, hy, s, k) for s in seeds]))
             print(f"accuracy with all {len(y)} labels: {full[name]:.4f} (mean of {args.seeds} "
                   f"seeds); {time.perf_counter() - began:.0f} s")  # fmt: skip

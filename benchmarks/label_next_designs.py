@@ -43,19 +43,17 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.label_next import (  # noqa: E402
+    prepare,
+    simulate,
+    stored,
+    uncertainty_batch,
+    wf_batch,
+)
+
 
 def _margin_order(c: dict) -> np.ndarray:
     return np.argsort(-c["scores"], kind="stable")
-
-
-def uncertainty(c: dict) -> np.ndarray:
-    return _margin_order(c)[: c["batch"]]
-
-
-def wf(c: dict) -> np.ndarray:
-    from workflows.label.suggest import choose_batch
-
-    return np.asarray(choose_batch(c["pool"], c["labelled"], c["scores"], c["batch"])[0])
 
 
 def radius(c: dict, quantile: float = 0.5, quotas: bool = False) -> np.ndarray:
@@ -159,8 +157,8 @@ def clusters(c: dict, times: int) -> np.ndarray:
 
 
 DESIGNS: dict[str, Callable[[dict], np.ndarray]] = {
-    "uncertainty": uncertainty,
-    "wf": wf,
+    "uncertainty": uncertainty_batch,
+    "wf": wf_batch,
     "radius-0.4": lambda c: radius(c, 0.4),
     "radius-0.65": lambda c: radius(c, 0.65),
     "radius-quotas": lambda c: radius(c, 0.5, quotas=True),
@@ -176,35 +174,10 @@ DESIGNS: dict[str, Callable[[dict], np.ndarray]] = {
 }
 
 
-def simulate(x, y, held_x, held_y, design: str, seed: int, classes: int) -> list[float]:
-    """Held-out accuracy at the start and after every round (as ``label_next.simulate``)."""
-    from benchmarks.label_next import stratified
-    from tasks.audit import normalise
-    from tasks.training.small_fits import FitProblem, fit_and_predict
-    from workflows.label.suggest import margin_scores
-
-    rng = np.random.default_rng(seed)
-    n = len(y)
-    labelled = stratified(y, 0.05, rng)
-    batch = round(0.05 * (n - len(labelled)))
-    every = np.concatenate([x, held_x]).astype(np.float32)
-    problem = FitProblem(every, np.concatenate([y, held_y]), classes, "bottleneck", seed=seed)
-    unit, cache, out = normalise(x.reshape(n, -1)), {}, []
-    while True:
-        pool = np.setdiff1d(np.arange(n), labelled)
-        asked = np.concatenate([pool, n + np.arange(len(held_y))])
-        probs = fit_and_predict(problem, labelled, asked, cache)
-        out.append(float((probs[len(pool) :].argmax(1) == held_y).mean()))
-        if len(labelled) / n >= 0.5 - 1e-9 or len(pool) == 0:
-            return out
-        mine = probs[: len(pool)]
-        context = {"pool": unit[pool], "labelled": unit[labelled], "probs": mine,
-                   "scores": margin_scores(mine), "predicted": mine.argmax(1),
-                   "classes": classes, "batch": batch}  # fmt: skip
-        chosen = np.asarray(DESIGNS[design](context), np.int64)
-        if len(set(chosen.tolist())) != len(chosen) or len(chosen) != min(batch, len(pool)):
-            raise RuntimeError(f"{design} chose {len(chosen)} images, not {batch} different")
-        labelled = np.sort(np.concatenate([labelled, pool[chosen]]))
+def accuracies(data: dict, design: str, seed: int, classes: int) -> list[float]:
+    """Held-out accuracy at the start and after every round of ``design``."""
+    (x, y), (hx, hy) = data["train"], data["held"]
+    return [a for _, a in simulate(x, y, hx, hy, DESIGNS[design], seed, classes)]
 
 
 def main() -> None:
@@ -223,24 +196,21 @@ def main() -> None:
         parser.error("--seeds must be at least 1 and --first-seed at least 0")
     if unknown:
         parser.error(f"unknown design {', '.join(unknown)}; choose from {', '.join(DESIGNS)}")
-    from benchmarks.label_next import prepare, stored
-
     work, names = prepare(args.work, args.shared, args.datasets)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for name in names:
         data = stored(str(work / "store"), name)
-        (x, y), (hx, hy) = data["train"], data["held"]
-        k = int(max(y.max(), hy.max()) + 1)
+        k = int(max(data["train"][1].max(), data["held"][1].max()) + 1)
         print(f"\n{name}: seeds {seeds.start}-{seeds.stop - 1}; rounds 1-10 against uncertainty")
         print(
             "| design | mean accuracy | - uncertainty (paired) | seeds ahead | rounds ahead | s |"
         )
         print("|---|---|---|---|---|---|")
-        base = np.array([simulate(x, y, hx, hy, "uncertainty", s, k) for s in seeds])
+        base = np.array([accuracies(data, "uncertainty", s, k) for s in seeds])
         print(f"| uncertainty | {base[:, 1:].mean():.4f} | | | | |", flush=True)
         for design in designs:
             began = time.perf_counter()
-            runs = np.array([simulate(x, y, hx, hy, design, s, k) for s in seeds])
+            runs = np.array([accuracies(data, design, s, k) for s in seeds])
             gaps = (runs - base)[:, 1:].mean(axis=1)
             error = gaps.std(ddof=1) / np.sqrt(len(gaps)) if len(gaps) > 1 else float("nan")
             rounds = (runs.mean(axis=0) - base.mean(axis=0))[1:]
