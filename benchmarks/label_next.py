@@ -92,8 +92,9 @@ def simulate(x, y, held_x, held_y, choose: Callable[[dict], np.ndarray], seed: i
     ``choose(context)`` returns the positions in the pool to label this round, ``batch``
     different ones (or the whole pool when it is smaller); ``context`` holds ``pool`` and
     ``labelled`` (unit embeddings), the fit's ``probs`` of the pool, their ``scores`` (``1 -
-    margin``), ``predicted``, ``classes``, ``batch`` and the seed's ``rng`` (which drew the
-    start)."""
+    margin``), ``predicted``, ``classes``, ``batch``, the ``seed`` and its ``rng`` (which drew the
+    start), ``refit(seed)`` (the pool's probabilities from the same fit begun from other initial
+    weights), and the round's fitted ``model`` with the pool's bottleneck ``rows``."""
     from tasks.audit import normalise
     from tasks.training.small_fits import FitProblem, fit_and_predict
     from workflows.label.suggest import margin_scores
@@ -113,9 +114,17 @@ def simulate(x, y, held_x, held_y, choose: Callable[[dict], np.ndarray], seed: i
         if len(labelled) / n >= 0.5 - 1e-9 or len(pool) == 0:
             return out
         mine = probs[: len(pool)]
+
+        def refit(other: int, labelled=labelled, pool=pool) -> np.ndarray:
+            """The pool's probabilities under the same fit from initial weights ``other``."""
+            again = FitProblem(problem.x, problem.y, num_classes, "bottleneck", seed=other)
+            return fit_and_predict(again, labelled, pool, cache)
+
         context = {"pool": unit[pool], "labelled": unit[labelled], "probs": mine,
                    "scores": margin_scores(mine), "predicted": mine.argmax(1),
-                   "classes": num_classes, "batch": batch, "rng": rng}  # fmt: skip
+                   "classes": num_classes, "batch": batch, "rng": rng, "seed": seed,
+                   "refit": refit, "model": cache[problem.key].model,
+                   "rows": problem.x[pool]}  # fmt: skip
         chosen = np.asarray(choose(context), np.int64)
         if len(set(chosen.tolist())) != len(chosen) or len(chosen) != min(batch, len(pool)):
             raise RuntimeError(f"chose {len(chosen)} images, not {batch} different ones")

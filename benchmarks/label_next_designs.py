@@ -25,7 +25,11 @@ Designs (``pool``: the unlabelled images' unit embeddings; margin: ``1 - (p1 - p
   0.5) of the 10 x budget least sure, round robin from the smallest cluster, least sure first;
   ``cluster-margin-by-score``: clusters taken most uncertain first;
 - ``clusters-B``: the B x budget least sure (B 3, 10) in ``budget`` average-linkage clusters,
-  the least sure of each.
+  the least sure of each;
+- ``ensemble-uncertainty``, ``ensemble-wf``: the margin of five fits' mean probabilities (the
+  round's and four from other initial weights, on the same labels), then uncertainty alone or
+  `wf suggest`'s rule; ``mc-uncertainty``, ``mc-wf``: the same from twenty passes of the
+  round's fit with dropout on.
 
 Usage: python benchmarks/label_next_designs.py [--designs wf,badge] [--seeds 5] [--first-seed 0]
 """
@@ -156,6 +160,29 @@ def clusters(c: dict, times: int) -> np.ndarray:
     return np.array([g[0] for g in _clustered(c, times, n_clusters=c["batch"])])
 
 
+def _rescored(c: dict, probs: np.ndarray) -> dict:
+    from workflows.label.suggest import margin_scores
+
+    return dict(c, probs=probs, scores=margin_scores(probs), predicted=probs.argmax(1))
+
+
+def ensemble(c: dict, members: int = 5) -> dict:
+    """The round's fit and ``members - 1`` more from other initial weights, probabilities
+    averaged (Lakshminarayanan et al., 2017; for active learning Beluch et al., 2018)."""
+    seed = c["seed"]
+    found = [c["probs"]] + [c["refit"](seed * 1000 + j) for j in range(1, members)]
+    return _rescored(c, np.mean(found, axis=0))
+
+
+def mc_dropout(c: dict, draws: int = 20) -> dict:
+    """The round's fit with its dropout left on, ``draws`` passes averaged (Gal et al., 2017)."""
+    from tasks.heads import probabilities
+
+    found = [probabilities(c["model"](c["rows"], training=True).numpy(), c["classes"])
+             for _ in range(draws)]  # fmt: skip
+    return _rescored(c, np.mean(found, axis=0))
+
+
 DESIGNS: dict[str, Callable[[dict], np.ndarray]] = {
     "uncertainty": uncertainty_batch,
     "wf": wf_batch,
@@ -171,6 +198,10 @@ DESIGNS: dict[str, Callable[[dict], np.ndarray]] = {
     "cluster-margin-by-score": lambda c: cluster_margin(c, by_score=True),
     "clusters-3": lambda c: clusters(c, 3),
     "clusters-10": lambda c: clusters(c, 10),
+    "ensemble-uncertainty": lambda c: uncertainty_batch(ensemble(c)),
+    "ensemble-wf": lambda c: wf_batch(ensemble(c)),
+    "mc-uncertainty": lambda c: uncertainty_batch(mc_dropout(c)),
+    "mc-wf": lambda c: wf_batch(mc_dropout(c)),
 }
 
 
