@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,8 +87,10 @@ STRATEGIES: dict[str, Callable[[dict], np.ndarray]] = {
 
 
 def simulate(x, y, held_x, held_y, choose: Callable[[dict], np.ndarray], seed: int,
-             num_classes: int) -> list[tuple[float, float]]:  # fmt: skip
-    """``(labelled share, held-out accuracy)`` at the start and after every round.
+             num_classes: int, measure: Callable | None = None,
+             ) -> list[tuple[float, Any]]:  # fmt: skip
+    """``(labelled share, held-out accuracy)`` at the start and after every round (or, with
+    ``measure(held_probs, labelled)``, what it returns instead of the accuracy).
 
     ``choose(context)`` returns the positions in the pool to label this round, ``batch``
     different ones (or the whole pool when it is smaller); ``context`` holds ``pool`` and
@@ -110,7 +113,9 @@ def simulate(x, y, held_x, held_y, choose: Callable[[dict], np.ndarray], seed: i
         pool = np.setdiff1d(np.arange(n), labelled)
         asked = np.concatenate([pool, n + np.arange(len(held_y))])
         probs = fit_and_predict(problem, labelled, asked, cache)
-        out.append((len(labelled) / n, float((probs[len(pool) :].argmax(1) == held_y).mean())))
+        held = probs[len(pool) :]
+        found = measure(held, labelled) if measure else float((held.argmax(1) == held_y).mean())
+        out.append((len(labelled) / n, found))
         if len(labelled) / n >= 0.5 - 1e-9 or len(pool) == 0:
             return out
         mine = probs[: len(pool)]

@@ -29,9 +29,20 @@ Designs (``pool``: the unlabelled images' unit embeddings; margin: ``1 - (p1 - p
 - ``ensemble-uncertainty``, ``ensemble-wf``: the margin of five fits' mean probabilities (the
   round's and four from other initial weights, on the same labels), then uncertainty alone or
   `wf suggest`'s rule; ``mc-uncertainty``, ``mc-wf``: the same from twenty passes of the
-  round's fit with dropout on.
+  round's fit with dropout on;
+- ``density-uncertainty``, ``density-wf``, ``density2-wf``: information density (Settles and
+  Craven, 2008): the margin's uncertainty times the image's typicality (its mean cosine
+  similarity to its 10 nearest images, pool and labelled), to the power 1 (2 for
+  ``density2``), then uncertainty alone or `wf suggest`'s rule; ``typical-wf``: the least
+  typical 10% of the pool ranked after the rest (outliers that uncertainty picks and the model
+  cannot learn: Karamcheti et al., 2021), then `wf suggest`'s rule.
+
+``--prior-shift`` prints, per round instead, how far the labelled images' class shares drift
+from the training set's under each design, and the held-out accuracy with the fit's class prior
+moved back (the oracle prior: an upper bound on what correcting it can give).
 
 Usage: python benchmarks/label_next_designs.py [--designs wf,badge] [--seeds 5] [--first-seed 0]
+       [--prior-shift]
 """
 
 from __future__ import annotations
@@ -183,6 +194,31 @@ def mc_dropout(c: dict, draws: int = 20) -> dict:
     return _rescored(c, np.mean(found, axis=0))
 
 
+def _typicality(c: dict, k: int = 10) -> np.ndarray:
+    """Each pool image's mean cosine similarity to its ``k`` nearest images, pool and labelled
+    together: high in the dense regions of the data, low for outliers."""
+    every = np.concatenate([c["pool"], c["labelled"]])
+    similarity = c["pool"] @ every.T
+    similarity[np.arange(len(c["pool"])), np.arange(len(c["pool"]))] = -np.inf
+    return np.sort(np.partition(similarity, -k, axis=1)[:, -k:], axis=1).mean(1)
+
+
+def density(c: dict, beta: float = 1.0) -> dict:
+    """Information density (Settles and Craven, 2008): the margin's uncertainty weighted by
+    typicality to the power ``beta``, so a confusing outlier ranks below a confusing image
+    like many others."""
+    typical = np.clip(_typicality(c), 1e-6, None)
+    return dict(c, scores=c["scores"] * (typical / typical.max()) ** beta)
+
+
+def skip_outliers(c: dict, share: float = 0.1) -> dict:
+    """The least typical ``share`` of the pool ranked after everything else (in the spirit of
+    Karamcheti et al., 2021: collective outliers are what uncertainty picks and cannot learn)."""
+    typical = _typicality(c)
+    outlier = typical < np.quantile(typical, share)
+    return dict(c, scores=np.where(outlier, c["scores"] - 2.0, c["scores"]))
+
+
 DESIGNS: dict[str, Callable[[dict], np.ndarray]] = {
     "uncertainty": uncertainty_batch,
     "wf": wf_batch,
@@ -202,6 +238,10 @@ DESIGNS: dict[str, Callable[[dict], np.ndarray]] = {
     "ensemble-wf": lambda c: wf_batch(ensemble(c)),
     "mc-uncertainty": lambda c: uncertainty_batch(mc_dropout(c)),
     "mc-wf": lambda c: wf_batch(mc_dropout(c)),
+    "density-uncertainty": lambda c: uncertainty_batch(density(c)),
+    "density-wf": lambda c: wf_batch(density(c)),
+    "density2-wf": lambda c: wf_batch(density(c, 2.0)),
+    "typical-wf": lambda c: wf_batch(skip_outliers(c)),
 }
 
 
@@ -209,6 +249,37 @@ def accuracies(data: dict, design: str, seed: int, classes: int) -> list[float]:
     """Held-out accuracy at the start and after every round of ``design``."""
     (x, y), (hx, hy) = data["train"], data["held"]
     return [a for _, a in simulate(x, y, hx, hy, DESIGNS[design], seed, classes)]
+
+
+def prior_shift(data: dict, design: str, seed: int, classes: int) -> np.ndarray:
+    """Per round: the held-out accuracy, the same with the fit's class prior moved from the
+    labelled images' class shares to the training set's (the oracle prior; Saerens et al.,
+    2002), and how far the shares are from it (total variation)."""
+    (x, y), (hx, hy) = data["train"], data["held"]
+    true = np.bincount(y, minlength=classes) / len(y)
+
+    def measure(held: np.ndarray, labelled: np.ndarray) -> tuple[float, float, float]:
+        shares = np.bincount(y[labelled], minlength=classes) / len(labelled)
+        corrected = (held * true / np.maximum(shares, 1e-9)).argmax(1)
+        return (float((held.argmax(1) == hy).mean()), float((corrected == hy).mean()),
+                float(np.abs(shares - true).sum() / 2))  # fmt: skip
+
+    return np.array([m for _, m in simulate(x, y, hx, hy, DESIGNS[design], seed, classes, measure)])
+
+
+def print_prior_shift(data: dict, designs: list[str], seeds: range, classes: int) -> None:
+    print("| design | round | accuracy | prior corrected | gain | labelled shares' shift |")
+    print("|---|---|---|---|---|---|")
+    for design in ["uncertainty", *designs]:
+        found = np.array([prior_shift(data, design, s, classes) for s in seeds])
+        mean = found.mean(axis=0)
+        for r, (raw, fixed, shift) in enumerate(mean):
+            print(
+                f"| {design} | {r} | {raw:.4f} | {fixed:.4f} | {fixed - raw:+.4f} | {shift:.3f} |"
+            )
+        gain = (found[:, 1:, 1] - found[:, 1:, 0]).mean(axis=1)
+        error = gain.std(ddof=1) / np.sqrt(len(gain)) if len(gain) > 1 else float("nan")
+        print(f"| {design} | 1-10 | | | {gain.mean():+.4f} ± {error:.4f} | |", flush=True)
 
 
 def main() -> None:
@@ -220,6 +291,8 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/wf-honest")
     parser.add_argument("--shared", default=str(HERE.parent.parent / "shared" / "datasets"))
     parser.add_argument("--datasets", default="cats_vs_dogs,flowers")
+    parser.add_argument("--prior-shift", action="store_true",
+                        help="per round: the accuracy with the class prior corrected")  # fmt: skip
     args = parser.parse_args()
     designs = [d for d in args.designs.split(",") if d != "uncertainty"]
     unknown = [d for d in designs if d not in DESIGNS]
@@ -232,6 +305,10 @@ def main() -> None:
     for name in names:
         data = stored(str(work / "store"), name)
         k = int(max(data["train"][1].max(), data["held"][1].max()) + 1)
+        if args.prior_shift:
+            print(f"\n{name}: seeds {seeds.start}-{seeds.stop - 1}; the class prior per round")
+            print_prior_shift(data, designs, seeds, k)
+            continue
         print(f"\n{name}: seeds {seeds.start}-{seeds.stop - 1}; rounds 1-10 against uncertainty")
         print(
             "| design | mean accuracy | - uncertainty (paired) | seeds ahead | rounds ahead | s |"
