@@ -196,11 +196,12 @@ def mc_dropout(c: dict, draws: int = 20) -> dict:
 
 def _typicality(c: dict, k: int = 10) -> np.ndarray:
     """Each pool image's mean cosine similarity to its ``k`` nearest images, pool and labelled
-    together: high in the dense regions of the data, low for outliers."""
-    every = np.concatenate([c["pool"], c["labelled"]])
-    similarity = c["pool"] @ every.T
-    similarity[np.arange(len(c["pool"])), np.arange(len(c["pool"]))] = -np.inf
-    return np.sort(np.partition(similarity, -k, axis=1)[:, -k:], axis=1).mean(1)
+    together (the audit's neighbours): high in the dense regions of the data, low for
+    outliers."""
+    from tasks.audit import nearest
+
+    found = nearest(np.concatenate([c["pool"], c["labelled"]]), k)
+    return found.similarity[: len(c["pool"])].mean(axis=1)
 
 
 def density(c: dict, beta: float = 1.0) -> dict:
